@@ -1,0 +1,42 @@
+# cloudstack-image-server: the two commands a new user needs are `make run`
+# and `make test`; both install missing system packages first.
+
+CARGO ?= cargo
+BIN := target/release/cloudstack-image-server
+DEMO_DIR ?= /tmp/cloudstack-image-server-demo
+PORT ?= 54323
+
+.PHONY: all deps build run demo test lint fmt clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --locked
+
+# Build, then start the server in the foreground with a ready `demo`
+# transfer (a qcow2 with a dirty bitmap behind qemu-nbd). Ctrl-C stops both.
+run: build
+	scripts/demo.sh $(BIN) $(DEMO_DIR) $(PORT)
+
+# Every test: unit tests and the integration tests, which start real
+# qemu-nbd exports and the real server binary.
+test: deps
+	$(CARGO) build --locked --all-targets
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --locked --workspace --no-fail-fast; \
+	fi
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

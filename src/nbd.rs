@@ -1,0 +1,729 @@
+//! A safe connection to an NBD server through the system libnbd.
+//!
+//! [`Connection`] owns one `nbd_handle`. It is `Send` (libnbd handles may be
+//! used from any thread, one at a time) but not `Sync`: every call takes
+//! `&mut self`, so two threads can never drive the same handle at once.
+//! The handle is closed in `Drop`. All `unsafe` of the project that talks to
+//! libnbd lives in this file.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use libnbd_sys as sys;
+
+/// `base:allocation`: the standard allocation context.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// Prefix of qemu's dirty bitmap contexts (`qemu:dirty-bitmap:NAME`).
+pub const CONTEXT_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// qemu's allocation depth context (0 = not allocated in any layer).
+pub const CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// `base:allocation` flag: the range is a hole.
+pub const STATE_HOLE: u32 = sys::LIBNBD_STATE_HOLE;
+/// `base:allocation` flag: the range reads as zeroes.
+pub const STATE_ZERO: u32 = sys::LIBNBD_STATE_ZERO;
+/// `qemu:dirty-bitmap:*` flag: the range is dirty.
+pub const STATE_DIRTY: u32 = 1;
+
+/// The largest single read or write request we send. libnbd refuses requests
+/// above 64 MiB; qemu-nbd advertises 32 MiB.
+const MAX_REQUEST: u64 = 32 * 1024 * 1024;
+/// The largest zero request: the NBD protocol carries 32-bit lengths.
+const MAX_ZERO: u64 = 1 << 30;
+/// The largest block status request (32-bit length, kept 1 MiB aligned).
+const MAX_BLOCK_STATUS: u64 = (1 << 32) - (1 << 20);
+
+/// An error from libnbd (or from checks made here before calling it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    errno: i32,
+    message: String,
+}
+
+impl Error {
+    fn new(errno: i32, message: impl Into<String>) -> Self {
+        Error {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    /// The error libnbd recorded for the last failed call on this thread.
+    fn last() -> Self {
+        // SAFETY: nbd_get_error returns a thread-local string owned by libnbd
+        // (or NULL); we copy it before any other libnbd call could replace it.
+        let message = unsafe {
+            let p = sys::nbd_get_error();
+            if p.is_null() {
+                "unknown libnbd error".to_string()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        // SAFETY: nbd_get_errno only reads thread-local state.
+        let errno = unsafe { sys::nbd_get_errno() };
+        Error { errno, message }
+    }
+
+    /// The errno libnbd reported (0 if none).
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+
+    /// libnbd's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.errno != 0 {
+            write!(
+                f,
+                "{} ({})",
+                self.message,
+                std::io::Error::from_raw_os_error(self.errno)
+            )
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One extent of a block status reply: `length` bytes from `offset` with `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub flags: u32,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Appends `e` to `list`, merging it into the last extent when they touch and
+/// have the same flags.
+pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = list.last_mut() {
+        if last.end() == e.offset && last.flags == e.flags {
+            last.length += e.length;
+            return;
+        }
+    }
+    list.push(e);
+}
+
+/// Where to connect and what to ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions<'a> {
+    /// Unix socket of the NBD server.
+    pub socket: &'a Path,
+    /// Export name; `None` is the server's default export (`""`).
+    pub export: Option<&'a str>,
+    /// Meta contexts to request during the handshake.
+    pub meta_contexts: &'a [&'a str],
+    /// Upper bound for connecting plus the handshake.
+    pub timeout: Duration,
+}
+
+/// An open NBD connection. See the module documentation.
+pub struct Connection {
+    handle: NonNull<sys::nbd_handle>,
+    size: u64,
+    max_request: u64,
+}
+
+// SAFETY: a libnbd handle is not tied to the thread that created it; libnbd
+// documents handles as usable from any thread (it locks internally). The
+// wrapper is deliberately not `Sync`: all use goes through `&mut self`.
+unsafe impl Send for Connection {}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::new(libc::EINVAL, format!("{what} contains a NUL byte")))
+}
+
+impl Connection {
+    /// Connects to the NBD server on a Unix socket, selects the export and
+    /// negotiates the requested meta contexts.
+    pub fn connect_unix(opts: &ConnectOptions<'_>) -> Result<Connection> {
+        let path = opts.socket.to_str().ok_or_else(|| {
+            Error::new(libc::EINVAL, "socket path is not valid UTF-8".to_string())
+        })?;
+        let c_path = cstring("socket path", path)?;
+        // SAFETY: nbd_create has no preconditions; it returns NULL on failure.
+        let raw = unsafe { sys::nbd_create() };
+        let handle = NonNull::new(raw).ok_or_else(Error::last)?;
+        // From here the handle is owned by `conn` and closed on every path.
+        let mut conn = Connection {
+            handle,
+            size: 0,
+            max_request: MAX_REQUEST,
+        };
+        if let Some(export) = opts.export {
+            let c_export = cstring("export name", export)?;
+            // SAFETY: valid handle; libnbd copies the string.
+            conn.check(unsafe { sys::nbd_set_export_name(conn.h(), c_export.as_ptr()) })?;
+        }
+        for ctx in opts.meta_contexts {
+            let c_ctx = cstring("meta context", ctx)?;
+            // SAFETY: valid handle; libnbd copies the string.
+            conn.check(unsafe { sys::nbd_add_meta_context(conn.h(), c_ctx.as_ptr()) })?;
+        }
+        // SAFETY: valid handle and NUL-terminated path; libnbd makes and owns
+        // the socket (no fd of ours is handed over).
+        conn.check(unsafe { sys::nbd_aio_connect_unix(conn.h(), c_path.as_ptr()) })?;
+        conn.wait_connected(opts.timeout)?;
+        // SAFETY: valid, connected handle.
+        let size = unsafe { sys::nbd_get_size(conn.h()) };
+        if size < 0 {
+            return Err(Error::last());
+        }
+        conn.size = size as u64;
+        // SAFETY: valid, connected handle.
+        let max = unsafe { sys::nbd_get_block_size(conn.h(), sys::LIBNBD_SIZE_MAXIMUM as c_int) };
+        if max > 0 {
+            conn.max_request = (max as u64).min(MAX_REQUEST);
+        }
+        Ok(conn)
+    }
+
+    fn h(&self) -> *mut sys::nbd_handle {
+        self.handle.as_ptr()
+    }
+
+    fn check(&self, rc: c_int) -> Result<()> {
+        if rc < 0 {
+            Err(Error::last())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn wait_connected(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: valid handle; these only read the state machine.
+            let (connecting, ready) = unsafe {
+                (
+                    sys::nbd_aio_is_connecting(self.h()),
+                    sys::nbd_aio_is_ready(self.h()),
+                )
+            };
+            if ready == 1 {
+                return Ok(());
+            }
+            if connecting != 1 {
+                // Dead or closed: libnbd has recorded why (or we say it).
+                let err = Error::last();
+                if err.message.is_empty() || err.message == "unknown libnbd error" {
+                    return Err(Error::new(libc::ECONNREFUSED, "NBD handshake failed"));
+                }
+                return Err(err);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(
+                    libc::ETIMEDOUT,
+                    format!("NBD connect timed out after {} s", timeout.as_secs_f64()),
+                ));
+            }
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as c_int;
+            // SAFETY: valid handle; nbd_poll drives the state machine.
+            let rc = unsafe { sys::nbd_poll(self.h(), ms) };
+            if rc < 0 {
+                return Err(Error::last());
+            }
+        }
+    }
+
+    fn flag(&self, rc: c_int) -> Result<bool> {
+        if rc < 0 {
+            Err(Error::last())
+        } else {
+            Ok(rc != 0)
+        }
+    }
+
+    /// Size of the export in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Largest read/write request this connection sends in one NBD command.
+    pub fn max_request(&self) -> u64 {
+        self.max_request
+    }
+
+    pub fn is_read_only(&self) -> Result<bool> {
+        // SAFETY: valid, connected handle.
+        self.flag(unsafe { sys::nbd_is_read_only(self.h()) })
+    }
+
+    pub fn can_flush(&self) -> Result<bool> {
+        // SAFETY: valid, connected handle.
+        self.flag(unsafe { sys::nbd_can_flush(self.h()) })
+    }
+
+    pub fn can_zero(&self) -> Result<bool> {
+        // SAFETY: valid, connected handle.
+        self.flag(unsafe { sys::nbd_can_zero(self.h()) })
+    }
+
+    pub fn can_multi_conn(&self) -> Result<bool> {
+        // SAFETY: valid, connected handle.
+        self.flag(unsafe { sys::nbd_can_multi_conn(self.h()) })
+    }
+
+    /// Whether the server agreed to the meta context `name` in the handshake.
+    pub fn can_meta_context(&self, name: &str) -> Result<bool> {
+        let c = cstring("meta context", name)?;
+        // SAFETY: valid handle, NUL-terminated name.
+        self.flag(unsafe { sys::nbd_can_meta_context(self.h(), c.as_ptr()) })
+    }
+
+    /// True once the connection can no longer be used (server gone, protocol
+    /// error): such a connection must not be reused.
+    pub fn is_dead(&self) -> bool {
+        // SAFETY: valid handle; these only read the state machine.
+        unsafe { sys::nbd_aio_is_dead(self.h()) == 1 || sys::nbd_aio_is_closed(self.h()) == 1 }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "request {offset}+{len} is beyond the end of the export ({})",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    /// Fills `buf` from the export at `offset`, split into requests the server accepts.
+    pub fn pread_into(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let step = self.max_request as usize;
+        let mut off = offset;
+        for chunk in buf.chunks_mut(step) {
+            // SAFETY: valid handle; `chunk` is a live, writable buffer of
+            // exactly chunk.len() bytes for the whole (synchronous) call.
+            let rc = unsafe {
+                sys::nbd_pread(
+                    self.h(),
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len(),
+                    off,
+                    0,
+                )
+            };
+            self.check(rc)?;
+            off += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` to the export at `offset`, split into requests the server accepts.
+    pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let step = self.max_request as usize;
+        let mut off = offset;
+        for chunk in buf.chunks(step) {
+            // SAFETY: valid handle; `chunk` is a live buffer of chunk.len()
+            // bytes for the whole (synchronous) call; libnbd only reads it.
+            let rc = unsafe {
+                sys::nbd_pwrite(
+                    self.h(),
+                    chunk.as_ptr() as *const c_void,
+                    chunk.len(),
+                    off,
+                    0,
+                )
+            };
+            self.check(rc)?;
+            off += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf` at `offset` with several requests of `request_size` bytes in
+    /// flight at once on this one handle (libnbd's asynchronous API), which
+    /// hides the per-request latency of the NBD server.
+    pub fn pread_pipelined(&mut self, buf: &mut [u8], offset: u64, request_size: usize) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let step = request_size.clamp(4096, self.max_request as usize);
+        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
+        let mut off = offset;
+        let mut first_err = None;
+        for chunk in buf.chunks_mut(step) {
+            // SAFETY: valid handle; the buffer stays borrowed (and alive)
+            // until `wait_all` below has seen every command retire or the
+            // handle die, so libnbd never writes into freed memory.
+            let cookie = unsafe {
+                sys::nbd_aio_pread(
+                    self.h(),
+                    chunk.as_mut_ptr() as *mut c_void,
+                    chunk.len(),
+                    off,
+                    sys::nbd_completion_callback::default(),
+                    0,
+                )
+            };
+            if cookie < 0 {
+                first_err = Some(Error::last());
+                break;
+            }
+            cookies.push(cookie as u64);
+            off += chunk.len() as u64;
+        }
+        let waited = self.wait_all(&cookies);
+        match first_err {
+            Some(e) => Err(e),
+            None => waited,
+        }
+    }
+
+    /// Writes `buf` at `offset` with several requests in flight at once.
+    /// Returns when every request has completed.
+    pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let step = request_size.clamp(4096, self.max_request as usize);
+        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
+        let mut off = offset;
+        let mut first_err = None;
+        for chunk in buf.chunks(step) {
+            // SAFETY: as in pread_pipelined: the buffer outlives every command
+            // because wait_all returns only when all have retired (or the
+            // handle is dead and will not touch the buffer again).
+            let cookie = unsafe {
+                sys::nbd_aio_pwrite(
+                    self.h(),
+                    chunk.as_ptr() as *const c_void,
+                    chunk.len(),
+                    off,
+                    sys::nbd_completion_callback::default(),
+                    0,
+                )
+            };
+            if cookie < 0 {
+                first_err = Some(Error::last());
+                break;
+            }
+            cookies.push(cookie as u64);
+            off += chunk.len() as u64;
+        }
+        let waited = self.wait_all(&cookies);
+        match first_err {
+            Some(e) => Err(e),
+            None => waited,
+        }
+    }
+
+    /// Waits until every command in `cookies` has completed; returns the
+    /// first error among them. Returns early only when the handle is dead, at
+    /// which point libnbd no longer touches any command buffer.
+    fn wait_all(&mut self, cookies: &[u64]) -> Result<()> {
+        let mut pending: Vec<u64> = cookies.to_vec();
+        let mut first_err: Option<Error> = None;
+        while !pending.is_empty() {
+            let mut i = 0;
+            while i < pending.len() {
+                // SAFETY: valid handle; the cookie came from this handle.
+                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), pending[i]) };
+                if rc == 0 {
+                    i += 1;
+                    continue;
+                }
+                if rc < 0 && first_err.is_none() {
+                    first_err = Some(Error::last());
+                }
+                pending.swap_remove(i);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            if self.is_dead() {
+                return Err(first_err.unwrap_or_else(|| {
+                    Error::new(libc::ESHUTDOWN, "NBD connection died with requests in flight")
+                }));
+            }
+            // SAFETY: valid handle; drives the state machine, blocking until
+            // there is progress.
+            let rc = unsafe { sys::nbd_poll(self.h(), -1) };
+            if rc < 0 {
+                let e = Error::last();
+                if self.is_dead() {
+                    return Err(first_err.unwrap_or(e));
+                }
+                if e.errno != libc::EINTR {
+                    first_err.get_or_insert(e);
+                    // A poll failure without a dead handle should not happen;
+                    // stop driving it, but keep the buffers safe by marking
+                    // the handle unusable.
+                    // SAFETY: valid handle; shutdown stops all further I/O.
+                    unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
+                    return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Zeroes `len` bytes at `offset` (NBD WRITE_ZEROES), split into requests
+    /// the protocol can carry. Fails if the server cannot zero; see
+    /// [`Connection::can_zero`].
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let step = MAX_ZERO.min(self.size.max(1));
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let n = step.min(end - off);
+            // SAFETY: valid handle; plain integers.
+            self.check(unsafe { sys::nbd_zero(self.h(), n, off, 0) })?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// NBD FLUSH: makes completed writes durable.
+    pub fn flush(&mut self) -> Result<()> {
+        // SAFETY: valid handle.
+        self.check(unsafe { sys::nbd_flush(self.h(), 0) })
+    }
+
+    /// Block status of `offset..offset+len` for each of `contexts` (which must
+    /// have been negotiated). Returns one extent list per context, in the
+    /// order given, each covering the range exactly, in order, with adjacent
+    /// extents of equal flags merged. Queries in steps of up to 4 GiB and
+    /// continues from wherever the server's replies stop.
+    pub fn block_status(&mut self, offset: u64, len: u64, contexts: &[&str]) -> Result<Vec<Vec<Extent>>> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut state = BlockStatusState {
+            contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            covered: vec![offset; contexts.len()],
+            extents: vec![Vec::new(); contexts.len()],
+            end,
+            panicked: false,
+        };
+        if contexts.is_empty() {
+            return Ok(Vec::new());
+        }
+        loop {
+            let from = state.covered.iter().copied().min().unwrap_or(end);
+            if from >= end {
+                break;
+            }
+            let count = (end - from).min(MAX_BLOCK_STATUS);
+            let callback = sys::nbd_extent_callback {
+                callback: Some(extent_trampoline),
+                user_data: &mut state as *mut BlockStatusState as *mut c_void,
+                free: None,
+            };
+            // SAFETY: valid handle. `user_data` points to `state`, which lives
+            // on this stack frame for the whole synchronous call; `free` is
+            // None, so libnbd never frees it. The trampoline catches panics.
+            let rc = unsafe { sys::nbd_block_status(self.h(), count, from, callback, 0) };
+            if state.panicked {
+                return Err(Error::new(libc::EIO, "internal error in block status callback"));
+            }
+            self.check(rc)?;
+            let next = state.covered.iter().copied().min().unwrap_or(end);
+            if next <= from {
+                return Err(Error::new(
+                    libc::EIO,
+                    format!("NBD server made no block status progress at offset {from}"),
+                ));
+            }
+        }
+        Ok(state.extents)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle and nothing else refers to it: every
+        // borrowed buffer was released before the methods returned. A clean
+        // NBD_CMD_DISC is sent first when the connection is still up.
+        unsafe {
+            if sys::nbd_aio_is_ready(self.h()) == 1 {
+                sys::nbd_shutdown(self.h(), 0);
+            }
+            sys::nbd_close(self.h());
+        }
+    }
+}
+
+struct BlockStatusState {
+    contexts: Vec<Vec<u8>>,
+    covered: Vec<u64>,
+    extents: Vec<Vec<Extent>>,
+    end: u64,
+    panicked: bool,
+}
+
+impl BlockStatusState {
+    fn record(&mut self, metacontext: &[u8], offset: u64, entries: &[u32]) {
+        let Some(i) = self.contexts.iter().position(|c| c == metacontext) else {
+            return;
+        };
+        let mut start = offset;
+        for pair in entries.chunks_exact(2) {
+            let len = u64::from(pair[0]);
+            let flags = pair[1];
+            let stop = start.saturating_add(len).min(self.end);
+            let from = start.max(self.covered[i]);
+            if stop > from {
+                push_extent(
+                    &mut self.extents[i],
+                    Extent {
+                        offset: from,
+                        length: stop - from,
+                        flags,
+                    },
+                );
+                self.covered[i] = stop;
+            }
+            start = start.saturating_add(len);
+            if start >= self.end {
+                break;
+            }
+        }
+    }
+}
+
+/// The C callback libnbd calls for each context of a block status reply.
+/// Never unwinds into C: a panic is caught and reported as an error.
+unsafe extern "C" fn extent_trampoline(
+    user_data: *mut c_void,
+    metacontext: *const c_char,
+    offset: u64,
+    entries: *mut u32,
+    nr_entries: usize,
+    error: *mut c_int,
+) -> c_int {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: user_data is the &mut BlockStatusState passed by
+        // block_status, alive and not otherwise borrowed during the call.
+        let state = unsafe { &mut *(user_data as *mut BlockStatusState) };
+        if metacontext.is_null() || (entries.is_null() && nr_entries > 0) {
+            return;
+        }
+        // SAFETY: libnbd passes a NUL-terminated context name and an array
+        // of nr_entries u32 valid for the duration of the callback.
+        let (name, list) = unsafe {
+            (
+                CStr::from_ptr(metacontext).to_bytes(),
+                if nr_entries == 0 {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(entries, nr_entries)
+                },
+            )
+        };
+        state.record(name, offset, list);
+    }));
+    match result {
+        Ok(()) => 0,
+        Err(_) => {
+            // SAFETY: as above; only a flag is set.
+            unsafe {
+                (*(user_data as *mut BlockStatusState)).panicked = true;
+                if !error.is_null() {
+                    *error = libc::EIO;
+                }
+            }
+            -1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_extent_merges_touching_equal_flags() {
+        let mut v = Vec::new();
+        push_extent(&mut v, Extent { offset: 0, length: 10, flags: 0 });
+        push_extent(&mut v, Extent { offset: 10, length: 5, flags: 0 });
+        push_extent(&mut v, Extent { offset: 15, length: 5, flags: 3 });
+        push_extent(&mut v, Extent { offset: 20, length: 0, flags: 0 });
+        assert_eq!(
+            v,
+            vec![
+                Extent { offset: 0, length: 15, flags: 0 },
+                Extent { offset: 15, length: 5, flags: 3 }
+            ]
+        );
+    }
+
+    #[test]
+    fn record_clips_to_end_and_skips_covered() {
+        let mut s = BlockStatusState {
+            contexts: vec![b"base:allocation".to_vec()],
+            covered: vec![100],
+            extents: vec![Vec::new()],
+            end: 300,
+            panicked: false,
+        };
+        // A reply starting before what is covered and running past the end.
+        s.record(b"base:allocation", 50, &[100, 0, 500, 3]);
+        s.record(b"other", 0, &[1000, 1]);
+        assert_eq!(
+            s.extents[0],
+            vec![
+                Extent { offset: 100, length: 50, flags: 0 },
+                Extent { offset: 150, length: 150, flags: 3 }
+            ]
+        );
+        assert_eq!(s.covered, vec![300]);
+    }
+
+    #[test]
+    fn missing_socket_is_an_error_not_a_panic() {
+        let err = Connection::connect_unix(&ConnectOptions {
+            socket: Path::new("/nonexistent/dir/nbd.sock"),
+            export: None,
+            meta_contexts: &[],
+            timeout: Duration::from_secs(5),
+        })
+        .err()
+        .expect("connecting to a missing socket must fail");
+        assert_eq!(err.errno(), libc::ENOENT, "{err}");
+    }
+
+    #[test]
+    fn nul_in_export_name_is_rejected() {
+        let err = Connection::connect_unix(&ConnectOptions {
+            socket: Path::new("/tmp/x.sock"),
+            export: Some("a\0b"),
+            meta_contexts: &[],
+            timeout: Duration::from_secs(5),
+        })
+        .err()
+        .expect("NUL in export must fail");
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(err.message().contains("NUL"), "{err}");
+    }
+}
