@@ -236,9 +236,6 @@ impl Server {
             .arg("0")
             .arg("--config-dir")
             .arg(config_dir);
-        if !extra.iter().any(|a| a.starts_with("--control-socket")) {
-            cmd.arg("--control-socket").arg(config_dir.join(".control.sock"));
-        }
         cmd.args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
