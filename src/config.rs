@@ -183,6 +183,11 @@ impl ConfigDir {
         &self.dir
     }
 
+    /// Every transfer loaded from the config dir and still cached.
+    pub fn cached(&self) -> Vec<Arc<Transfer>> {
+        self.cache.lock().values().map(|(_, t)| t.clone()).collect()
+    }
+
     /// The transfer `id`, or `None` when the id is invalid or its config is
     /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
     pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {

@@ -70,6 +70,24 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         log::debug!("sd_notify: {e}");
     }
     running.await?;
+    log::info!("server stopped accepting; flushing what was written");
+    let flushed = web::block(move || flush_written(&state)).await;
+    if let Err(e) = flushed {
+        log::error!("flush at shutdown failed: {e}");
+    }
     log::info!("server stopped");
     Ok(())
+}
+
+/// Flushes every transfer written since its last flush, then closes the
+/// idle NBD connections. Blocking.
+fn flush_written(state: &AppState) {
+    for t in state.transfers() {
+        match t.flush_if_written() {
+            Ok(true) => log::info!("flushed image_id={} at shutdown", t.id()),
+            Ok(false) => {}
+            Err(e) => log::error!("flush at shutdown failed image_id={} err={e}", t.id()),
+        }
+        t.close_idle();
+    }
 }

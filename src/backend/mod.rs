@@ -9,6 +9,7 @@ pub mod file;
 pub mod nbd;
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::{BackendConfig, TransferConfig};
@@ -55,6 +56,9 @@ pub struct Transfer {
     id: String,
     config: TransferConfig,
     pool: nbd::Pool,
+    /// Set by every write or zero, cleared by a successful flush: what a
+    /// shutdown must still flush.
+    unflushed: AtomicBool,
 }
 
 impl Transfer {
@@ -63,7 +67,33 @@ impl Transfer {
             id,
             config,
             pool: nbd::Pool::new(),
+            unflushed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether data was written since the last flush.
+    pub fn is_unflushed(&self) -> bool {
+        self.unflushed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_written(&self) {
+        self.unflushed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn mark_flushed(&self) {
+        self.unflushed.store(false, Ordering::Release);
+    }
+
+    /// Flushes the transfer if anything was written since the last flush
+    /// (used at shutdown). Blocking.
+    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
+        if !self.is_unflushed() {
+            return Ok(false);
+        }
+        let mut h = self.open()?;
+        h.flush()?;
+        self.mark_flushed();
+        Ok(true)
     }
 
     pub fn id(&self) -> &str {

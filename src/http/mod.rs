@@ -47,6 +47,11 @@ impl AppState {
         }
     }
 
+    /// Every transfer currently known (loaded and cached).
+    pub fn transfers(&self) -> Vec<Arc<Transfer>> {
+        self.configs.cached()
+    }
+
     /// The transfer named `id`, if configured. Blocking (reads the config dir).
     pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
         self.configs.lookup(id)
