@@ -5,15 +5,30 @@
 //! `&mut self`, so two threads can never drive the same handle at once.
 //! The handle is closed in `Drop`. All `unsafe` of the project that talks to
 //! libnbd lives in this file.
+//!
+//! Besides the synchronous calls, a connection keeps a queue of commands in
+//! flight for async callers ([`Connection::queue_read`],
+//! [`Connection::queue_write`], [`Connection::queue_zero`],
+//! [`Connection::queue_flush`]), retired oldest first by
+//! [`Connection::poll_oldest`], which drives libnbd's non-blocking state
+//! machine from a tokio reactor ([`Connection::register`]). Each queued
+//! command owns the buffer libnbd reads into or writes from, and the
+//! connection keeps it until libnbd has retired the command or the handle is
+//! closed, so no caller can free a buffer libnbd still uses.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::ptr::NonNull;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use libnbd_sys as sys;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// `base:allocation`: the standard allocation context.
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
@@ -141,17 +156,57 @@ pub struct ConnectOptions<'a> {
     pub timeout: Duration,
 }
 
+/// A retired read: its buffer and how many bytes at its start were read.
+pub type ReadDone = (Vec<u8>, usize);
+
+/// What a queued command owns while libnbd may use it.
+enum Owned {
+    /// The buffer a read fills (its first `len` bytes).
+    Read(Vec<u8>, usize),
+    /// The bytes a write sends (only kept alive, never read here).
+    Write { _data: Bytes },
+    /// Nothing (zero).
+    Nothing,
+}
+
+/// A command in flight and what it owns.
+struct Queued {
+    cookie: u64,
+    owned: Owned,
+}
+
 /// An open NBD connection. See the module documentation.
 pub struct Connection {
     handle: NonNull<sys::nbd_handle>,
     size: u64,
     max_request: u64,
+    /// Commands in flight, oldest first. Dropped only after `nbd_close`
+    /// (fields drop after `Drop::drop`), or once libnbd retired them.
+    queue: VecDeque<Queued>,
+    /// The socket's registration with a tokio reactor, if any; always
+    /// dropped before the handle is closed.
+    reactor: Option<AsyncFd<c_int>>,
 }
 
 // SAFETY: a libnbd handle is not tied to the thread that created it; libnbd
 // documents handles as usable from any thread (it locks internally). The
 // wrapper is deliberately not `Sync`: all use goes through `&mut self`.
 unsafe impl Send for Connection {}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+}
+
+/// Whether `fd` is readable (or writable) right now: a zero-timeout poll.
+fn socket_ready(fd: c_int, write: bool) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: if write { libc::POLLOUT } else { libc::POLLIN },
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout; the fd stays owned by libnbd.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::new(libc::EINVAL, format!("{what} contains a NUL byte")))
@@ -173,12 +228,19 @@ impl Connection {
             handle,
             size: 0,
             max_request: MAX_REQUEST,
+            queue: VecDeque::new(),
+            reactor: None,
         };
         if let Some(export) = opts.export {
             let c_export = cstring("export name", export)?;
             // SAFETY: valid handle; libnbd copies the string.
             conn.check(unsafe { sys::nbd_set_export_name(conn.h(), c_export.as_ptr()) })?;
         }
+        // Read buffers are only handed out after a successful read (and are
+        // always initialised Rust memory), so libnbd need not zero each one
+        // before every read: that memset cost as much as a copy of the data.
+        // SAFETY: valid handle; plain flag.
+        conn.check(unsafe { sys::nbd_set_pread_initialize(conn.h(), false) })?;
         for ctx in opts.meta_contexts {
             let c_ctx = cstring("meta context", ctx)?;
             // SAFETY: valid handle; libnbd copies the string.
@@ -389,137 +451,243 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads `buf` at `offset` with several requests of `request_size` bytes in
-    /// flight at once on this one handle (libnbd's asynchronous API), which
-    /// hides the per-request latency of the NBD server.
-    pub fn pread_pipelined(
-        &mut self,
-        buf: &mut [u8],
-        offset: u64,
-        request_size: usize,
-    ) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks_mut(step) {
-            // SAFETY: valid handle; the buffer stays borrowed (and alive)
-            // until `wait_all` below has seen every command retire or the
-            // handle die, so libnbd never writes into freed memory.
-            let cookie = unsafe {
-                sys::nbd_aio_pread(
-                    self.h(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len(),
-                    off,
-                    sys::nbd_completion_callback::default(),
-                    0,
-                )
-            };
-            if cookie < 0 {
-                first_err = Some(Error::last());
-                break;
-            }
-            cookies.push(cookie as u64);
-            off += chunk.len() as u64;
-        }
-        let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+    /// Commands queued and not yet retired by [`Connection::poll_oldest`].
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
-    /// Writes `buf` at `offset` with several requests in flight at once.
-    /// Returns when every request has completed.
-    pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks(step) {
-            // SAFETY: as in pread_pipelined: the buffer outlives every command
-            // because wait_all returns only when all have retired (or the
-            // handle is dead and will not touch the buffer again).
+    /// Queues a read of `len` bytes at `offset` into the start of `buf`; the
+    /// filled buffer comes back from [`Connection::wait_oldest`]. `len` must
+    /// not exceed [`Connection::max_request`] nor `buf.len()`. On error `buf`
+    /// is dropped and nothing was queued.
+    pub fn queue_read(&mut self, mut buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+        self.check_range(offset, len as u64)?;
+        if len > buf.len() || len as u64 > self.max_request {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "read of {len} bytes does not fit the buffer ({}) or the request limit ({})",
+                    buf.len(),
+                    self.max_request
+                ),
+            ));
+        }
+        // SAFETY: valid handle; `buf` has at least `len` initialised bytes.
+        // The Vec is moved into the queue below without touching its heap
+        // block, and the queue keeps it until libnbd retired the command or
+        // the handle is closed, so libnbd never writes into freed memory.
+        let cookie = unsafe {
+            sys::nbd_aio_pread(
+                self.h(),
+                buf.as_mut_ptr() as *mut c_void,
+                len,
+                offset,
+                sys::nbd_completion_callback::default(),
+                0,
+            )
+        };
+        if cookie < 0 {
+            return Err(Error::last());
+        }
+        self.queue.push_back(Queued {
+            cookie: cookie as u64,
+            owned: Owned::Read(buf, len),
+        });
+        Ok(())
+    }
+
+    /// Queues a write of `data` at `offset`, split into requests the server
+    /// accepts. The bytes are kept until the commands retire.
+    pub fn queue_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let step = self.max_request as usize;
+        let mut done = 0;
+        while done < data.len() {
+            let n = step.min(data.len() - done);
+            let piece = data.slice(done..done + n);
+            // SAFETY: valid handle; `piece` points at `n` bytes that stay
+            // alive and unchanged (Bytes is immutable) while the queue keeps
+            // it, i.e. until libnbd retired the command or the handle is
+            // closed. libnbd only reads them.
             let cookie = unsafe {
                 sys::nbd_aio_pwrite(
                     self.h(),
-                    chunk.as_ptr() as *const c_void,
-                    chunk.len(),
-                    off,
+                    piece.as_ptr() as *const c_void,
+                    n,
+                    offset + done as u64,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
             };
             if cookie < 0 {
-                first_err = Some(Error::last());
-                break;
+                return Err(Error::last());
             }
-            cookies.push(cookie as u64);
-            off += chunk.len() as u64;
+            self.queue.push_back(Queued {
+                cookie: cookie as u64,
+                owned: Owned::Write { _data: piece },
+            });
+            done += n;
         }
-        let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        Ok(())
     }
 
-    /// Waits until every command in `cookies` has completed; returns the
-    /// first error among them. Returns early only when the handle is dead, at
-    /// which point libnbd no longer touches any command buffer.
-    fn wait_all(&mut self, cookies: &[u64]) -> Result<()> {
-        let mut pending: Vec<u64> = cookies.to_vec();
-        let mut first_err: Option<Error> = None;
-        while !pending.is_empty() {
-            let mut i = 0;
-            while i < pending.len() {
-                // SAFETY: valid handle; the cookie came from this handle.
-                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), pending[i]) };
-                if rc == 0 {
-                    i += 1;
-                    continue;
-                }
-                if rc < 0 && first_err.is_none() {
-                    first_err = Some(Error::last());
-                }
-                pending.swap_remove(i);
+    /// Queues NBD WRITE_ZEROES of `len` bytes at `offset`, split into
+    /// requests the protocol can carry. The server must be able to zero
+    /// ([`Connection::can_zero`]).
+    pub fn queue_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let n = MAX_ZERO.min(end - off);
+            // SAFETY: valid handle; plain integers, no buffer.
+            let cookie = unsafe {
+                sys::nbd_aio_zero(self.h(), n, off, sys::nbd_completion_callback::default(), 0)
+            };
+            if cookie < 0 {
+                return Err(Error::last());
             }
-            if pending.is_empty() {
-                break;
-            }
-            if self.is_dead() {
-                return Err(first_err.unwrap_or_else(|| {
-                    Error::new(
-                        libc::ESHUTDOWN,
-                        "NBD connection died with requests in flight",
-                    )
+            self.queue.push_back(Queued {
+                cookie: cookie as u64,
+                owned: Owned::Nothing,
+            });
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Queues NBD FLUSH: once it retires, every write that retired before
+    /// it was queued is durable.
+    pub fn queue_flush(&mut self) -> Result<()> {
+        // SAFETY: valid handle; no buffer.
+        let cookie =
+            unsafe { sys::nbd_aio_flush(self.h(), sys::nbd_completion_callback::default(), 0) };
+        if cookie < 0 {
+            return Err(Error::last());
+        }
+        self.queue.push_back(Queued {
+            cookie: cookie as u64,
+            owned: Owned::Nothing,
+        });
+        Ok(())
+    }
+
+    /// Registers the socket with the tokio reactor of the calling thread, so
+    /// that [`Connection::poll_oldest`] can wait for it. Must be called
+    /// inside a tokio runtime; registering twice is a no-op. The
+    /// registration ends with [`Connection::deregister`] or the connection.
+    pub fn register(&mut self) -> Result<()> {
+        if self.reactor.is_some() {
+            return Ok(());
+        }
+        // SAFETY: valid handle; only reads state.
+        let fd = unsafe { sys::nbd_aio_get_fd(self.h()) };
+        if fd < 0 {
+            return Err(Error::last());
+        }
+        // SAFETY: `fd` is libnbd's socket for this handle. It stays open and
+        // the same until nbd_close, and the registration is dropped before
+        // that: by `deregister`, or first thing in `Drop`. Moving the
+        // Connection moves the registration with it.
+        let afd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| io_error(e.into_parts().1))?;
+        self.reactor = Some(afd);
+        Ok(())
+    }
+
+    /// Ends the registration made by [`Connection::register`] (before the
+    /// connection is pooled: another worker's reactor may use it next).
+    pub fn deregister(&mut self) {
+        self.reactor = None;
+    }
+
+    /// Retires the oldest queued command once it has completed, driving
+    /// libnbd's non-blocking state machine whenever its socket is ready;
+    /// never blocks. Needs [`Connection::register`]. Returns the filled
+    /// buffer and length for a read, `None` for other commands. A failed
+    /// command is an error (and is retired). When the connection dies the
+    /// command stays queued (its buffer is freed with the connection) and
+    /// every later call fails too.
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<ReadDone>>> {
+        let Some(cookie) = self.queue.front().map(|q| q.cookie) else {
+            return Poll::Ready(Err(Error::new(libc::EINVAL, "no NBD command queued")));
+        };
+        loop {
+            // SAFETY: valid handle; the cookie came from this handle and has
+            // not been retired (it is still in the queue).
+            let rc = unsafe { sys::nbd_aio_command_completed(self.h(), cookie) };
+            if rc != 0 {
+                // Retired (successfully or not): libnbd no longer uses the
+                // buffer, so it may leave the queue.
+                let err = (rc < 0).then(Error::last);
+                let q = self.queue.pop_front().expect("front checked above");
+                if let Some(e) = err {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Ok(match q.owned {
+                    Owned::Read(buf, len) => Some((buf, len)),
+                    Owned::Write { .. } | Owned::Nothing => None,
                 }));
             }
-            // SAFETY: valid handle; drives the state machine, blocking until
-            // there is progress.
-            let rc = unsafe { sys::nbd_poll(self.h(), -1) };
-            if rc < 0 {
-                let e = Error::last();
-                if self.is_dead() {
-                    return Err(first_err.unwrap_or(e));
-                }
-                if e.errno != libc::EINTR {
-                    first_err.get_or_insert(e);
-                    // A poll failure without a dead handle should not happen;
-                    // stop driving it, but keep the buffers safe by marking
-                    // the handle unusable.
-                    // SAFETY: valid handle; shutdown stops all further I/O.
-                    unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
-                    return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
+            if self.is_dead() {
+                return Poll::Ready(Err(Error::new(
+                    libc::ESHUTDOWN,
+                    "NBD connection died with requests in flight",
+                )));
+            }
+            let Some(afd) = self.reactor.as_ref() else {
+                return Poll::Ready(Err(Error::new(
+                    libc::EINVAL,
+                    "NBD connection not registered",
+                )));
+            };
+            // SAFETY: valid handle; only reads state.
+            let dir = unsafe { sys::nbd_aio_get_direction(self.h()) };
+            let want_write = dir & sys::LIBNBD_AIO_DIRECTION_WRITE != 0;
+            let want_read = dir & sys::LIBNBD_AIO_DIRECTION_READ != 0;
+            let mut ready = None;
+            if want_write {
+                match afd.poll_write_ready(cx) {
+                    Poll::Ready(Ok(g)) => ready = Some((g, true)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                    Poll::Pending => {}
                 }
             }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+            if ready.is_none() && want_read {
+                match afd.poll_read_ready(cx) {
+                    Poll::Ready(Ok(g)) => ready = Some((g, false)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                    Poll::Pending => {}
+                }
+            }
+            let Some((mut guard, write)) = ready else {
+                if !want_read && !want_write {
+                    return Poll::Ready(Err(Error::new(
+                        libc::EIO,
+                        "NBD connection waits for nothing with a command in flight",
+                    )));
+                }
+                return Poll::Pending;
+            };
+            // SAFETY: valid handle; libnbd does non-blocking I/O on its own
+            // socket and writes only into buffers the queue owns.
+            let rc = unsafe {
+                if write {
+                    sys::nbd_aio_notify_write(self.h())
+                } else {
+                    sys::nbd_aio_notify_read(self.h())
+                }
+            };
+            if let Err(e) = self.check(rc) {
+                return Poll::Ready(Err(e));
+            }
+            // libnbd may stop before the socket would block (e.g. after a
+            // whole reply), and the reactor's readiness is edge-triggered:
+            // forget readiness only when the socket really is not ready.
+            if !socket_ready(*guard.get_ref().get_ref(), write) {
+                guard.clear_ready();
+            }
         }
     }
 
@@ -605,12 +773,18 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // The reactor must forget the socket before libnbd closes it.
+        self.reactor = None;
         // SAFETY: we own the handle and nothing else refers to it: every
-        // borrowed buffer was released before the methods returned. A clean
-        // NBD_CMD_DISC is sent first when the connection is still up.
+        // borrowed buffer was released before the methods returned, and the
+        // buffers of queued commands are freed only after nbd_close (fields
+        // drop after this body). When the connection is up and idle, NBD_CMD_DISC
+        // is queued without waiting for the server (nbd_shutdown would
+        // wait, and this may run on an async worker); nbd_close then closes
+        // the socket.
         unsafe {
-            if sys::nbd_aio_is_ready(self.h()) == 1 {
-                sys::nbd_shutdown(self.h(), 0);
+            if self.queue.is_empty() && sys::nbd_aio_is_ready(self.h()) == 1 {
+                sys::nbd_aio_disconnect(self.h(), 0);
             }
             sys::nbd_close(self.h());
         }

@@ -1,27 +1,43 @@
-//! Operations that move bytes between an HTTP body and a backend. They run
-//! the blocking backend work on the blocking thread pool and keep memory per
-//! request bounded: a few fixed-size buffers whatever the image size.
+//! Operations that move bytes between an HTTP body and a backend, with
+//! memory per request bounded by a few fixed-size buffers whatever the image
+//! size.
+//!
+//! NBD transfers run on the HTTP worker's own event loop: libnbd's
+//! non-blocking API keeps `WINDOW` requests in flight on the connection
+//! while the worker moves earlier chunks to or from the client socket. No
+//! thread hand-off sits in the data path, and a buffer filled from one socket
+//! is still in this core's cache when it is copied to the other. File
+//! transfers, whose reads and writes may block, run on the blocking pool.
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
+use crate::backend::nbd::NbdHandle;
 use crate::backend::{BackendError, Handle};
 use crate::http::error::ApiError;
 
-/// Bytes moved per backend call (and per HTTP body chunk).
-pub const CHUNK: usize = 2 * 1024 * 1024;
-/// Chunks buffered between the backend thread and the HTTP side.
+/// Bytes per backend request, and per buffer of a transfer.
+pub const CHUNK: usize = 1024 * 1024;
+/// NBD requests in flight per transfer: hides qemu-nbd's per-request
+/// latency (it serves the requests of one connection concurrently).
+const WINDOW: usize = 4;
+/// File chunks buffered between the blocking thread and the HTTP side.
 const DEPTH: usize = 2;
+/// Largest piece of a GET chunk handed to actix at once. actix copies every
+/// body piece into its write buffer and drops that buffer after a write when
+/// it grew past 128 KiB; pieces this small keep it allocated and cache-hot.
+const SLICE: usize = 64 * 1024;
 
 /// Logs the start of an operation and, when dropped, its end with the bytes
 /// moved and the duration (the seed's `… start` / `… end` lines).
@@ -56,8 +72,8 @@ impl Drop for OpLog {
     }
 }
 
-/// A buffer lent to the HTTP side as `Bytes`; dropped, it goes back to the
-/// reader thread for reuse.
+/// A buffer lent out as `Bytes` (by a GET to actix, by a PUT to libnbd);
+/// dropped, it goes back to its transfer for reuse.
 struct Lent {
     buf: Vec<u8>,
     len: usize,
@@ -76,12 +92,57 @@ impl Drop for Lent {
     }
 }
 
-/// The body of a GET: chunks read by a blocking thread, plus whatever must
-/// live exactly as long as the response (reader slot, log line).
+/// The buffers of one transfer: reused once their `Bytes` are dropped, so
+/// at most as many exist as are in use at once.
+struct Buffers {
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    size: usize,
+}
+
+impl Buffers {
+    fn new(size: usize) -> Buffers {
+        let (home, free) = std::sync::mpsc::channel();
+        Buffers { home, free, size }
+    }
+
+    /// A buffer of `size` initialised bytes.
+    fn get(&self) -> Vec<u8> {
+        self.free.try_recv().unwrap_or_else(|_| vec![0; self.size])
+    }
+
+    /// An empty buffer with room for `size` bytes.
+    fn get_empty(&self) -> Vec<u8> {
+        let mut v = self.free.try_recv().unwrap_or_default();
+        v.clear();
+        v.reserve_exact(self.size);
+        v
+    }
+
+    fn lend(&self, buf: Vec<u8>, len: usize) -> Bytes {
+        Bytes::from_owner(Lent {
+            buf,
+            len,
+            home: self.home.clone(),
+        })
+    }
+}
+
+/// The body of a GET, plus whatever must live exactly as long as the
+/// response (reader slot, log line).
 pub struct ReadBody<G> {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    source: Source,
+    /// The rest of the chunk being handed out, `SLICE` at a time.
+    current: Bytes,
     log: OpLog,
     _guard: G,
+}
+
+enum Source {
+    Nbd(NbdReader),
+    /// Chunks read by a blocking thread.
+    Thread(mpsc::Receiver<io::Result<Bytes>>),
+    Done,
 }
 
 impl<G: Unpin> Stream for ReadBody<G> {
@@ -89,13 +150,29 @@ impl<G: Unpin> Stream for ReadBody<G> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                this.log.bytes += b.len() as u64;
-                Poll::Ready(Some(Ok(b)))
+        if this.current.is_empty() {
+            let next = match &mut this.source {
+                Source::Nbd(r) => r.poll_chunk(cx, &this.log.id),
+                Source::Thread(rx) => rx.poll_recv(cx),
+                Source::Done => Poll::Ready(None),
+            };
+            match ready!(next) {
+                Some(Ok(b)) => this.current = b,
+                other => {
+                    // Done or failed: nothing more to read, and an NBD
+                    // connection goes back to the pool now.
+                    this.source = Source::Done;
+                    return Poll::Ready(other);
+                }
             }
-            other => other,
         }
+        let piece = if this.current.len() > SLICE {
+            this.current.split_to(SLICE)
+        } else {
+            std::mem::take(&mut this.current)
+        };
+        this.log.bytes += piece.len() as u64;
+        Poll::Ready(Some(Ok(piece)))
     }
 }
 
@@ -103,44 +180,113 @@ impl<G: Unpin> Stream for ReadBody<G> {
 /// stream with an error, so the client sees a truncated body (the length was
 /// promised in the headers), never a clean short one.
 pub fn read_stream<G: Unpin>(
-    mut handle: Handle,
+    handle: Handle,
     start: u64,
     len: u64,
     log: OpLog,
     guard: G,
 ) -> ReadBody<G> {
+    let source = match handle {
+        Handle::Nbd(h) => Source::Nbd(NbdReader::new(h, start, len)),
+        handle @ Handle::File(_) => Source::Thread(read_in_thread(handle, start, len, &log.id)),
+    };
+    ReadBody {
+        source,
+        current: Bytes::new(),
+        log,
+        _guard: guard,
+    }
+}
+
+/// Reads of an NBD export, up to `WINDOW` in flight, returned in order.
+struct NbdReader {
+    handle: NbdHandle,
+    registered: bool,
+    next: u64,
+    end: u64,
+    buffers: Buffers,
+}
+
+impl NbdReader {
+    fn new(handle: NbdHandle, start: u64, len: u64) -> NbdReader {
+        let size = CHUNK
+            .min(handle.request_limit())
+            .min(usize::try_from(len).unwrap_or(usize::MAX))
+            .max(1);
+        NbdReader {
+            handle,
+            registered: false,
+            next: start,
+            end: start + len,
+            buffers: Buffers::new(size),
+        }
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, id: &str) -> Poll<Option<io::Result<Bytes>>> {
+        match ready!(self.poll_read(cx)) {
+            Ok(Some(b)) => Poll::Ready(Some(Ok(b))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => {
+                log::error!("GET error image_id={id} err={e}");
+                self.handle.discard();
+                Poll::Ready(Some(Err(io::Error::other(e.to_string()))))
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BackendError>> {
+        if !self.registered {
+            // Here, not in `new`: this runs on the worker that polls.
+            self.handle.register()?;
+            self.registered = true;
+        }
+        while self.handle.queued() < WINDOW && self.next < self.end {
+            let n = (self.end - self.next).min(self.buffers.size as u64) as usize;
+            self.handle.start_read(self.buffers.get(), n, self.next)?;
+            self.next += n as u64;
+        }
+        if self.handle.queued() == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        match ready!(self.handle.poll_oldest(cx))? {
+            Some((buf, n)) => Poll::Ready(Ok(Some(self.buffers.lend(buf, n)))),
+            None => Poll::Ready(Err(BackendError::Io(
+                "a read completed as another command".into(),
+            ))),
+        }
+    }
+}
+
+/// Reads a file on a blocking thread, `DEPTH` chunks ahead of the client.
+fn read_in_thread(
+    mut handle: Handle,
+    start: u64,
+    len: u64,
+    id: &str,
+) -> mpsc::Receiver<io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(DEPTH);
-    let id = log.id.clone();
+    let id = id.to_string();
     spawn_blocking(move || {
-        let (home, free) = std::sync::mpsc::channel::<Vec<u8>>();
+        let buffers = Buffers::new(CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)));
         let end = start + len;
         let mut off = start;
         while off < end {
-            let n = (end - off).min(CHUNK as u64) as usize;
-            let mut buf = free.try_recv().unwrap_or_else(|_| vec![0; CHUNK]);
+            let n = (end - off).min(buffers.size as u64) as usize;
+            let mut buf = buffers.get();
             if let Err(e) = handle.read_at(&mut buf[..n], off) {
                 log::error!("GET error image_id={id} offset={off} err={e}");
                 handle.discard();
                 let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
                 return;
             }
-            let chunk = Bytes::from_owner(Lent {
-                buf,
-                len: n,
-                home: home.clone(),
-            });
-            if tx.blocking_send(Ok(chunk)).is_err() {
+            if tx.blocking_send(Ok(buffers.lend(buf, n))).is_err() {
                 log::info!("GET client disconnected image_id={id} at={off}");
                 return;
             }
             off += n as u64;
         }
     });
-    ReadBody {
-        rx,
-        log,
-        _guard: guard,
-    }
+    rx
 }
 
 /// Where the bytes of a write go.
@@ -156,11 +302,6 @@ pub enum Sink {
     Upload(FileUpload),
 }
 
-enum Msg {
-    Data(Bytes),
-    Finish,
-}
-
 /// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
 /// stops at the first block with data.
 fn is_zero(buf: &[u8]) -> bool {
@@ -168,50 +309,99 @@ fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-impl Sink {
-    fn write(&mut self, data: &[u8]) -> Result<(), BackendError> {
-        match self {
-            Sink::Handle {
-                handle,
-                offset,
-                zero_ok,
-            } => {
-                if *zero_ok && is_zero(data) {
-                    handle.zero(*offset, data.len() as u64)?;
-                } else {
-                    handle.write_at(data, *offset)?;
-                }
-                *offset += data.len() as u64;
-                Ok(())
-            }
-            Sink::Upload(u) => u.write(data),
+/// Why a write stopped.
+enum Failure {
+    /// The client: the body stalled or ended early.
+    Client(ApiError),
+    Backend(BackendError),
+}
+
+/// The request body as `CHUNK`-sized chunks (the last one shorter).
+struct BodyChunks<'a> {
+    payload: &'a mut Payload,
+    length: u64,
+    /// Body bytes taken from the payload so far.
+    received: u64,
+    timeout: Duration,
+    /// What is left of the last piece the payload gave.
+    rest: Bytes,
+    filling: Vec<u8>,
+    /// Size of the chunk being filled (0: none started).
+    want: usize,
+    buffers: Buffers,
+}
+
+impl<'a> BodyChunks<'a> {
+    fn new(payload: &'a mut Payload, length: u64, timeout: Duration) -> BodyChunks<'a> {
+        BodyChunks {
+            payload,
+            length,
+            received: 0,
+            timeout,
+            rest: Bytes::new(),
+            filling: Vec::new(),
+            want: 0,
+            buffers: Buffers::new(CHUNK.min(usize::try_from(length).unwrap_or(usize::MAX))),
         }
     }
 
-    fn finish(self, flush: bool) -> Result<(), BackendError> {
-        match self {
-            Sink::Handle { mut handle, .. } => {
-                if flush {
-                    handle.flush()?;
+    /// The next chunk, `None` once `length` bytes were returned. Waits at
+    /// most `timeout` for each piece of the body. Cancel-safe: all progress
+    /// is kept in `self`.
+    async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
+        loop {
+            while !self.rest.is_empty() {
+                if self.want == 0 {
+                    let left = self.length - (self.received - self.rest.len() as u64);
+                    self.want = self.buffers.size.min(left as usize);
+                    self.filling = self.buffers.get_empty();
                 }
-                Ok(())
+                let n = (self.want - self.filling.len()).min(self.rest.len());
+                self.filling.extend_from_slice(&self.rest[..n]);
+                self.rest.advance(n);
+                if self.filling.len() == self.want {
+                    self.want = 0;
+                    let len = self.filling.len();
+                    let full = std::mem::take(&mut self.filling);
+                    return Ok(Some(self.buffers.lend(full, len)));
+                }
             }
-            Sink::Upload(u) => u.commit(flush).map(|_| ()),
-        }
-    }
-
-    fn discard(&mut self) {
-        if let Sink::Handle { handle, .. } = self {
-            handle.discard();
+            if self.received == self.length {
+                return Ok(None);
+            }
+            let piece = match tokio::time::timeout(self.timeout, self.payload.next()).await {
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "timed out waiting for the request body after {} bytes",
+                            self.received
+                        ),
+                    ))
+                }
+                Ok(Some(Ok(piece))) => piece,
+                Ok(end) => {
+                    if let Some(Err(e)) = end {
+                        log::info!("request body error after {} bytes: {e}", self.received);
+                    }
+                    return Err(ApiError::bad_request(format!(
+                        "request body ended early at {} bytes",
+                        self.received
+                    )));
+                }
+            };
+            let take = piece.len().min((self.length - self.received) as usize);
+            self.received += take as u64;
+            self.rest = piece.slice(..take);
         }
     }
 }
 
 /// Writes exactly `length` bytes of the request body to `sink`, then flushes
-/// when asked. The body is read with at most `timeout` between chunks; a body
+/// when asked. The body is read with at most `timeout` between pieces; a body
 /// that ends early or stalls is an error, and nothing is committed for a
-/// file upload. Returns the bytes written. Returns only once the backend
-/// thread has stopped, so the caller's locks cover every write.
+/// file upload. Returns the bytes written. Returns only once no write of
+/// this request is in flight, so the caller's locks cover every write.
 pub async fn write_body(
     payload: &mut Payload,
     length: u64,
@@ -220,86 +410,166 @@ pub async fn write_body(
     timeout: Duration,
     log: &mut OpLog,
 ) -> Result<u64, ApiError> {
-    let (tx, mut rx) = mpsc::channel::<Msg>(DEPTH);
+    let mut body = BodyChunks::new(payload, length, timeout);
+    let mut written = 0u64;
+    let result = match sink {
+        Sink::Handle {
+            handle: Handle::Nbd(h),
+            offset,
+            zero_ok,
+        } => write_nbd(&mut body, h, offset, zero_ok, flush, &mut written).await,
+        Sink::Handle {
+            handle: Handle::File(_),
+            ..
+        } => Err(Failure::Backend(BackendError::Io(
+            "ranged writes are not supported by the file backend".into(),
+        ))),
+        Sink::Upload(u) => write_file(&mut body, u, flush, &mut written).await,
+    };
+    log.bytes = written;
+    match result {
+        Ok(()) => Ok(written),
+        Err(Failure::Client(e)) => Err(e),
+        Err(Failure::Backend(e)) => {
+            log::error!("write error image_id={} err={e}", log.id);
+            Err(e.into())
+        }
+    }
+}
+
+/// Writes the body to an NBD export with up to `WINDOW` requests in flight
+/// (to disjoint ranges, so their order does not matter), keeping them moving
+/// while the next chunk arrives. On failure, waits for what is in flight.
+async fn write_nbd(
+    body: &mut BodyChunks<'_>,
+    mut handle: NbdHandle,
+    offset: u64,
+    zero_ok: bool,
+    flush: bool,
+    written: &mut u64,
+) -> Result<(), Failure> {
+    let r = pump_nbd(body, &mut handle, offset, zero_ok, flush, written).await;
+    if r.is_err() {
+        handle.discard();
+        while handle.queued() > 0 {
+            if poll_fn(|cx| handle.poll_oldest(cx)).await.is_err() {
+                break;
+            }
+        }
+    }
+    r
+}
+
+async fn pump_nbd(
+    body: &mut BodyChunks<'_>,
+    handle: &mut NbdHandle,
+    mut offset: u64,
+    zero_ok: bool,
+    flush: bool,
+    written: &mut u64,
+) -> Result<(), Failure> {
+    handle.register().map_err(Failure::Backend)?;
+    loop {
+        let next = if handle.queued() > 0 {
+            tokio::select! {
+                biased;
+                done = poll_fn(|cx| handle.poll_oldest(cx)) => {
+                    done.map_err(Failure::Backend)?;
+                    continue;
+                }
+                next = body.next() => next,
+            }
+        } else {
+            body.next().await
+        };
+        let Some(chunk) = next.map_err(Failure::Client)? else {
+            break;
+        };
+        while handle.queued() >= WINDOW {
+            poll_fn(|cx| handle.poll_oldest(cx))
+                .await
+                .map_err(Failure::Backend)?;
+        }
+        let len = chunk.len() as u64;
+        let started = if zero_ok && is_zero(&chunk) {
+            drop(chunk);
+            handle.start_zero(offset, len)
+        } else {
+            handle.start_write(chunk, offset)
+        };
+        started.map_err(Failure::Backend)?;
+        offset += len;
+        *written += len;
+    }
+    // A flush covers only writes that completed before it was sent.
+    while handle.queued() > 0 {
+        poll_fn(|cx| handle.poll_oldest(cx))
+            .await
+            .map_err(Failure::Backend)?;
+    }
+    if flush {
+        handle.start_flush().map_err(Failure::Backend)?;
+        poll_fn(|cx| handle.poll_oldest(cx))
+            .await
+            .map_err(Failure::Backend)?;
+        handle.flushed();
+    }
+    Ok(())
+}
+
+/// Writes the body to a new file on a blocking thread, committing it only
+/// when every byte arrived.
+async fn write_file(
+    body: &mut BodyChunks<'_>,
+    upload: FileUpload,
+    flush: bool,
+    written: &mut u64,
+) -> Result<(), Failure> {
+    let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(DEPTH);
     let writer = spawn_blocking(move || {
-        let mut sink = sink;
+        let mut upload = upload;
         let mut written = 0u64;
         loop {
             match rx.blocking_recv() {
-                Some(Msg::Data(b)) => {
-                    if let Err(e) = sink.write(&b) {
-                        sink.discard();
+                Some(Some(b)) => {
+                    if let Err(e) = upload.write(&b) {
                         return (written, Err(e));
                     }
                     written += b.len() as u64;
                 }
-                Some(Msg::Finish) => return (written, sink.finish(flush)),
-                None => {
-                    sink.discard();
-                    return (written, Err(BackendError::Io("upload aborted".into())));
-                }
+                // Every byte arrived.
+                Some(None) => return (written, upload.commit(flush).map(|_| ())),
+                // The body failed: the upload is dropped, the target unchanged.
+                None => return (written, Err(BackendError::Io("upload aborted".into()))),
             }
         }
     });
-
-    let mut received = 0u64;
-    let mut buf = BytesMut::new();
-    let mut client_error: Option<ApiError> = None;
-    let mut writer_gone = false;
-    while received < length {
-        let chunk = match tokio::time::timeout(timeout, payload.next()).await {
-            Err(_) => {
-                client_error = Some(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("timed out waiting for the request body after {received} bytes"),
-                ));
+    let mut client_error = None;
+    loop {
+        match body.next().await {
+            Ok(Some(chunk)) => {
+                if tx.send(Some(chunk)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(None).await;
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                log::info!("request body error after {received} bytes: {e}");
+            Err(e) => {
+                client_error = Some(e);
                 break;
             }
-            Ok(Some(Ok(c))) => c,
-        };
-        let take = chunk.len().min((length - received) as usize);
-        if buf.capacity() == 0 {
-            buf.reserve(CHUNK.min((length - received) as usize));
-        }
-        buf.extend_from_slice(&chunk[..take]);
-        received += take as u64;
-        if buf.len() >= CHUNK && tx.send(Msg::Data(buf.split().freeze())).await.is_err() {
-            writer_gone = true;
-            break;
-        }
-    }
-    if client_error.is_none() && !writer_gone && received < length {
-        client_error = Some(ApiError::bad_request(format!(
-            "request body ended early at {received} bytes"
-        )));
-    }
-    if client_error.is_none() && !writer_gone {
-        if !buf.is_empty() && tx.send(Msg::Data(buf.split().freeze())).await.is_err() {
-            writer_gone = true;
-        }
-        if !writer_gone {
-            let _ = tx.send(Msg::Finish).await;
         }
     }
     drop(tx);
-    let (written, result) = writer
+    let (n, result) = writer
         .await
         .unwrap_or_else(|_| (0, Err(BackendError::Io("writer thread panicked".into()))));
-    log.bytes = written;
-    if let Some(e) = client_error {
-        return Err(e);
-    }
-    match result {
-        Ok(()) => Ok(written),
-        Err(e) => {
-            log::error!("write error image_id={} err={e}", log.id);
-            Err(e.into())
-        }
+    *written = n;
+    match client_error {
+        Some(e) => Err(Failure::Client(e)),
+        None => result.map_err(Failure::Backend),
     }
 }
 

@@ -7,8 +7,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{BackendError, Caps, Result, Transfer};
@@ -17,11 +19,10 @@ use crate::nbd::{self, ConnectOptions, Connection};
 
 /// Idle connections kept per transfer.
 const MAX_IDLE: usize = 4;
+/// What a write of zeroes sends when the server cannot zero.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 /// Bound on connect + handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Size of each NBD request when a buffer is read or written with several
-/// requests in flight.
-pub const PIPELINE_REQUEST: usize = 512 * 1024;
 
 /// Idle connections of one transfer.
 pub struct Pool {
@@ -160,21 +161,13 @@ impl NbdHandle {
 
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        if buf.len() > PIPELINE_REQUEST {
-            self.with(|c| c.pread_pipelined(buf, offset, PIPELINE_REQUEST))
-        } else {
-            self.with(|c| c.pread_into(buf, offset))
-        }
+        self.with(|c| c.pread_into(buf, offset))
     }
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         self.transfer.mark_written();
-        if buf.len() > PIPELINE_REQUEST {
-            self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
-        } else {
-            self.with(|c| c.pwrite(buf, offset))
-        }
+        self.with(|c| c.pwrite(buf, offset))
     }
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -193,6 +186,82 @@ impl NbdHandle {
             off += n as u64;
         }
         Ok(())
+    }
+
+    /// Largest read `start_read` takes.
+    pub fn request_limit(&self) -> usize {
+        self.conn_ref().max_request() as usize
+    }
+
+    /// Commands started and not yet retired by `poll_oldest`.
+    pub fn queued(&self) -> usize {
+        self.conn_ref().queued()
+    }
+
+    /// Lets `poll_oldest` wait on the calling thread's tokio reactor (call
+    /// from the async worker that will poll).
+    pub fn register(&mut self) -> Result<()> {
+        self.with(|c| c.register())
+    }
+
+    /// Starts reading `len` bytes at `offset` into the start of `buf`
+    /// (`len <= request_limit()`), without blocking.
+    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+        self.check(offset, len as u64)?;
+        self.with(|c| c.queue_read(buf, len, offset))
+    }
+
+    /// Starts writing `data` at `offset`, without blocking. Commands in
+    /// flight together may complete in any order: callers keep them to
+    /// disjoint ranges.
+    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        self.transfer.mark_written();
+        self.with(|c| c.queue_write(data, offset))
+    }
+
+    /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
+    /// when the server can, else writes of zeroes.
+    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.transfer.mark_written();
+        if self.conn_ref().can_zero().unwrap_or(false) {
+            return self.with(|c| c.queue_zero(offset, len));
+        }
+        let zeroes = Bytes::from_static(&ZEROES);
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let n = (end - off).min(ZEROES.len() as u64) as usize;
+            self.with(|c| c.queue_write(zeroes.slice(..n), off))?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts a flush; start it only once the writes it must cover have
+    /// retired. Its retirement marks the transfer flushed.
+    pub fn start_flush(&mut self) -> Result<()> {
+        self.with(|c| c.queue_flush())
+    }
+
+    /// Retires the oldest started command once complete (see
+    /// [`nbd::Connection::poll_oldest`]); a read gives back its buffer and
+    /// length.
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<nbd::ReadDone>>> {
+        let r = match self.conn().poll_oldest(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        if r.is_err() {
+            self.reusable = false;
+        }
+        Poll::Ready(r.map_err(io_err))
+    }
+
+    /// Marks the transfer flushed (a started flush retired).
+    pub fn flushed(&self) {
+        self.transfer.mark_flushed();
     }
 
     pub fn flush(&mut self) -> Result<()> {
@@ -255,8 +324,13 @@ impl NbdHandle {
 
 impl Drop for NbdHandle {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if self.reusable && !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.deregister();
+            if self.reusable
+                && conn.queued() == 0
+                && !conn.is_dead()
+                && conn.can_multi_conn().unwrap_or(false)
+            {
                 self.transfer.pool().put(conn);
             }
         }
