@@ -365,7 +365,12 @@ impl Connection {
     /// Reads `buf` at `offset` with several requests of `request_size` bytes in
     /// flight at once on this one handle (libnbd's asynchronous API), which
     /// hides the per-request latency of the NBD server.
-    pub fn pread_pipelined(&mut self, buf: &mut [u8], offset: u64, request_size: usize) -> Result<()> {
+    pub fn pread_pipelined(
+        &mut self,
+        buf: &mut [u8],
+        offset: u64,
+        request_size: usize,
+    ) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let step = request_size.clamp(4096, self.max_request as usize);
         let mut cookies = Vec::with_capacity(buf.len() / step + 1);
@@ -460,7 +465,10 @@ impl Connection {
             }
             if self.is_dead() {
                 return Err(first_err.unwrap_or_else(|| {
-                    Error::new(libc::ESHUTDOWN, "NBD connection died with requests in flight")
+                    Error::new(
+                        libc::ESHUTDOWN,
+                        "NBD connection died with requests in flight",
+                    )
                 }));
             }
             // SAFETY: valid handle; drives the state machine, blocking until
@@ -516,7 +524,12 @@ impl Connection {
     /// order given, each covering the range exactly, in order, with adjacent
     /// extents of equal flags merged. Queries in steps of up to 4 GiB and
     /// continues from wherever the server's replies stop.
-    pub fn block_status(&mut self, offset: u64, len: u64, contexts: &[&str]) -> Result<Vec<Vec<Extent>>> {
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+    ) -> Result<Vec<Vec<Extent>>> {
         self.check_range(offset, len)?;
         let end = offset + len;
         let mut state = BlockStatusState {
@@ -545,7 +558,10 @@ impl Connection {
             // None, so libnbd never frees it. The trampoline catches panics.
             let rc = unsafe { sys::nbd_block_status(self.h(), count, from, callback, 0) };
             if state.panicked {
-                return Err(Error::new(libc::EIO, "internal error in block status callback"));
+                return Err(Error::new(
+                    libc::EIO,
+                    "internal error in block status callback",
+                ));
             }
             self.check(rc)?;
             let next = state.covered.iter().copied().min().unwrap_or(end);
@@ -665,15 +681,51 @@ mod tests {
     #[test]
     fn push_extent_merges_touching_equal_flags() {
         let mut v = Vec::new();
-        push_extent(&mut v, Extent { offset: 0, length: 10, flags: 0 });
-        push_extent(&mut v, Extent { offset: 10, length: 5, flags: 0 });
-        push_extent(&mut v, Extent { offset: 15, length: 5, flags: 3 });
-        push_extent(&mut v, Extent { offset: 20, length: 0, flags: 0 });
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 0,
+                length: 10,
+                flags: 0,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 10,
+                length: 5,
+                flags: 0,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 15,
+                length: 5,
+                flags: 3,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 20,
+                length: 0,
+                flags: 0,
+            },
+        );
         assert_eq!(
             v,
             vec![
-                Extent { offset: 0, length: 15, flags: 0 },
-                Extent { offset: 15, length: 5, flags: 3 }
+                Extent {
+                    offset: 0,
+                    length: 15,
+                    flags: 0
+                },
+                Extent {
+                    offset: 15,
+                    length: 5,
+                    flags: 3
+                }
             ]
         );
     }
@@ -693,8 +745,16 @@ mod tests {
         assert_eq!(
             s.extents[0],
             vec![
-                Extent { offset: 100, length: 50, flags: 0 },
-                Extent { offset: 150, length: 150, flags: 3 }
+                Extent {
+                    offset: 100,
+                    length: 50,
+                    flags: 0
+                },
+                Extent {
+                    offset: 150,
+                    length: 150,
+                    flags: 3
+                }
             ]
         );
         assert_eq!(s.covered, vec![300]);

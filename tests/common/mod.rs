@@ -154,7 +154,9 @@ impl QemuNbd {
         }
         cmd.args(&opts.extra);
         cmd.arg(image);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawn qemu-nbd");
         let nbd = QemuNbd {
             child: Some(child),
@@ -237,7 +239,8 @@ impl Server {
             .arg("--config-dir")
             .arg(config_dir);
         if !extra.iter().any(|a| a.starts_with("--control-socket")) {
-            cmd.arg("--control-socket").arg(config_dir.join(".control.sock"));
+            cmd.arg("--control-socket")
+                .arg(config_dir.join(".control.sock"));
         }
         cmd.args(extra)
             .env("RUST_LOG", "info")
@@ -254,7 +257,9 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("listening on ") {
-                    let a = a.trim_start_matches("http://").trim_start_matches("https://");
+                    let a = a
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://");
                     let _ = tx.send(a.trim().to_string());
                 }
             }
@@ -329,7 +334,13 @@ impl Server {
     }
 
     /// One request on a fresh connection.
-    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         self.client().request(method, path, headers, body)
     }
 
@@ -378,7 +389,9 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(|s| s.as_str())
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|s| s.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
@@ -423,7 +436,13 @@ impl Client {
 
     /// Sends a request. A Content-Length header is added for a non-empty body
     /// unless `headers` sets one (or sets Transfer-Encoding).
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         self.send(method, path, headers, body);
         self.read_response(method == "HEAD")
     }
