@@ -208,7 +208,31 @@ impl Connection {
 
     fn check(&self, rc: c_int) -> Result<()> {
         if rc < 0 {
-            Err(Error::last())
+            Err(self.last_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// libnbd's error for the last failed call on this handle. libnbd refuses
+    /// commands on a dead handle with EINVAL ("invalid state: DEAD"); that is
+    /// reported as ENOTCONN here, so callers can tell a lost connection from
+    /// a bad request of their own (which is also EINVAL).
+    fn last_error(&self) -> Error {
+        let mut err = Error::last();
+        if err.errno == libc::EINVAL && self.is_dead() {
+            err.errno = libc::ENOTCONN;
+        }
+        err
+    }
+
+    /// Fails with ENOTCONN, without calling libnbd, once the handle is dead.
+    fn check_alive(&self) -> Result<()> {
+        if self.is_dead() {
+            Err(Error::new(
+                libc::ENOTCONN,
+                "NBD connection is dead (the server closed it or broke the protocol)",
+            ))
         } else {
             Ok(())
         }
@@ -253,7 +277,7 @@ impl Connection {
 
     fn flag(&self, rc: c_int) -> Result<bool> {
         if rc < 0 {
-            Err(Error::last())
+            Err(self.last_error())
         } else {
             Ok(rc != 0)
         }
@@ -319,6 +343,7 @@ impl Connection {
     /// Fills `buf` from the export at `offset`, split into requests the server accepts.
     pub fn pread_into(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = self.max_request as usize;
         let mut off = offset;
         for chunk in buf.chunks_mut(step) {
@@ -342,6 +367,7 @@ impl Connection {
     /// Writes `buf` to the export at `offset`, split into requests the server accepts.
     pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = self.max_request as usize;
         let mut off = offset;
         for chunk in buf.chunks(step) {
@@ -372,6 +398,7 @@ impl Connection {
         request_size: usize,
     ) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = request_size.clamp(4096, self.max_request as usize);
         let mut cookies = Vec::with_capacity(buf.len() / step + 1);
         let mut off = offset;
@@ -391,7 +418,7 @@ impl Connection {
                 )
             };
             if cookie < 0 {
-                first_err = Some(Error::last());
+                first_err = Some(self.last_error());
                 break;
             }
             cookies.push(cookie as u64);
@@ -408,6 +435,7 @@ impl Connection {
     /// Returns when every request has completed.
     pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = request_size.clamp(4096, self.max_request as usize);
         let mut cookies = Vec::with_capacity(buf.len() / step + 1);
         let mut off = offset;
@@ -427,7 +455,7 @@ impl Connection {
                 )
             };
             if cookie < 0 {
-                first_err = Some(Error::last());
+                first_err = Some(self.last_error());
                 break;
             }
             cookies.push(cookie as u64);
@@ -501,6 +529,7 @@ impl Connection {
     /// [`Connection::can_zero`].
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        self.check_alive()?;
         let step = MAX_ZERO.min(self.size.max(1));
         let mut off = offset;
         let end = offset + len;
@@ -515,6 +544,7 @@ impl Connection {
 
     /// NBD FLUSH: makes completed writes durable.
     pub fn flush(&mut self) -> Result<()> {
+        self.check_alive()?;
         // SAFETY: valid handle.
         self.check(unsafe { sys::nbd_flush(self.h(), 0) })
     }
@@ -531,6 +561,7 @@ impl Connection {
         contexts: &[&str],
     ) -> Result<Vec<Vec<Extent>>> {
         self.check_range(offset, len)?;
+        self.check_alive()?;
         let end = offset + len;
         let mut state = BlockStatusState {
             contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),

@@ -1001,16 +1001,28 @@ fn server_side_write_errors_are_eio_and_all_pipelined_requests_complete() {
 fn operations_after_the_server_stops_fail_and_mark_the_connection_dead() {
     let mut ex = Export::new("stopped", 4 * MIB, NbdOpts::qcow2());
     let mut c = ex.connect(&[CONTEXT_BASE_ALLOCATION]);
+    let mut c2 = ex.connect(&[]);
     let mut buf = vec![0u8; 4096];
     c.pwrite(&pattern_bytes(4096, 51), 0).unwrap();
     c.pread_into(&mut buf, 0).unwrap();
+    c2.pread_into(&mut buf, 0).unwrap();
     assert!(!c.is_dead());
+    assert!(!c2.is_dead());
 
     ex.nbd.stop();
 
     let e = expect_err(c.pread_into(&mut buf, 0), "pread after stop");
     assert_eq!(e.errno(), libc::ENOTCONN, "{e}");
     assert!(c.is_dead());
+    // The handle dies while a pipelined call is still submitting: the later
+    // submissions are refused by libnbd, and that is reported as ENOTCONN too.
+    let data = vec![3u8; MIB as usize];
+    let e = no_hang("pipelined write to a stopped server", move || {
+        let e = expect_err(c2.pwrite_pipelined(&data, 0, 4096), "pwrite_pipelined");
+        assert!(c2.is_dead());
+        e
+    });
+    assert_eq!(e.errno(), libc::ENOTCONN, "{e}");
 
     // Every further operation fails the same way, without hanging or panicking.
     let mut c = no_hang("operations on a dead connection", move || {
@@ -1028,7 +1040,8 @@ fn operations_after_the_server_stops_fail_and_mark_the_connection_dead() {
             ),
         ];
         for e in errors {
-            assert!(e.errno() != 0, "{e}");
+            assert_eq!(e.errno(), libc::ENOTCONN, "{e}");
+            assert!(e.message().contains("connection is dead"), "{e}");
         }
         c
     });
