@@ -267,12 +267,71 @@ impl Connection {
                 ));
             }
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as c_int;
-            // SAFETY: valid handle; nbd_poll drives the state machine.
-            let rc = unsafe { sys::nbd_poll(self.h(), ms) };
-            if rc < 0 {
-                return Err(Error::last());
-            }
+            self.poll_once(ms)?;
         }
+    }
+
+    /// Waits up to `timeout_ms` (-1: without limit) for the socket to be ready
+    /// in the direction libnbd waits for, and tells libnbd. This is what
+    /// nbd_poll does, except that a hang-up (POLLHUP/POLLERR) is delivered in
+    /// the direction the state machine waits for. libnbd 1.14's nbd_poll
+    /// always treats a hang-up as readable; in a state that only waits to
+    /// write (connect(2) in progress, when a peer accepts and closes at once)
+    /// that fails with "external event 0 is invalid in state CONNECT.START"
+    /// (EINVAL) instead of libnbd seeing and reporting the disconnect.
+    fn poll_once(&mut self, timeout_ms: c_int) -> Result<()> {
+        // SAFETY: valid handle; these only read the state machine.
+        let (fd, dir) = unsafe {
+            (
+                sys::nbd_aio_get_fd(self.h()),
+                sys::nbd_aio_get_direction(self.h()),
+            )
+        };
+        if fd < 0 {
+            return Err(self.last_error());
+        }
+        let wants_read = dir & sys::LIBNBD_AIO_DIRECTION_READ != 0;
+        let wants_write = dir & sys::LIBNBD_AIO_DIRECTION_WRITE != 0;
+        if !wants_read && !wants_write {
+            return Err(Error::new(
+                libc::EIO,
+                "NBD handle is not waiting for the server",
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: if wants_read { libc::POLLIN } else { 0 }
+                | if wants_write { libc::POLLOUT } else { 0 },
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd. The fd is the handle's socket, which
+        // stays open during the call: we hold &mut self, so no other libnbd
+        // call on this handle can close it.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EINTR) => Ok(()),
+                errno => Err(Error::new(
+                    errno.unwrap_or(libc::EIO),
+                    format!("poll: {err}"),
+                )),
+            };
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let hangup = pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+        let rc = if wants_read && (pfd.revents & libc::POLLIN != 0 || hangup) {
+            // SAFETY: valid handle, and the state machine waits for a read.
+            unsafe { sys::nbd_aio_notify_read(self.h()) }
+        } else if wants_write && (pfd.revents & libc::POLLOUT != 0 || hangup) {
+            // SAFETY: valid handle, and the state machine waits for a write.
+            unsafe { sys::nbd_aio_notify_write(self.h()) }
+        } else {
+            0
+        };
+        self.check(rc)
     }
 
     fn flag(&self, rc: c_int) -> Result<bool> {
@@ -499,23 +558,19 @@ impl Connection {
                     )
                 }));
             }
-            // SAFETY: valid handle; drives the state machine, blocking until
-            // there is progress.
-            let rc = unsafe { sys::nbd_poll(self.h(), -1) };
-            if rc < 0 {
-                let e = Error::last();
+            // Blocks until there is progress (in-flight commands always
+            // bring a reply or a hang-up).
+            if let Err(e) = self.poll_once(-1) {
                 if self.is_dead() {
                     return Err(first_err.unwrap_or(e));
                 }
-                if e.errno != libc::EINTR {
-                    first_err.get_or_insert(e);
-                    // A poll failure without a dead handle should not happen;
-                    // stop driving it, but keep the buffers safe by marking
-                    // the handle unusable.
-                    // SAFETY: valid handle; shutdown stops all further I/O.
-                    unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
-                    return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
-                }
+                first_err.get_or_insert(e);
+                // A poll failure without a dead handle should not happen;
+                // stop driving it, but keep the buffers safe by marking
+                // the handle unusable.
+                // SAFETY: valid handle; shutdown stops all further I/O.
+                unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
+                return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
             }
         }
         match first_err {

@@ -937,6 +937,38 @@ fn garbage_speaking_peer_is_an_error_not_a_hang() {
     }
 }
 
+#[test]
+fn peer_that_hangs_up_at_once_is_reported_as_a_disconnect() {
+    // A peer that closes right after accept(2) can hang up before libnbd has
+    // seen the connect complete. libnbd 1.14's own nbd_poll then fails with
+    // "external event 0 is invalid in state CONNECT.START" (EINVAL) on a
+    // fraction of the attempts; the wrapper must report the disconnect.
+    let dir = TempDir::new("hangup");
+    let sock = dir.join("hangup.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let attempts = 300;
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..attempts {
+            drop(listener.accept().expect("accept"));
+        }
+    });
+    let messages = no_hang("connect to peers that hang up", move || {
+        (0..attempts)
+            .map(|_| {
+                let e = expect_err(connect_to(&sock, None, HANG), "hang-up");
+                // Without libnbd's "nbd_aio_notify_read: " / "..._write: ".
+                let (_, reason) = e.message().split_once(": ").unwrap_or_default();
+                (e.errno(), reason.to_string())
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    acceptor.join().unwrap();
+    assert_eq!(
+        messages.into_iter().collect::<Vec<_>>(),
+        vec![(0, "recv: server disconnected unexpectedly".to_string())]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // server failures
 // ---------------------------------------------------------------------------
