@@ -6,6 +6,7 @@
 //! The handle is closed in `Drop`. All `unsafe` of the project that talks to
 //! libnbd lives in this file.
 
+use std::collections::HashSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -527,33 +528,54 @@ impl Connection {
         }
     }
 
-    /// Waits until every command in `cookies` has completed; returns the
-    /// first error among them. Returns early only when the handle is dead, at
-    /// which point libnbd no longer touches any command buffer.
+    /// Waits until every command in `cookies` has completed and retires
+    /// them; returns the first error among them. Returns early only when the
+    /// handle is dead, at which point libnbd no longer touches any command
+    /// buffer.
     fn wait_all(&mut self, cookies: &[u64]) -> Result<()> {
-        let mut pending: Vec<u64> = cookies.to_vec();
+        let mut pending: HashSet<u64> = cookies.iter().copied().collect();
         let mut first_err: Option<Error> = None;
+        let mut poll_err: Option<Error> = None;
         while !pending.is_empty() {
-            let mut i = 0;
-            while i < pending.len() {
+            // Retire what has completed. peek names one completed command
+            // at a time, so each costs O(1); asking about every pending
+            // cookie after every poll was quadratic in the requests in flight.
+            loop {
+                // SAFETY: valid handle.
+                let cookie = unsafe { sys::nbd_aio_peek_command_completed(self.h()) };
+                if cookie == 0 {
+                    break; // commands in flight, none completed yet
+                }
+                if cookie < 0 {
+                    // Nothing in flight at all, yet `pending` is not empty:
+                    // cannot happen, but ask about each rather than poll for
+                    // replies that will never come.
+                    pending.retain(|&c| {
+                        // SAFETY: valid handle; the cookie came from this handle.
+                        let rc = unsafe { sys::nbd_aio_command_completed(self.h(), c) };
+                        if rc < 0 && first_err.is_none() {
+                            first_err = Some(self.last_error());
+                        }
+                        rc == 0
+                    });
+                    break;
+                }
                 // SAFETY: valid handle; the cookie came from this handle.
-                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), pending[i]) };
-                if rc == 0 {
-                    i += 1;
-                    continue;
-                }
+                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), cookie as u64) };
                 if rc < 0 && first_err.is_none() {
-                    first_err = Some(Error::last());
+                    first_err = Some(self.last_error());
                 }
-                pending.swap_remove(i);
+                pending.remove(&(cookie as u64));
             }
             if pending.is_empty() {
                 break;
             }
             if self.is_dead() {
-                return Err(first_err.unwrap_or_else(|| {
+                // libnbd fails all in-flight commands when the handle dies,
+                // so this is not expected either; a dead handle does no I/O.
+                return Err(first_err.or(poll_err).unwrap_or_else(|| {
                     Error::new(
-                        libc::ESHUTDOWN,
+                        libc::ENOTCONN,
                         "NBD connection died with requests in flight",
                     )
                 }));
@@ -562,7 +584,10 @@ impl Connection {
             // bring a reply or a hang-up).
             if let Err(e) = self.poll_once(-1) {
                 if self.is_dead() {
-                    return Err(first_err.unwrap_or(e));
+                    // The server went away: libnbd has failed the commands
+                    // in flight (ENOTCONN); retire them and report that.
+                    poll_err.get_or_insert(e);
+                    continue;
                 }
                 first_err.get_or_insert(e);
                 // A poll failure without a dead handle should not happen;

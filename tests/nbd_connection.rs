@@ -421,6 +421,23 @@ fn qcow2_pipelined_round_trip() {
 }
 
 #[test]
+fn pipelined_with_thousands_of_requests_in_flight() {
+    let size = 16 * MIB;
+    let ex = Export::new("pipe-many", size, NbdOpts::raw());
+    let mut c = ex.connect(&[]);
+    let data = pattern_bytes(size as usize, 8);
+    // 4096 commands of 4 KiB each way, all submitted before the first wait.
+    let back = no_hang("4096 pipelined requests", move || {
+        c.pwrite_pipelined(&data, 0, 4096).unwrap();
+        let mut back = vec![0u8; data.len()];
+        c.pread_pipelined(&mut back, 0, 4096).unwrap();
+        assert_same(&back, &data, "read back");
+        back
+    });
+    assert_same(&ex.bytes(), &back, "nbdcopy of the export");
+}
+
+#[test]
 fn size_matches_image_for_odd_sizes() {
     // A raw image whose size is not a multiple of 4 KiB, and a qcow2.
     for (format, size) in [("raw", 10 * MIB + 512), ("qcow2", 3 * GIB + 64 * KIB)] {
@@ -1083,6 +1100,34 @@ fn operations_after_the_server_stops_fail_and_mark_the_connection_dead() {
     assert_eq!(c.size(), 4 * MIB);
     let _ = c.pread_into(&mut buf, 0);
     drop(c);
+}
+
+#[test]
+fn server_dying_with_requests_in_flight_fails_them_with_enotconn() {
+    let mut ex = Export::new("inflight", 16 * MIB, NbdOpts::raw());
+    let mut c = ex.connect(&[]);
+    // A stopped qemu-nbd answers nothing, so the reads stay in flight until
+    // it is killed (and if the kill comes first, the outcome is the same).
+    run(Command::new("kill")
+        .arg("-STOP")
+        .arg(ex.nbd.pid().to_string()));
+    let (started_tx, started_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * MIB as usize];
+        started_tx.send(()).unwrap();
+        let r = c.pread_pipelined(&mut buf, 0, 64 * KIB as usize);
+        let _ = done_tx.send((r.err(), c.is_dead()));
+    });
+    started_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    ex.nbd.stop_with(libc::SIGKILL);
+    let (err, dead) = done_rx
+        .recv_timeout(HANG)
+        .expect("pread_pipelined hung after the server died");
+    let e = err.expect("reads from a killed server must fail");
+    assert_eq!(e.errno(), libc::ENOTCONN, "{e}");
+    assert!(dead);
 }
 
 // ---------------------------------------------------------------------------
