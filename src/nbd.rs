@@ -147,6 +147,9 @@ pub struct Connection {
     handle: NonNull<sys::nbd_handle>,
     size: u64,
     max_request: u64,
+    /// Set when a call had to return with commands still in flight on a live
+    /// handle; from then on nothing may drive the handle (see `wait_all`).
+    poisoned: bool,
 }
 
 // SAFETY: a libnbd handle is not tied to the thread that created it; libnbd
@@ -174,6 +177,7 @@ impl Connection {
             handle,
             size: 0,
             max_request: MAX_REQUEST,
+            poisoned: false,
         };
         if let Some(export) = opts.export {
             let c_export = cstring("export name", export)?;
@@ -383,6 +387,9 @@ impl Connection {
     /// True once the connection can no longer be used (server gone, protocol
     /// error): such a connection must not be reused.
     pub fn is_dead(&self) -> bool {
+        if self.poisoned {
+            return true;
+        }
         // SAFETY: valid handle; these only read the state machine.
         unsafe { sys::nbd_aio_is_dead(self.h()) == 1 || sys::nbd_aio_is_closed(self.h()) == 1 }
     }
@@ -529,9 +536,9 @@ impl Connection {
     }
 
     /// Waits until every command in `cookies` has completed and retires
-    /// them; returns the first error among them. Returns early only when the
-    /// handle is dead, at which point libnbd no longer touches any command
-    /// buffer.
+    /// them; returns the first error among them. Returns early only when
+    /// libnbd will never touch the commands' buffers again: the handle is
+    /// dead, or it has been poisoned (see below).
     fn wait_all(&mut self, cookies: &[u64]) -> Result<()> {
         let mut pending: HashSet<u64> = cookies.iter().copied().collect();
         let mut first_err: Option<Error> = None;
@@ -589,13 +596,12 @@ impl Connection {
                     poll_err.get_or_insert(e);
                     continue;
                 }
-                first_err.get_or_insert(e);
-                // A poll failure without a dead handle should not happen;
-                // stop driving it, but keep the buffers safe by marking
-                // the handle unusable.
-                // SAFETY: valid handle; shutdown stops all further I/O.
-                unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
-                return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
+                // The handle is alive but cannot be driven. Returning frees
+                // (or hands back) the buffers of commands still in flight, so
+                // libnbd must never run this handle's state machine again:
+                // any later reply would be written into freed memory.
+                self.poisoned = true;
+                return Err(first_err.unwrap_or(e));
             }
         }
         match first_err {
@@ -689,11 +695,13 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // SAFETY: we own the handle and nothing else refers to it: every
-        // borrowed buffer was released before the methods returned. A clean
-        // NBD_CMD_DISC is sent first when the connection is still up.
+        // SAFETY: we own the handle and nothing else refers to it. A clean
+        // NBD_CMD_DISC is sent first when the connection is still up, except
+        // on a poisoned handle, whose state machine must not run again (it
+        // may have commands in flight on released buffers); nbd_close only
+        // closes the socket and frees, it reads nothing.
         unsafe {
-            if sys::nbd_aio_is_ready(self.h()) == 1 {
+            if !self.poisoned && sys::nbd_aio_is_ready(self.h()) == 1 {
                 sys::nbd_shutdown(self.h(), 0);
             }
             sys::nbd_close(self.h());
