@@ -648,6 +648,17 @@ impl Connection {
     ) -> Result<Vec<Vec<Extent>>> {
         self.check_range(offset, len)?;
         self.check_alive()?;
+        // The server only answers for negotiated contexts; without this a
+        // context that was never negotiated looks like a server that makes
+        // no progress.
+        for ctx in contexts {
+            if !self.can_meta_context(ctx)? {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("meta context {ctx} was not negotiated with the NBD server"),
+                ));
+            }
+        }
         let end = offset + len;
         let mut state = BlockStatusState {
             contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
@@ -718,10 +729,17 @@ struct BlockStatusState {
 }
 
 impl BlockStatusState {
+    /// Records a reply for `metacontext` into every list asking for it (a
+    /// context may be given more than once).
     fn record(&mut self, metacontext: &[u8], offset: u64, entries: &[u32]) {
-        let Some(i) = self.contexts.iter().position(|c| c == metacontext) else {
-            return;
-        };
+        for i in 0..self.contexts.len() {
+            if self.contexts[i] == metacontext {
+                self.record_one(i, offset, entries);
+            }
+        }
+    }
+
+    fn record_one(&mut self, i: usize, offset: u64, entries: &[u32]) {
         let mut start = offset;
         for pair in entries.chunks_exact(2) {
             let len = u64::from(pair[0]);

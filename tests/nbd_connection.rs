@@ -839,6 +839,41 @@ fn dirty_bitmap_and_allocation_in_one_call_match_nbdinfo() {
     }
 }
 
+#[test]
+fn block_status_for_a_context_not_negotiated_is_einval() {
+    let size = 4 * MIB;
+    // No -B: qemu-nbd has no dirty bitmap context to offer.
+    let ex = Export::start("bs-noctx", size, NbdOpts::qcow2(), |img| {
+        qemu_io_write(img, "qcow2", 0, MIB, 1)
+    });
+    let dirty_ctx = format!("{CONTEXT_DIRTY_BITMAP_PREFIX}bm0");
+    let mut c = ex.connect(&[CONTEXT_BASE_ALLOCATION, &dirty_ctx]);
+    assert!(c.can_meta_context(CONTEXT_BASE_ALLOCATION).unwrap());
+    assert!(!c.can_meta_context(&dirty_ctx).unwrap());
+
+    for contexts in [
+        vec![dirty_ctx.as_str()],
+        vec![CONTEXT_BASE_ALLOCATION, dirty_ctx.as_str()],
+        vec![CONTEXT_ALLOCATION_DEPTH],
+    ] {
+        let e = expect_err(c.block_status(0, size, &contexts), "not negotiated");
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+        let missing = contexts[contexts.len() - 1];
+        assert_eq!(
+            e.message(),
+            format!("meta context {missing} was not negotiated with the NBD server")
+        );
+    }
+    // The connection is fine, and a context may be asked for twice.
+    let expected = vec![(0, MIB, 0), (MIB, size - MIB, STATE_HOLE | STATE_ZERO)];
+    let twice = c
+        .block_status(0, size, &[CONTEXT_BASE_ALLOCATION, CONTEXT_BASE_ALLOCATION])
+        .unwrap();
+    assert_eq!(twice.len(), 2);
+    assert_eq!(tuples(&twice[0]), expected);
+    assert_eq!(tuples(&twice[1]), expected);
+}
+
 // ---------------------------------------------------------------------------
 // connecting: export names, bad sockets, bad peers
 // ---------------------------------------------------------------------------
