@@ -131,17 +131,23 @@ pub fn from_allocation(
 }
 
 /// Whole-list fallback for `context=dirty` without a bitmap: every
-/// allocation extent reported dirty.
+/// allocation extent reported dirty (those that differ only in `hole`
+/// merged, as dirty extents have no hole).
 pub fn all_dirty(alloc: &[Extent]) -> Vec<DirtyExtent> {
-    alloc
-        .iter()
-        .map(|e| DirtyExtent {
-            start: e.start,
-            length: e.length,
-            dirty: true,
-            zero: e.zero,
-        })
-        .collect()
+    let mut out = Vec::with_capacity(alloc.len());
+    for e in alloc {
+        push(
+            &mut out,
+            DirtyExtent {
+                start: e.start,
+                length: e.length,
+                dirty: true,
+                zero: e.zero,
+            },
+            |x, y| x.zero == y.zero,
+        );
+    }
+    out
 }
 
 /// A cursor over a sorted, non-overlapping list of spans with a flag.
@@ -266,6 +272,24 @@ mod tests {
         assert_eq!(
             from_allocation(&alloc, Some(&[ne(0, 10, 0)]), 40),
             vec![ex(0, 10, false, true), ex(10, 30, true, false)]
+        );
+    }
+
+    #[test]
+    fn all_dirty_merges_what_only_holes_split() {
+        let alloc = [
+            ex(0, 10, false, false),
+            ex(10, 10, true, true),
+            ex(20, 10, true, false),
+            ex(30, 10, false, false),
+        ];
+        assert_eq!(
+            all_dirty(&alloc),
+            vec![
+                de(0, 10, true, false),
+                de(10, 20, true, true),
+                de(30, 10, true, false)
+            ]
         );
     }
 
