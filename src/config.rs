@@ -183,6 +183,11 @@ impl ConfigDir {
         &self.dir
     }
 
+    /// Every transfer loaded from the config dir and still cached.
+    pub fn cached(&self) -> Vec<Arc<Transfer>> {
+        self.cache.lock().values().map(|(_, t)| t.clone()).collect()
+    }
+
     /// The transfer `id`, or `None` when the id is invalid or its config is
     /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
     pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
@@ -233,7 +238,7 @@ impl ConfigDir {
 
 impl ConfigDir {
     /// Closes every cached transfer idle for longer than its idle timeout
-    /// and returns them (their connections are still to be closed). They
+    /// and returns them (still to be retired: see [`Transfer::retire`]). They
     /// stay cached, closed, so the id is refused until its file changes.
     pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         self.cache

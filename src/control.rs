@@ -6,7 +6,8 @@
 //! - `{"action":"register","transfer_id":ID,"config":{…}}` →
 //!   `{"status":"ok","active_transfers":N}`
 //! - `{"action":"unregister","transfer_id":ID}` → waits for the requests in
-//!   flight on that transfer, drops it and closes its NBD connections, then
+//!   flight on that transfer, drops it, flushes what was written since the
+//!   last flush and closes its NBD connections, then
 //!   `{"status":"ok","active_transfers":N}` (N: registered transfers left;
 //!   the agent stops the server when it reaches 0)
 //! - `{"action":"status"}` → `{"status":"ok","active_transfers":N}`
@@ -304,8 +305,14 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
             log::info!("control: registered transfer_id={id} {detail} idle_timeout_s={idle}");
             if let Some(old) = replaced {
                 log::info!("control: transfer_id={id} replaced its previous config");
-                // Idle connections close now, lent ones when they come back.
-                let _ = actix_web::rt::task::spawn_blocking(move || old.close_connections()).await;
+                // Retired once its own requests are done (in the background).
+                actix_web::rt::spawn(async move {
+                    old.drained().await;
+                    let _ = actix_web::rt::task::spawn_blocking(move || {
+                        old.retire("as its config was replaced")
+                    })
+                    .await;
+                });
             }
             ok(state)
         }
@@ -342,7 +349,8 @@ async fn unregister(
         async move {
             t.drained().await;
             state.registry.remove(&id, &t);
-            let _ = actix_web::rt::task::spawn_blocking(move || t.close_connections()).await;
+            let _ = actix_web::rt::task::spawn_blocking(move || t.retire("as it was unregistered"))
+                .await;
             log::info!("control: unregistered transfer_id={id}");
         }
     });

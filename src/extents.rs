@@ -67,29 +67,23 @@ trait Spanned {
     }
 }
 
-impl Spanned for Extent {
-    fn begin(&self) -> u64 {
-        self.start
-    }
-    fn len(&self) -> u64 {
-        self.length
-    }
-    fn grow(&mut self, by: u64) {
-        self.length += by;
-    }
+macro_rules! spanned {
+    ($($t:ty),*) => {$(
+        impl Spanned for $t {
+            fn begin(&self) -> u64 {
+                self.start
+            }
+            fn len(&self) -> u64 {
+                self.length
+            }
+            fn grow(&mut self, by: u64) {
+                self.length += by;
+            }
+        }
+    )*};
 }
 
-impl Spanned for DirtyExtent {
-    fn begin(&self) -> u64 {
-        self.start
-    }
-    fn len(&self) -> u64 {
-        self.length
-    }
-    fn grow(&mut self, by: u64) {
-        self.length += by;
-    }
-}
+spanned!(Extent, DirtyExtent);
 
 /// Allocation extents covering `0..size` from `base:allocation` block
 /// status (zero = hole or zero flag) and, when the export offers it,

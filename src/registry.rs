@@ -28,7 +28,7 @@ impl Registry {
     /// keeps the transfer (and its pooled connections) and counts as
     /// activity; a different config replaces it: requests in flight finish
     /// on the old one, whose connections are closed when they end. Returns
-    /// the replaced transfer, whose connections the caller should close.
+    /// the replaced transfer, which the caller should retire.
     pub fn register(
         &self,
         id: &str,
@@ -80,13 +80,18 @@ impl Registry {
         }
     }
 
+    /// Every registered transfer (also those being unregistered).
+    pub fn all(&self) -> Vec<Arc<Transfer>> {
+        self.map.lock().values().cloned().collect()
+    }
+
     /// Registered transfers that are not being unregistered.
     pub fn active_count(&self) -> usize {
         self.map.lock().values().filter(|t| !t.is_closed()).count()
     }
 
     /// Unregisters every transfer idle for longer than its idle timeout
-    /// and returns them (their connections are still to be closed).
+    /// and returns them (still to be retired: see [`Transfer::retire`]).
     pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         let mut expired = Vec::new();
         self.map.lock().retain(|_, t| {

@@ -54,7 +54,7 @@ async fn sweep_idle(state: web::Data<AppState>) {
         if !expired.is_empty() {
             let _ = actix_web::rt::task::spawn_blocking(move || {
                 for t in expired {
-                    t.close_connections();
+                    t.retire("as it went idle");
                 }
             })
             .await;
@@ -125,6 +125,19 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         log::debug!("sd_notify: {e}");
     }
     running.await?;
+    log::info!("server stopped accepting; flushing what was written");
+    let flushed = web::block(move || flush_written(&state)).await;
+    if let Err(e) = flushed {
+        log::error!("flush at shutdown failed: {e}");
+    }
     log::info!("server stopped");
     Ok(())
+}
+
+/// Flushes every transfer written since its last flush, then closes its
+/// NBD connections. Blocking.
+fn flush_written(state: &AppState) {
+    for t in state.transfers() {
+        t.retire("at shutdown");
+    }
 }

@@ -119,6 +119,17 @@ fn register_status_unregister() {
     assert!(r.body == data, "registered transfer serves the export");
     // The connection stays pooled (qemu-nbd advertises multi-conn)...
     assert!(socket_fds(nbd.pid()) > baseline);
+    // An unflushed write: unregistering flushes it.
+    let r = server.request(
+        "PUT",
+        "/images/t1",
+        &[("Content-Range", "bytes 0-3/*")],
+        &data[..4],
+    );
+    assert_eq!(
+        r.json(),
+        json!({"ok": true, "bytes_written": 4, "flushed": false})
+    );
 
     assert_eq!(
         server.control(&json!({"action": "unregister", "transfer_id": "t1"})),

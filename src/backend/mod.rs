@@ -10,6 +10,7 @@ pub mod nbd;
 
 use std::fmt;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,9 @@ pub struct Transfer {
     activity: Mutex<Activity>,
     /// Woken whenever the last lease is returned.
     drained: Notify,
+    /// Set by every write or zero, cleared by a successful flush: what a
+    /// shutdown (or retiring the transfer) must still flush.
+    unflushed: AtomicBool,
 }
 
 /// What closing and the idle timeout look at.
@@ -89,7 +93,33 @@ impl Transfer {
                 last_active: Instant::now(),
             }),
             drained: Notify::new(),
+            unflushed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether data was written since the last flush.
+    pub fn is_unflushed(&self) -> bool {
+        self.unflushed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_written(&self) {
+        self.unflushed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn mark_flushed(&self) {
+        self.unflushed.store(false, Ordering::Release);
+    }
+
+    /// Flushes the transfer if anything was written since the last flush
+    /// (used at shutdown). Blocking.
+    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
+        if !self.is_unflushed() {
+            return Ok(false);
+        }
+        let mut h = self.open()?;
+        h.flush()?;
+        self.mark_flushed();
+        Ok(true)
     }
 
     pub fn id(&self) -> &str {
@@ -178,6 +208,20 @@ impl Transfer {
         self.pool.close();
     }
 
+    /// The end of a transfer (unregistered, replaced, idle, or the server
+    /// stopping): what was written since the last flush is flushed, then
+    /// its connections are closed. Call it once no request is in flight, or
+    /// requests still running may write after the flush. `when` completes
+    /// the log lines ("at shutdown"). Blocking.
+    pub fn retire(self: &Arc<Self>, when: &str) {
+        match self.flush_if_written() {
+            Ok(true) => log::info!("flushed image_id={} {when}", self.id),
+            Ok(false) => {}
+            Err(e) => log::error!("flush {when} failed image_id={} err={e}", self.id),
+        }
+        self.close_connections();
+    }
+
     /// Opens the storage (an NBD connection, from the pool when one is idle,
     /// or the file). Blocking.
     pub fn open(self: &Arc<Self>) -> Result<Handle> {
@@ -195,11 +239,6 @@ impl Transfer {
             .map(Handle::Nbd),
             BackendConfig::File { path } => file::FileHandle::open(path).map(Handle::File),
         }
-    }
-
-    /// Closes idle pooled connections (the transfer goes away or idles).
-    pub fn close_idle(&self) {
-        self.pool.clear();
     }
 
     pub(crate) fn pool(&self) -> &nbd::Pool {

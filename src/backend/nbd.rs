@@ -64,12 +64,6 @@ impl Pool {
         drop(conn);
     }
 
-    /// Closes the idle connections.
-    pub fn clear(&self) {
-        let drained: Vec<Connection> = std::mem::take(&mut self.inner.lock().idle);
-        drop(drained);
-    }
-
     /// Closes the idle connections and, from now on, every connection that
     /// is returned.
     pub fn close(&self) {
@@ -196,6 +190,7 @@ impl NbdHandle {
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        self.transfer.mark_written();
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
         } else {
@@ -205,6 +200,7 @@ impl NbdHandle {
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        self.transfer.mark_written();
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.zero(offset, len));
         }
@@ -221,7 +217,9 @@ impl NbdHandle {
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.with(|c| c.flush())
+        self.with(|c| c.flush())?;
+        self.transfer.mark_flushed();
+        Ok(())
     }
 
     fn allocation_available(&self) -> bool {

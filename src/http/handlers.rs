@@ -382,6 +382,9 @@ async fn put(
         &mut log,
     )
     .await?;
+    if t.is_file() && !flush {
+        t.mark_written();
+    }
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))

@@ -52,6 +52,14 @@ impl AppState {
         }
     }
 
+    /// Every transfer currently known: registered ones and those loaded from
+    /// the config dir and still cached.
+    pub fn transfers(&self) -> Vec<Arc<Transfer>> {
+        let mut all = self.registry.all();
+        all.extend(self.configs.cached());
+        all
+    }
+
     /// The one place that decides what an id names: a registered transfer
     /// if there is one (even while it is being unregistered, so that the id
     /// is refused then), else the config dir's. Returns a lease for one
@@ -79,8 +87,8 @@ impl AppState {
     }
 
     /// Closes every transfer (registered or config-dir) idle for longer than
-    /// its idle timeout; returns them so their connections can be closed
-    /// off the async workers.
+    /// its idle timeout; returns them so they can be retired (see
+    /// [`Transfer::retire`]) off the async workers.
     pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         let registered = self.registry.expire_idle(now);
         for t in &registered {
