@@ -587,3 +587,33 @@ fn stale_socket_is_replaced_and_a_live_one_refused() {
     assert!(stderr.contains("exists and is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
 }
+
+#[test]
+fn an_idle_config_dir_transfer_closes_its_connections() {
+    let dir = TempDir::new("ctl-idle-conn");
+    let cfg = TempDir::new("ctl-idle-conn-cfg");
+    let (nbd, data) = export_pattern(&dir, "a", 256 * 1024, 5);
+    let server = Server::start(cfg.path(), &[]);
+    let baseline = socket_fds(nbd.pid());
+    write_config(
+        &cfg.join("t"),
+        &json!({"socket": nbd.socket, "idle_timeout_seconds": 1}),
+    );
+    let r = server.get("/images/t");
+    assert!(r.status == 200 && r.body == data);
+    assert!(socket_fds(nbd.pid()) > baseline, "the connection is pooled");
+    // The closed transfer stays cached (refused until its file changes);
+    // its connections must not stay with it.
+    assert!(server.wait_log(
+        "image_id=t closed: no request for 1 s",
+        Duration::from_secs(20)
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || socket_fds(nbd.pid())
+            == baseline),
+        "NBD connections of an idle transfer are closed"
+    );
+    server
+        .get("/images/t")
+        .assert_error(404, "unknown image_id");
+}

@@ -198,6 +198,7 @@ class Server:
                              "config": config})
 
     def stop(self):
+        """SIGTERM; returns the exit status (killed after 40 s: -9)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -207,6 +208,7 @@ class Server:
                 self.proc.wait()
         self.proc.stdout.close()
         self.log.close()
+        return self.proc.returncode
 
 
 def make_source(path):
@@ -306,9 +308,12 @@ def scenario(binary, workdir, src, tls):
                 raise AssertionError(reply)
         check(scheme + ": dirty extents after ranged writes", dirty_extents)
     finally:
-        server.stop()
+        rc = server.stop()
         for n in nbds:
             n.stop()
+    if rc != 0:
+        raise RuntimeError("server exited with {} after SIGTERM; log: {}".format(
+            rc, open(server.log_path, errors="replace").read()[-4000:]))
 
 
 def main():
@@ -320,8 +325,10 @@ def main():
     try:
         src = os.path.join(workdir, "src.qcow2")
         make_source(src)
-        check("plain HTTP", lambda: scenario(binary, workdir, src, None))
-        check("HTTPS", lambda: scenario(binary, workdir, src, make_cert(workdir)))
+        check("http: server, exports, registration, clean stop",
+              lambda: scenario(binary, workdir, src, None))
+        check("https: server, exports, registration, clean stop",
+              lambda: scenario(binary, workdir, src, make_cert(workdir)))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print("imageio: {} passed, {} failed".format(passed, failed))
