@@ -541,7 +541,8 @@ impl Connection {
     ) -> Result<()> {
         self.check_range(offset, len as u64)?;
         self.check_alive()?;
-        let step = request_size.clamp(4096, self.max_request as usize);
+        // Never panics: max_request is at least 1 whatever the server advertises.
+        let step = request_size.max(4096).min(self.max_request.max(1) as usize);
         let mut cookies = Vec::with_capacity(len / step + 1);
         let mut first_err = None;
         let mut pos = 0;
