@@ -6,7 +6,7 @@ BIN := target/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test lint fmt clean package package-tools test-package
+.PHONY: all deps build run demo test test-imageio lint fmt clean package package-tools test-package
 
 all: build
 
@@ -30,6 +30,12 @@ test: deps
 	else \
 		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
+
+# The real imageio client (ovirt-imageio, installed into a throw-away
+# virtualenv) uploads and downloads through the server over HTTP and HTTPS.
+test-imageio: deps
+	$(CARGO) build --locked
+	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -1,4 +1,13 @@
 //! cloudstack-image-server: an imageio-style HTTP server that moves KVM disk
 //! images over NBD (through the system libnbd) or from plain files.
 
+pub mod backend;
+pub mod config;
+pub mod control;
+pub mod extents;
+pub mod http;
 pub mod nbd;
+pub mod ops;
+pub mod registry;
+pub mod server;
+pub mod tls;

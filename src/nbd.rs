@@ -303,6 +303,33 @@ impl Connection {
         unsafe { sys::nbd_aio_is_dead(self.h()) == 1 || sys::nbd_aio_is_closed(self.h()) == 1 }
     }
 
+    /// Checks, without a round trip, that an idle connection is still usable:
+    /// not dead, and the server has not closed the socket (an idle NBD
+    /// socket with nothing in flight has nothing to read unless it hung up).
+    pub fn probe_alive(&self) -> bool {
+        if self.is_dead() {
+            return false;
+        }
+        // SAFETY: valid handle; these only read state.
+        let (fd, in_flight) = unsafe {
+            (
+                sys::nbd_aio_get_fd(self.h()),
+                sys::nbd_aio_in_flight(self.h()),
+            )
+        };
+        if fd < 0 || in_flight != 0 {
+            return fd >= 0;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; the fd stays owned by libnbd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc == 0
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -365,74 +392,77 @@ impl Connection {
     /// Reads `buf` at `offset` with several requests of `request_size` bytes in
     /// flight at once on this one handle (libnbd's asynchronous API), which
     /// hides the per-request latency of the NBD server.
-    pub fn pread_pipelined(&mut self, buf: &mut [u8], offset: u64, request_size: usize) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks_mut(step) {
-            // SAFETY: valid handle; the buffer stays borrowed (and alive)
-            // until `wait_all` below has seen every command retire or the
-            // handle die, so libnbd never writes into freed memory.
-            let cookie = unsafe {
+    pub fn pread_pipelined(
+        &mut self,
+        buf: &mut [u8],
+        offset: u64,
+        request_size: usize,
+    ) -> Result<()> {
+        let base = buf.as_mut_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: pos + n <= buf.len(), so the n bytes at base + pos lie
+            // inside `buf`, which stays mutably borrowed until `pipelined`
+            // returns; it returns only after every command retired or the
+            // handle died, so libnbd never writes into freed memory.
+            unsafe {
                 sys::nbd_aio_pread(
-                    self.h(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *mut c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
-            if cookie < 0 {
-                first_err = Some(Error::last());
-                break;
             }
-            cookies.push(cookie as u64);
-            off += chunk.len() as u64;
-        }
-        let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        })
     }
 
     /// Writes `buf` at `offset` with several requests in flight at once.
     /// Returns when every request has completed.
     pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks(step) {
-            // SAFETY: as in pread_pipelined: the buffer outlives every command
-            // because wait_all returns only when all have retired (or the
-            // handle is dead and will not touch the buffer again).
-            let cookie = unsafe {
+        let base = buf.as_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: as in pread_pipelined; libnbd only reads the buffer.
+            unsafe {
                 sys::nbd_aio_pwrite(
-                    self.h(),
-                    chunk.as_ptr() as *const c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *const c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
+            }
+        })
+    }
+
+    /// Issues `len` bytes from `offset` as commands of at most `request_size`
+    /// bytes (`issue(handle, pos, n, offset)` starts one and returns its
+    /// cookie), then waits for all of them.
+    fn pipelined(
+        &mut self,
+        len: usize,
+        offset: u64,
+        request_size: usize,
+        mut issue: impl FnMut(*mut sys::nbd_handle, usize, usize, u64) -> i64,
+    ) -> Result<()> {
+        self.check_range(offset, len as u64)?;
+        let step = request_size.clamp(4096, self.max_request as usize);
+        let mut cookies = Vec::with_capacity(len / step + 1);
+        let mut first_err = None;
+        let mut pos = 0;
+        while pos < len {
+            let n = step.min(len - pos);
+            let cookie = issue(self.h(), pos, n, offset + pos as u64);
             if cookie < 0 {
                 first_err = Some(Error::last());
                 break;
             }
             cookies.push(cookie as u64);
-            off += chunk.len() as u64;
+            pos += n;
         }
         let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        first_err.map_or(waited, Err)
     }
 
     /// Waits until every command in `cookies` has completed; returns the
@@ -460,7 +490,10 @@ impl Connection {
             }
             if self.is_dead() {
                 return Err(first_err.unwrap_or_else(|| {
-                    Error::new(libc::ESHUTDOWN, "NBD connection died with requests in flight")
+                    Error::new(
+                        libc::ESHUTDOWN,
+                        "NBD connection died with requests in flight",
+                    )
                 }));
             }
             // SAFETY: valid handle; drives the state machine, blocking until
@@ -516,7 +549,12 @@ impl Connection {
     /// order given, each covering the range exactly, in order, with adjacent
     /// extents of equal flags merged. Queries in steps of up to 4 GiB and
     /// continues from wherever the server's replies stop.
-    pub fn block_status(&mut self, offset: u64, len: u64, contexts: &[&str]) -> Result<Vec<Vec<Extent>>> {
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+    ) -> Result<Vec<Vec<Extent>>> {
         self.check_range(offset, len)?;
         let end = offset + len;
         let mut state = BlockStatusState {
@@ -545,7 +583,10 @@ impl Connection {
             // None, so libnbd never frees it. The trampoline catches panics.
             let rc = unsafe { sys::nbd_block_status(self.h(), count, from, callback, 0) };
             if state.panicked {
-                return Err(Error::new(libc::EIO, "internal error in block status callback"));
+                return Err(Error::new(
+                    libc::EIO,
+                    "internal error in block status callback",
+                ));
             }
             self.check(rc)?;
             let next = state.covered.iter().copied().min().unwrap_or(end);
@@ -665,15 +706,51 @@ mod tests {
     #[test]
     fn push_extent_merges_touching_equal_flags() {
         let mut v = Vec::new();
-        push_extent(&mut v, Extent { offset: 0, length: 10, flags: 0 });
-        push_extent(&mut v, Extent { offset: 10, length: 5, flags: 0 });
-        push_extent(&mut v, Extent { offset: 15, length: 5, flags: 3 });
-        push_extent(&mut v, Extent { offset: 20, length: 0, flags: 0 });
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 0,
+                length: 10,
+                flags: 0,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 10,
+                length: 5,
+                flags: 0,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 15,
+                length: 5,
+                flags: 3,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 20,
+                length: 0,
+                flags: 0,
+            },
+        );
         assert_eq!(
             v,
             vec![
-                Extent { offset: 0, length: 15, flags: 0 },
-                Extent { offset: 15, length: 5, flags: 3 }
+                Extent {
+                    offset: 0,
+                    length: 15,
+                    flags: 0
+                },
+                Extent {
+                    offset: 15,
+                    length: 5,
+                    flags: 3
+                }
             ]
         );
     }
@@ -693,8 +770,16 @@ mod tests {
         assert_eq!(
             s.extents[0],
             vec![
-                Extent { offset: 100, length: 50, flags: 0 },
-                Extent { offset: 150, length: 150, flags: 3 }
+                Extent {
+                    offset: 100,
+                    length: 50,
+                    flags: 0
+                },
+                Extent {
+                    offset: 150,
+                    length: 150,
+                    flags: 3
+                }
             ]
         );
         assert_eq!(s.covered, vec![300]);

@@ -1,0 +1,142 @@
+//! The file backend: the raw bytes of a local file. GET reads ranges of it,
+//! a full PUT replaces it (written beside it, renamed over it when the whole
+//! body arrived), flush is fsync.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{BackendError, Result};
+
+fn unavailable(path: &Path, e: std::io::Error) -> BackendError {
+    log::error!("file open failed path={} err={e}", path.display());
+    BackendError::Unavailable(format!("cannot open file: {}", e.kind()))
+}
+
+/// An open image file.
+pub struct FileHandle {
+    file: File,
+    size: u64,
+}
+
+impl FileHandle {
+    pub fn open(path: &Path) -> Result<FileHandle> {
+        let file = File::open(path).map_err(|e| unavailable(path, e))?;
+        let md = file.metadata().map_err(|e| unavailable(path, e))?;
+        if !md.is_file() {
+            return Err(BackendError::Unavailable("not a regular file".into()));
+        }
+        Ok(FileHandle {
+            file,
+            size: md.len(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => {}
+            _ => return Err(BackendError::OutOfRange { size: self.size }),
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            BackendError::Io(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "file shrank while being read".to_string()
+            } else {
+                e.to_string()
+            })
+        })
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| BackendError::Io(e.to_string()))
+    }
+}
+
+/// A full upload that replaces a file: the body goes to a temporary file in
+/// the same directory, which is renamed over the target only once complete.
+/// Dropped without [`FileUpload::commit`], the temporary file is removed and
+/// the target is unchanged.
+pub struct FileUpload {
+    file: Option<File>,
+    tmp: PathBuf,
+    target: PathBuf,
+    written: u64,
+}
+
+impl FileUpload {
+    pub fn create(target: &Path) -> Result<FileUpload> {
+        let dir = target
+            .parent()
+            .ok_or_else(|| BackendError::Unavailable("file has no parent directory".into()))?;
+        let name = target
+            .file_name()
+            .ok_or_else(|| BackendError::Unavailable("file has no name".into()))?;
+        let mode = std::fs::metadata(target)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644);
+        let tmp = dir.join(format!(
+            ".{}.upload-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            unique()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| unavailable(&tmp, e))?;
+        Ok(FileUpload {
+            file: Some(file),
+            tmp,
+            target: target.to_path_buf(),
+            written: 0,
+        })
+    }
+
+    pub fn write(&mut self, buf: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().expect("open until commit");
+        f.write_all(buf)
+            .map_err(|e| BackendError::Io(e.to_string()))?;
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Optionally fsyncs, then renames the new file over the target.
+    pub fn commit(mut self, flush: bool) -> Result<u64> {
+        let f = self.file.take().expect("open until commit");
+        if flush {
+            f.sync_all().map_err(|e| BackendError::Io(e.to_string()))?;
+        }
+        drop(f);
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| BackendError::Io(e.to_string()))?;
+        if flush {
+            if let Some(dir) = self.target.parent() {
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        Ok(self.written)
+    }
+}
+
+impl Drop for FileUpload {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,400 @@
+//! Transfer configuration: what a transfer id names, where that comes from
+//! (a JSON file in the config dir, cached by its mtime), and its validation.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::backend::Transfer;
+
+/// A config file larger than this is refused (the seed reads 4 KiB).
+pub const MAX_CONFIG_BYTES: u64 = 4096;
+/// Longest accepted transfer id (one file name component).
+pub const MAX_ID_LEN: usize = 255;
+/// `idle_timeout_seconds` below 1 (or absent) means this.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(86400);
+
+/// Where a transfer's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    /// An NBD export on a Unix socket.
+    Nbd {
+        socket: PathBuf,
+        export: Option<String>,
+        export_bitmap: Option<String>,
+    },
+    /// A plain local file.
+    File { path: PathBuf },
+}
+
+/// One validated transfer configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferConfig {
+    pub backend: BackendConfig,
+    pub idle_timeout: Duration,
+}
+
+impl TransferConfig {
+    pub fn is_file(&self) -> bool {
+        matches!(self.backend, BackendConfig::File { .. })
+    }
+
+    /// Parses and validates a config from raw JSON bytes.
+    pub fn parse(raw: &[u8]) -> Result<TransferConfig, String> {
+        let value: Value = serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+        Self::from_value(&value)
+    }
+
+    /// Validates a config given as a JSON value (control socket or file).
+    pub fn from_value(value: &Value) -> Result<TransferConfig, String> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| "config must be a JSON object".to_string())?;
+        let backend = match obj.get("backend") {
+            None | Some(Value::Null) => "nbd".to_string(),
+            Some(Value::String(s)) => s.to_ascii_lowercase(),
+            Some(_) => return Err("\"backend\" must be a string".into()),
+        };
+        let idle_timeout = match obj.get("idle_timeout_seconds") {
+            None | Some(Value::Null) => DEFAULT_IDLE_TIMEOUT,
+            Some(v) => {
+                let secs = v
+                    .as_f64()
+                    .ok_or_else(|| "\"idle_timeout_seconds\" must be a number".to_string())?;
+                if secs < 1.0 || !secs.is_finite() {
+                    DEFAULT_IDLE_TIMEOUT
+                } else {
+                    Duration::from_secs_f64(secs.min(10.0 * 365.0 * 86400.0))
+                }
+            }
+        };
+        let backend = match backend.as_str() {
+            "file" => {
+                let path = required_path(obj.get("file"), "file")?;
+                BackendConfig::File { path }
+            }
+            "nbd" => {
+                let socket = required_path(obj.get("socket"), "socket")?;
+                let export = match obj.get("export") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
+                    Some(_) => return Err("\"export\" must be a non-empty string".into()),
+                };
+                let export_bitmap = match obj.get("export_bitmap") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) if s.is_empty() => None,
+                    Some(Value::String(s)) if !s.contains('\0') => Some(s.clone()),
+                    Some(_) => return Err("\"export_bitmap\" must be a string".into()),
+                };
+                BackendConfig::Nbd {
+                    socket,
+                    export,
+                    export_bitmap,
+                }
+            }
+            other => return Err(format!("unsupported backend {other:?}")),
+        };
+        Ok(TransferConfig {
+            backend,
+            idle_timeout,
+        })
+    }
+}
+
+/// A path from the config: a non-blank string, absolute, normalised (no `.`
+/// or `..` components), and not under /etc, /proc, /sys or /dev.
+fn required_path(v: Option<&Value>, key: &str) -> Result<PathBuf, String> {
+    let s = match v {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim(),
+        _ => return Err(format!("missing or invalid \"{key}\"")),
+    };
+    if s.contains('\0') {
+        return Err(format!("\"{key}\" contains a NUL byte"));
+    }
+    let path = Path::new(s);
+    if !path.is_absolute() {
+        return Err(format!("\"{key}\" must be an absolute path"));
+    }
+    if s.split('/').any(|c| c == "." || c == "..")
+        || s.contains("//")
+        || (s.len() > 1 && s.ends_with('/'))
+    {
+        return Err(format!("\"{key}\" must be a normalised path"));
+    }
+    for denied in ["/etc", "/proc", "/sys", "/dev"] {
+        if path.starts_with(denied) {
+            return Err(format!("\"{key}\" must not be under {denied}"));
+        }
+    }
+    Ok(path.to_path_buf())
+}
+
+/// A transfer id is one path component: not empty, not `.` or `..`, without
+/// `/`, `\` or NUL, at most 255 bytes.
+pub fn valid_transfer_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && !id.contains(['/', '\\', '\0'])
+}
+
+/// What identifies one version of a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    mtime_ns: i128,
+    ctime_ns: i128,
+    len: u64,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(md: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+            ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
+            len: md.len(),
+            ino: md.ino(),
+        }
+    }
+}
+
+/// Transfers configured as files `<dir>/<id>`, read on demand and cached
+/// while the file is unchanged.
+pub struct ConfigDir {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, (Stamp, Arc<Transfer>)>>,
+}
+
+impl ConfigDir {
+    pub fn new(dir: PathBuf) -> ConfigDir {
+        ConfigDir {
+            dir,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every transfer loaded from the config dir and still cached.
+    pub fn cached(&self) -> Vec<Arc<Transfer>> {
+        self.cache.lock().values().map(|(_, t)| t.clone()).collect()
+    }
+
+    /// The transfer `id`, or `None` when the id is invalid or its config is
+    /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
+    pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
+        if !valid_transfer_id(id) {
+            return None;
+        }
+        let path = self.dir.join(id);
+        let md = match std::fs::metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.cache.lock().remove(id);
+                return None;
+            }
+            Err(e) => {
+                log::error!("cfg stat failed image_id={id} err={e}");
+                return None;
+            }
+        };
+        let stamp = Stamp::of(&md);
+        if let Some((cached, t)) = self.cache.lock().get(id) {
+            if *cached == stamp {
+                return Some(t.clone());
+            }
+        }
+        let loaded = if !md.is_file() {
+            Err("not a regular file".to_string())
+        } else if md.len() > MAX_CONFIG_BYTES {
+            Err(format!("larger than {MAX_CONFIG_BYTES} bytes"))
+        } else {
+            read_limited(&path)
+                .map_err(|e| format!("read failed: {e}"))
+                .and_then(|raw| TransferConfig::parse(&raw))
+        };
+        match loaded {
+            Ok(cfg) => {
+                let t = Arc::new(Transfer::new(id.to_string(), cfg));
+                self.cache.lock().insert(id.to_string(), (stamp, t.clone()));
+                Some(t)
+            }
+            Err(e) => {
+                log::error!("cfg invalid image_id={id} err={e}");
+                self.cache.lock().remove(id);
+                None
+            }
+        }
+    }
+}
+
+impl ConfigDir {
+    /// Closes every cached transfer idle for longer than its idle timeout
+    /// and returns them (still to be retired: see [`Transfer::retire`]). They
+    /// stay cached, closed, so the id is refused until its file changes.
+    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+        self.cache
+            .lock()
+            .values()
+            .filter(|(_, t)| t.close_if_idle(now))
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+}
+
+fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other("config too large"));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<TransferConfig, String> {
+        TransferConfig::from_value(&v)
+    }
+
+    #[test]
+    fn ids() {
+        for bad in ["", ".", "..", "a/b", "a\\b", "a\0b", &"x".repeat(256)] {
+            assert!(!valid_transfer_id(bad), "{bad:?}");
+        }
+        for good in ["demo", "a.b", "...", "6c1f-uuid", &"x".repeat(255)] {
+            assert!(valid_transfer_id(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn nbd_defaults_and_fields() {
+        let c = parse(json!({"socket": "/run/x.sock"})).unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::Nbd {
+                socket: "/run/x.sock".into(),
+                export: None,
+                export_bitmap: None
+            }
+        );
+        assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        let c = parse(json!({"backend": "NBD", "socket": " /s ", "export": "vda",
+                             "export_bitmap": "b1", "idle_timeout_seconds": 30}))
+        .unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::Nbd {
+                socket: "/s".into(),
+                export: Some("vda".into()),
+                export_bitmap: Some("b1".into())
+            }
+        );
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        let c = parse(json!({"socket": "/s", "idle_timeout_seconds": 0})).unwrap();
+        assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn file_backend() {
+        let c = parse(json!({"backend": "File", "file": "/var/lib/x.img"})).unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::File {
+                path: "/var/lib/x.img".into()
+            }
+        );
+        assert!(c.is_file());
+    }
+
+    #[test]
+    fn refused() {
+        for v in [
+            json!([]),
+            json!("x"),
+            json!({}),
+            json!({"backend": 3, "socket": "/s"}),
+            json!({"backend": "ceph", "socket": "/s"}),
+            json!({"socket": ""}),
+            json!({"socket": "   "}),
+            json!({"socket": 5}),
+            json!({"socket": "relative.sock"}),
+            json!({"socket": "/a/../b"}),
+            json!({"socket": "/a/./b"}),
+            json!({"socket": "/etc/x.sock"}),
+            json!({"socket": "/proc/1/fd/3"}),
+            json!({"socket": "/sys/x"}),
+            json!({"socket": "/dev/nbd0"}),
+            json!({"socket": "/s", "export": ""}),
+            json!({"socket": "/s", "export": 1}),
+            json!({"socket": "/s", "export_bitmap": 1}),
+            json!({"socket": "/s", "idle_timeout_seconds": "10"}),
+            json!({"backend": "file"}),
+            json!({"backend": "file", "file": "img"}),
+        ] {
+            assert!(parse(v.clone()).is_err(), "{v}");
+        }
+        assert!(TransferConfig::parse(b"{not json").is_err());
+    }
+
+    #[test]
+    fn config_dir_caches_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = ConfigDir::new(dir.path().to_path_buf());
+        assert!(reg.lookup("t1").is_none());
+        std::fs::write(dir.path().join("t1"), r#"{"socket":"/a.sock"}"#).unwrap();
+        let a = reg.lookup("t1").unwrap();
+        let b = reg.lookup("t1").unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "unchanged file is served from the cache"
+        );
+        std::fs::write(dir.path().join("t1"), r#"{"socket":"/bb.sock"}"#).unwrap();
+        let c = reg.lookup("t1").unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(
+            c.config().backend,
+            BackendConfig::Nbd {
+                socket: "/bb.sock".into(),
+                export: None,
+                export_bitmap: None
+            }
+        );
+        // Idle expiry keeps the closed transfer until the file changes.
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/bb.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        let d = reg.lookup("t1").unwrap();
+        let expired = reg.expire_idle(Instant::now() + Duration::from_secs(2));
+        assert_eq!(expired.len(), 1);
+        assert!(Arc::ptr_eq(&d, &expired[0]));
+        assert!(reg.lookup("t1").unwrap().is_closed());
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/cc.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        assert!(!reg.lookup("t1").unwrap().is_closed());
+        std::fs::write(dir.path().join("t1"), "x".repeat(5000)).unwrap();
+        assert!(reg.lookup("t1").is_none());
+        std::fs::remove_file(dir.path().join("t1")).unwrap();
+        assert!(reg.lookup("t1").is_none());
+        assert!(reg.lookup("..").is_none());
+    }
+}

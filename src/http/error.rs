@@ -1,0 +1,97 @@
+//! The one error type of the HTTP layer: it renders itself as the JSON
+//! `{"error": message}` response with the right status.
+
+use std::fmt;
+
+use actix_web::http::header;
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::backend::BackendError;
+use crate::http::range::RangeError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// For 416: the image size, sent as `Content-Range: bytes */size`.
+    unsatisfiable_size: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            unsatisfiable_size: None,
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found() -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not found")
+    }
+    pub fn unknown_image() -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "unknown image_id")
+    }
+    pub fn busy() -> ApiError {
+        Self::new(StatusCode::CONFLICT, "image busy")
+    }
+    pub fn range_not_satisfiable(size: u64) -> ApiError {
+        ApiError {
+            status: StatusCode::RANGE_NOT_SATISFIABLE,
+            message: "range not satisfiable".into(),
+            unsatisfiable_size: Some(size),
+        }
+    }
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+    /// From a range parse/resolve failure: 400 with `what`, or 416.
+    pub fn from_range(e: RangeError, what: &str, size: u64) -> ApiError {
+        match e {
+            RangeError::Unsatisfiable => Self::range_not_satisfiable(size),
+            RangeError::Invalid(why) => Self::bad_request(format!("invalid {what} header: {why}")),
+        }
+    }
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut b = HttpResponse::build(self.status);
+        if let Some(size) = self.unsatisfiable_size {
+            b.insert_header((header::CONTENT_RANGE, format!("bytes */{size}")));
+        }
+        b.content_type("application/json")
+            .body(serde_json::json!({ "error": self.message }).to_string())
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> ApiError {
+        match e {
+            BackendError::Unavailable(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "backend unavailable")
+            }
+            BackendError::Io(_) => ApiError::internal("backend error"),
+            BackendError::OutOfRange { size } => ApiError::range_not_satisfiable(size),
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! Request handlers: route, parse and validate, take the limits and locks,
+//! then let `ops` move the bytes. Every failure is an [`ApiError`].
+
+use std::sync::Arc;
+
+use actix_web::body::SizedStream;
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::web::{self, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::range::{parse_content_range, parse_range, RangeError};
+use super::AppState;
+use crate::backend::file::FileUpload;
+use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::config::BackendConfig;
+use crate::extents;
+use crate::ops::{self, OpLog, Sink};
+
+type Res = Result<HttpResponse, ApiError>;
+
+/// Largest JSON body PATCH accepts.
+pub const MAX_JSON_BODY: u64 = 64 * 1024;
+
+/// Splits `/images/{id}[/{tail}]` like the seed: empty segments are ignored,
+/// more than three segments is no route. The id is percent-decoded; an id
+/// that does not decode to UTF-8 is kept as an impossible id (unknown).
+fn route(path: &str) -> Option<(String, Option<&str>)> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.len() < 2 || parts.len() > 3 || parts[0] != "images" {
+        return None;
+    }
+    let id = percent_decode(parts[1]).unwrap_or_default();
+    Some((id, parts.get(2).copied()))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The first value of query parameter `name`.
+fn query_param(req: &HttpRequest, name: &str) -> Result<Option<String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|_| ApiError::bad_request("invalid query string"))?;
+    Ok(pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v))
+}
+
+/// A header as text; a header that is not visible ASCII is a 400.
+fn header_str(req: &HttpRequest, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
+    match req.headers().get(&name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("invalid {name} header"))),
+    }
+}
+
+/// `Content-Length`, required (400 when missing or not a number).
+fn content_length(req: &HttpRequest) -> Result<u64, ApiError> {
+    let v = header_str(req, header::CONTENT_LENGTH)?
+        .ok_or_else(|| ApiError::bad_request("Content-Length required"))?;
+    v.trim()
+        .parse::<u64>()
+        .map_err(|_| ApiError::bad_request("Invalid Content-Length"))
+}
+
+fn json_ok(value: &Value) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(value.to_string())
+}
+
+/// Runs blocking backend work on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    web::block(f)
+        .await
+        .map_err(|_| ApiError::internal("internal error"))?
+}
+
+async fn open(t: &Arc<Transfer>) -> Result<Handle, ApiError> {
+    let t = t.clone();
+    blocking(move || t.open().map_err(ApiError::from)).await
+}
+
+/// The transfer `id` for one request (see `AppState::lookup`), or 404.
+async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError> {
+    let state = state.clone();
+    let id = id.to_string();
+    blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
+}
+
+/// `/info` (or `/info/`): imageio's server information endpoint.
+fn is_info(path: &str) -> bool {
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    parts.next() == Some("info") && parts.next().is_none()
+}
+
+/// The single entry point: every request comes through here.
+pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
+    let method = req.method().clone();
+    if is_info(req.path()) {
+        if method != Method::GET {
+            return Err(method_not_allowed());
+        }
+        return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")})));
+    }
+    let Some((id, tail)) = route(req.path()) else {
+        return Err(ApiError::not_found());
+    };
+    if method == Method::OPTIONS {
+        if tail.is_some() {
+            return Err(ApiError::not_found());
+        }
+        if id == "*" {
+            return Ok(options_all(&state));
+        }
+        let t = lookup(&state, &id).await?;
+        return options(&state, t).await;
+    }
+    if method == Method::GET {
+        let t = lookup(&state, &id).await?;
+        return match tail {
+            None => get_image(&req, &state, t).await,
+            Some("extents") => get_extents(&req, &state, t).await,
+            Some(_) => Err(ApiError::not_found()),
+        };
+    }
+    if method == Method::PUT {
+        if tail.is_some() {
+            return Err(ApiError::not_found());
+        }
+        let t = lookup(&state, &id).await?;
+        return put(&req, payload, &state, t).await;
+    }
+    if method == Method::PATCH {
+        if tail.is_some() {
+            return Err(ApiError::not_found());
+        }
+        let t = lookup(&state, &id).await?;
+        return patch(&req, payload, &state, t).await;
+    }
+    if method == Method::POST {
+        let t = lookup(&state, &id).await?;
+        return match tail {
+            Some("flush") => flush(&state, t).await,
+            _ => Err(ApiError::not_found()),
+        };
+    }
+    Err(method_not_allowed())
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// The OPTIONS reply body.
+fn options_body(state: &AppState, features: &[&str], max_writers: usize) -> String {
+    json!({
+        "unix_socket": null,
+        "features": features,
+        "max_readers": state.readers.max(),
+        "max_writers": max_writers,
+    })
+    .to_string()
+}
+
+/// `OPTIONS /images/*`: what the server can do for any image (imageio
+/// clients ask before a transfer exists).
+fn options_all(state: &AppState) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("Access-Control-Allow-Methods", "GET, PUT, PATCH, OPTIONS"))
+        .content_type("application/json")
+        .body(options_body(
+            state,
+            &["extents", "zero", "flush"],
+            state.writers.max(),
+        ))
+}
+
+async fn options(state: &web::Data<AppState>, t: Lease) -> Res {
+    let (methods, features, max_writers) = if t.is_file() {
+        (
+            "GET, PUT, POST, OPTIONS",
+            vec!["flush"],
+            state.writers.max(),
+        )
+    } else {
+        let h = open(t.transfer()).await?;
+        let caps = h.caps()?;
+        if caps.read_only {
+            ("GET, OPTIONS", vec!["extents"], 0)
+        } else {
+            let mut f = vec!["extents"];
+            if caps.can_zero {
+                f.push("zero");
+            }
+            if caps.can_flush {
+                f.push("flush");
+            }
+            ("GET, PUT, PATCH, OPTIONS", f, state.writers.max())
+        }
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header(("Access-Control-Allow-Methods", methods))
+        .content_type("application/json")
+        .body(options_body(state, &features, max_writers)))
+}
+
+async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
+    let slot = state.readers.try_acquire()?;
+    let range = header_str(req, header::RANGE)?;
+    let spec = match range.map(parse_range).transpose() {
+        Ok(s) => s,
+        Err(RangeError::Invalid(_)) => return Err(ApiError::bad_request("invalid Range header")),
+        Err(RangeError::Unsatisfiable) => None,
+    };
+    let log = OpLog::start(
+        "GET",
+        t.id(),
+        format_args!("range={}", range.unwrap_or("-")),
+    );
+    let handle = open(t.transfer()).await?;
+    let size = handle.size();
+    let (start, len, status) = match spec {
+        None => (0, size, StatusCode::OK),
+        Some(spec) => {
+            let (a, b) = spec
+                .for_read(size)
+                .map_err(|e| ApiError::from_range(e, "Range", size))?;
+            (a, b - a + 1, StatusCode::PARTIAL_CONTENT)
+        }
+    };
+    let mut resp = HttpResponse::build(status);
+    resp.content_type("application/octet-stream");
+    if status == StatusCode::PARTIAL_CONTENT {
+        resp.insert_header((
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{}", start, start + len - 1, size),
+        ));
+    }
+    // The body keeps the reader slot and the lease until it is dropped.
+    let body = ops::read_stream(handle, start, len, log, (slot, t));
+    Ok(resp.body(SizedStream::new(len, body)))
+}
+
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
+    if t.is_file() {
+        return Err(ApiError::bad_request(
+            "extents not supported for file backend",
+        ));
+    }
+    let context = query_param(req, "context")?;
+    let dirty = match context.as_deref() {
+        None | Some("zero") => false,
+        Some("dirty") => true,
+        Some(_) => return Err(ApiError::bad_request("unsupported extents context")),
+    };
+    let _lock = state.locks.try_lock(t.id())?;
+    let _log = OpLog::start(
+        "EXTENTS",
+        t.id(),
+        format_args!("context={}", context.as_deref().unwrap_or("-")),
+    );
+    let mut h = open(t.transfer()).await?;
+    let body = blocking(move || {
+        let r = if dirty {
+            match h.dirty_extents()? {
+                Some(list) => serde_json::to_vec(&list),
+                None => serde_json::to_vec(&extents::all_dirty(&h.allocation_extents()?)),
+            }
+        } else {
+            serde_json::to_vec(&h.allocation_extents()?)
+        };
+        r.map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))
+    })
+    .await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
+}
+
+fn parse_flush_param(req: &HttpRequest) -> Result<bool, ApiError> {
+    Ok(matches!(
+        query_param(req, "flush")?
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref(),
+        Some("y" | "yes" | "true" | "1")
+    ))
+}
+
+fn read_only() -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "image is read-only")
+}
+
+async fn put(
+    req: &HttpRequest,
+    mut payload: Payload,
+    state: &web::Data<AppState>,
+    t: Lease,
+) -> Res {
+    if req.headers().contains_key(header::RANGE) {
+        return Err(ApiError::bad_request(
+            "Range header not supported for PUT; use Content-Range or PATCH",
+        ));
+    }
+    let length = content_length(req)?;
+    let flush = parse_flush_param(req)?;
+    let content_range = match header_str(req, header::CONTENT_RANGE)? {
+        None => None,
+        Some(_) if t.is_file() => {
+            return Err(ApiError::bad_request(
+                "Content-Range PUT not supported for file backend; use full PUT",
+            ))
+        }
+        Some(h) => Some(
+            parse_content_range(h)
+                .map_err(|e| ApiError::bad_request(format!("invalid Content-Range header: {e}")))?,
+        ),
+    };
+    let _lock = state.locks.lock(t.id()).await;
+    let _slot = state.writers.try_acquire()?;
+    let mut log = OpLog::start(
+        "PUT",
+        t.id(),
+        format_args!(
+            "content_length={length} content_range={} flush={flush}",
+            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-")
+        ),
+    );
+    let sink = match &t.config().backend {
+        BackendConfig::File { path } => {
+            let path = path.clone();
+            Sink::Upload(blocking(move || FileUpload::create(&path).map_err(ApiError::from)).await?)
+        }
+        BackendConfig::Nbd { .. } => {
+            let handle = open(t.transfer()).await?;
+            let size = handle.size();
+            let caps = handle.caps()?;
+            if caps.read_only {
+                return Err(read_only());
+            }
+            let start = content_range.map(|(a, _)| a).unwrap_or(0);
+            if start >= size && (content_range.is_some() || length > 0) {
+                return Err(ApiError::range_not_satisfiable(size));
+            }
+            if length > size - start.min(size) {
+                return Err(ApiError::range_not_satisfiable(size));
+            }
+            Sink::Handle {
+                handle,
+                offset: start,
+                zero_ok: caps.can_zero,
+            }
+        }
+    };
+    let written = ops::write_body(
+        &mut payload,
+        length,
+        sink,
+        flush,
+        state.body_timeout,
+        &mut log,
+    )
+    .await?;
+    if t.is_file() && !flush {
+        t.mark_written();
+    }
+    Ok(json_ok(
+        &json!({"ok": true, "bytes_written": written, "flushed": flush}),
+    ))
+}
+
+async fn patch(
+    req: &HttpRequest,
+    mut payload: Payload,
+    state: &web::Data<AppState>,
+    t: Lease,
+) -> Res {
+    if t.is_file() {
+        return Err(ApiError::bad_request(
+            "range writes and PATCH not supported for file backend; use PUT for full upload",
+        ));
+    }
+    let content_type = header_str(req, header::CONTENT_TYPE)?
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let range = header_str(req, header::RANGE)?;
+    if let (Some(range), false) = (range, content_type == "application/json") {
+        return patch_range(req, payload, state, t, range).await;
+    }
+    if content_type != "application/json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "PATCH requires Content-Type: application/json (for zero/flush) or Range with binary body",
+        ));
+    }
+    let length = content_length(req)?;
+    if length == 0 || length > MAX_JSON_BODY {
+        return Err(ApiError::bad_request("Invalid Content-Length"));
+    }
+    let body = read_small_body(&mut payload, length as usize, state).await?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("body must be a JSON object"))?;
+    match obj.get("op").and_then(Value::as_str) {
+        Some("flush") => flush(state, t).await,
+        Some("zero") => {
+            let size = match obj.get("size") {
+                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
+                Some(v) if v.is_i64() => 0,
+                _ => return Err(ApiError::bad_request("missing or invalid \"size\"")),
+            };
+            if size == 0 {
+                return Err(ApiError::bad_request("\"size\" must be positive"));
+            }
+            let offset = match obj.get("offset") {
+                None | Some(Value::Null) => 0,
+                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
+                Some(v) if v.is_i64() => {
+                    return Err(ApiError::bad_request("\"offset\" must be non-negative"))
+                }
+                Some(_) => return Err(ApiError::bad_request("invalid \"offset\"")),
+            };
+            let flush = match obj.get("flush") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(ApiError::bad_request("\"flush\" must be a boolean")),
+            };
+            zero(state, t, offset, size, flush).await
+        }
+        _ => Err(ApiError::bad_request(
+            "unsupported op; only \"zero\" and \"flush\" are supported",
+        )),
+    }
+}
+
+/// Reads a small body of exactly `length` bytes (already bounded by the caller).
+async fn read_small_body(
+    payload: &mut Payload,
+    length: usize,
+    state: &web::Data<AppState>,
+) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::with_capacity(length);
+    while body.len() < length {
+        match tokio::time::timeout(state.body_timeout, payload.next()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timed out waiting for the request body",
+                ))
+            }
+            Ok(Some(Ok(chunk))) => {
+                let take = chunk.len().min(length - body.len());
+                body.extend_from_slice(&chunk[..take]);
+            }
+            Ok(_) => break,
+        }
+    }
+    if body.len() != length {
+        return Err(ApiError::bad_request("request body truncated"));
+    }
+    Ok(body)
+}
+
+async fn patch_range(
+    req: &HttpRequest,
+    mut payload: Payload,
+    state: &web::Data<AppState>,
+    t: Lease,
+    range: &str,
+) -> Res {
+    let length = content_length(req)?;
+    if length == 0 {
+        return Err(ApiError::bad_request("Content-Length must be positive"));
+    }
+    let spec = parse_range(range).map_err(|e| ApiError::from_range(e, "Range", 0))?;
+    let _lock = state.locks.try_lock(t.id())?;
+    let _slot = state.writers.try_acquire()?;
+    let mut log = OpLog::start(
+        "PATCH range",
+        t.id(),
+        format_args!("range={range} content_length={length}"),
+    );
+    let handle = open(t.transfer()).await?;
+    let size = handle.size();
+    let caps = handle.caps()?;
+    if caps.read_only {
+        return Err(read_only());
+    }
+    let (a, b) = spec
+        .for_write(size)
+        .map_err(|e| ApiError::from_range(e, "Range", size))?;
+    if length != b - a + 1 {
+        return Err(ApiError::bad_request(format!(
+            "Content-Length ({length}) must equal range length ({})",
+            b - a + 1
+        )));
+    }
+    let sink = Sink::Handle {
+        handle,
+        offset: a,
+        zero_ok: caps.can_zero,
+    };
+    let written = ops::write_body(
+        &mut payload,
+        length,
+        sink,
+        false,
+        state.body_timeout,
+        &mut log,
+    )
+    .await?;
+    Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
+}
+
+async fn zero(state: &web::Data<AppState>, t: Lease, offset: u64, size: u64, flush: bool) -> Res {
+    let _lock = state.locks.try_lock(t.id())?;
+    let _slot = state.writers.try_acquire()?;
+    let mut log = OpLog::start(
+        "PATCH zero",
+        t.id(),
+        format_args!("offset={offset} size={size} flush={flush}"),
+    );
+    let mut h = open(t.transfer()).await?;
+    let zeroed = blocking(move || {
+        let image_size = h.size();
+        if h.caps()?.read_only {
+            return Err(read_only());
+        }
+        if offset >= image_size {
+            return Err(ApiError::bad_request("offset must be less than image size"));
+        }
+        let n = size.min(image_size - offset);
+        let r = h
+            .zero(offset, n)
+            .and_then(|_| if flush { h.flush() } else { Ok(()) });
+        r.map(|_| n).map_err(|e: BackendError| {
+            log::error!("PATCH zero error err={e}");
+            ApiError::from(e)
+        })
+    })
+    .await?;
+    log.bytes = zeroed;
+    Ok(json_ok(&json!({"ok": true})))
+}
+
+async fn flush(state: &web::Data<AppState>, t: Lease) -> Res {
+    let _lock = state.locks.try_lock(t.id())?;
+    let _log = OpLog::start("FLUSH", t.id(), format_args!(""));
+    let mut h = open(t.transfer()).await?;
+    blocking(move || {
+        h.flush().map_err(|e| {
+            log::error!("FLUSH error err={e}");
+            ApiError::from(e)
+        })
+    })
+    .await?;
+    Ok(json_ok(&json!({"ok": true})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_like_the_seed() {
+        assert_eq!(route("/images/demo"), Some(("demo".to_string(), None)));
+        assert_eq!(route("/images/demo/"), Some(("demo".to_string(), None)));
+        assert_eq!(
+            route("//images//demo/extents"),
+            Some(("demo".to_string(), Some("extents")))
+        );
+        assert_eq!(route("/images/%2e%2e"), Some(("..".to_string(), None)));
+        assert_eq!(route("/images/a%00b"), Some(("a\0b".to_string(), None)));
+        assert_eq!(route("/images/%zz"), Some((String::new(), None)));
+        assert_eq!(route("/images/%ff"), Some((String::new(), None)));
+        assert_eq!(route("/images"), None);
+        assert_eq!(route("/other/x"), None);
+        assert_eq!(route("/images/a/b/c"), None);
+    }
+}
