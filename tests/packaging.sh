@@ -23,7 +23,7 @@ PKG=cloudstack-image-server
 TARGET_DIR=${1:-${CARGO_TARGET_DIR:-target}}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$PWD/$TARGET_DIR" ;; esac
 BIN=/usr/bin/$PKG
-STOP_TIMEOUT=45 # TimeoutStopSec in the unit
+STOP_TIMEOUT=$(sed -n "s/^TimeoutStopSec=\([0-9]*\)s\?$/\1/p" packaging/$PKG.service)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
