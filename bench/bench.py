@@ -94,7 +94,8 @@ class Server(Proc):
     def __init__(self, binary, config_dir, logfile):
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         super().__init__(
-            [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir],
+            [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir,
+             "--control-socket", ""],
             stdout=subprocess.PIPE, stderr=open(logfile, "w"), env=env, text=True,
         )
         line = self.p.stdout.readline()
