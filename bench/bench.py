@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -93,9 +94,11 @@ class QemuNbd(Proc):
 class Server(Proc):
     def __init__(self, binary, config_dir, logfile):
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        cmd = [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir]
+        if "--control-socket" in run([binary, "--help"]).stdout:
+            cmd += ["--control-socket", ""]  # no socket: never clash with a running server
         super().__init__(
-            [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir,
-             "--control-socket", ""],
+            cmd,
             stdout=subprocess.PIPE, stderr=open(logfile, "w"), env=env, text=True,
         )
         line = self.p.stdout.readline()
@@ -119,19 +122,25 @@ class Server(Proc):
         return f"http://{self.addr}/images/{tid}"
 
 
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 class Measure:
-    """Times a command and the CPU the server and qemu-nbd spent meanwhile."""
+    """Times a command and the CPU the server, qemu-nbd and the client
+    (curl or nbdcopy: the commands run, once reaped) spent meanwhile."""
 
     def __init__(self, pids):
         self.pids = pids
 
     def __call__(self, fn):
-        cpu0 = [cpu_seconds(p) for p in self.pids]
+        cpu0 = [cpu_seconds(p) for p in self.pids] + [children_cpu()]
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        cpu = [cpu_seconds(p) - c for p, c in zip(self.pids, cpu0)]
-        return dt, cpu
+        cpu1 = [cpu_seconds(p) for p in self.pids] + [children_cpu()]
+        return dt, [b - a for a, b in zip(cpu0, cpu1)]
 
 
 def make_data(tmp):
@@ -256,6 +265,7 @@ def main():
 def bench(binary, tmp, procs):
     cores = os.cpu_count()
     load0 = os.getloadavg()
+    log(f"{cores} cores, load average {load0[0]:.2f}; server {binary}")
     started = time.time()
     data, image = make_data(tmp)
     big = os.path.join(tmp, "big.qcow2")
@@ -335,11 +345,12 @@ def bench(binary, tmp, procs):
           f"{run(['nbdcopy', '--version']).stdout.splitlines()[0]}")
     print(f"- best of {ROUNDS} interleaved rounds; bench took {elapsed:.0f} s")
     print()
-    print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s | client CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (size, _) in tests.items():
         dt, cpu = best[name]
-        print(f"| {name} | {size} | {dt:.3f} | {mibs(name):.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} |")
+        print(f"| {name} | {size} | {dt:.3f} | {mibs(name):.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} "
+              f"| {cpu[2]:.2f} |")
     print()
     print("| extents | count | best ms | median ms |")
     print("|---|---:|---:|---:|")

@@ -701,53 +701,79 @@ impl Connection {
         self.queue.len()
     }
 
-    /// Queues a read of `len` bytes at `offset` into the start of `buf`; the
-    /// filled buffer comes back from [`Connection::poll_oldest`]. `len` must
-    /// not exceed [`Connection::max_request`] nor `buf.len()`. On error `buf`
-    /// is dropped and nothing was queued.
-    pub fn queue_read(&mut self, mut buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+    /// Queues a read of `len` bytes at `offset` into the start of `buf`, as
+    /// requests of at most `piece` bytes (and of what the server accepts);
+    /// the filled buffer comes back from [`Connection::poll_oldest`] when the
+    /// last of them retires. `len` must not exceed `buf.len()`. On error
+    /// nothing more is queued; requests already queued keep the buffer.
+    pub fn queue_read(
+        &mut self,
+        mut buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+        piece: usize,
+    ) -> Result<()> {
         self.check_range(offset, len as u64)?;
         self.check_alive()?;
-        if len > buf.len() || len as u64 > self.max_request {
+        if len > buf.len() {
             return Err(Error::new(
                 libc::EINVAL,
-                format!(
-                    "read of {len} bytes does not fit the buffer ({}) or the request limit ({})",
-                    buf.len(),
-                    self.max_request
-                ),
+                format!("read of {len} bytes into a buffer of {}", buf.len()),
             ));
         }
-        // SAFETY: valid handle; `buf` has at least `len` initialised bytes.
-        // The Vec is moved into the queue below without touching its heap
-        // block, and the queue keeps it until libnbd retired the command or
-        // the handle is closed, so libnbd never writes into freed memory.
-        let cookie = unsafe {
-            sys::nbd_aio_pread(
-                self.h(),
-                buf.as_mut_ptr() as *mut c_void,
-                len,
-                offset,
-                sys::nbd_completion_callback::default(),
-                0,
-            )
-        };
-        if cookie < 0 {
-            return Err(self.last_error());
+        let step = piece.clamp(1, self.max_request.max(1) as usize);
+        let base = buf.as_mut_ptr();
+        let mut cookies = Vec::with_capacity(len / step + 1);
+        let mut failed = None;
+        let mut pos = 0;
+        while pos < len {
+            let n = step.min(len - pos);
+            // SAFETY: valid handle; pos + n <= len <= buf.len(), so the n
+            // bytes at base + pos lie inside `buf`'s initialised heap block.
+            // The Vec is moved into the queue below without touching that
+            // block, behind every command that points into it (the queue
+            // retires in order), and stays there until libnbd retired them
+            // all or the handle is closed: libnbd never writes into freed
+            // memory.
+            let cookie = unsafe {
+                sys::nbd_aio_pread(
+                    self.h(),
+                    base.add(pos) as *mut c_void,
+                    n,
+                    offset + pos as u64,
+                    sys::nbd_completion_callback::default(),
+                    0,
+                )
+            };
+            if cookie < 0 {
+                failed = Some(self.last_error());
+                break;
+            }
+            cookies.push(cookie as u64);
+            pos += n;
         }
-        self.queue.push_back(Queued {
-            cookie: cookie as u64,
-            owned: Owned::Read(buf, len),
-        });
-        Ok(())
+        if let Some((&last, parts)) = cookies.split_last() {
+            for &cookie in parts {
+                self.queue.push_back(Queued {
+                    cookie,
+                    owned: Owned::Nothing,
+                });
+            }
+            self.queue.push_back(Queued {
+                cookie: last,
+                owned: Owned::Read(buf, len),
+            });
+        }
+        failed.map_or(Ok(()), Err)
     }
 
-    /// Queues a write of `data` at `offset`, split into requests the server
-    /// accepts. The bytes are kept until the commands retire.
-    pub fn queue_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+    /// Queues a write of `data` at `offset` as requests of at most `piece`
+    /// bytes (and of what the server accepts). The bytes are kept until the
+    /// commands retire.
+    pub fn queue_write(&mut self, data: Bytes, offset: u64, piece: usize) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         self.check_alive()?;
-        let step = self.max_request as usize;
+        let step = piece.clamp(1, self.max_request.max(1) as usize);
         let mut done = 0;
         while done < data.len() {
             let n = step.min(data.len() - done);
@@ -854,7 +880,8 @@ impl Connection {
     /// Retires the oldest queued command once it has completed, driving
     /// libnbd's non-blocking state machine whenever its socket is ready;
     /// never blocks. Needs [`Connection::register`]. Returns the filled
-    /// buffer and length for a read, `None` for other commands. A failed
+    /// buffer and length when the last request of a read retires, `None`
+    /// for other requests. A failed
     /// command is an error (and is retired). When the connection dies the
     /// command stays queued (its buffer is freed with the connection) and
     /// every later call fails too.

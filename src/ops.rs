@@ -29,16 +29,15 @@ use crate::backend::nbd::NbdHandle;
 use crate::backend::{BackendError, Handle};
 use crate::http::error::ApiError;
 
-/// Bytes per backend request, per buffer of a transfer and per body piece
-/// handed to actix. qemu-nbd allocates a bounce buffer per request: at
-/// 1 MiB its allocator returned them to the kernel and faulted them back in
-/// (some 300 000 page faults in qemu-nbd per 2 GiB read by 4 clients at
-/// once); at 512 KiB it does not. Each piece is one socket write, and fewer,
-/// larger writes cost less CPU than 64 KiB ones.
+/// Bytes per buffer of a transfer, and per body piece handed to actix: each
+/// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
+/// ones. The backend reads and writes a chunk as several NBD requests (see
+/// `backend::nbd::PIPELINE_REQUEST`).
 pub const CHUNK: usize = 512 * 1024;
-/// NBD requests in flight per transfer: hides qemu-nbd's per-request
-/// latency (it serves the requests of one connection concurrently).
-const WINDOW: usize = 4;
+/// NBD requests in flight per transfer (2 MiB): hides qemu-nbd's
+/// per-request latency (it serves the requests of one connection
+/// concurrently).
+const WINDOW: usize = 8;
 /// Chunks read ahead of the client (beyond those in flight).
 const DEPTH: usize = 2;
 
@@ -191,10 +190,7 @@ async fn read_nbd(
     tx: mpsc::Sender<io::Result<Bytes>>,
     id: String,
 ) {
-    let size = CHUNK
-        .min(handle.request_limit())
-        .min(usize::try_from(len).unwrap_or(usize::MAX))
-        .max(1);
+    let size = CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)).max(1);
     let buffers = Buffers::new(size);
     let end = start + len;
     let mut next = start;
@@ -210,10 +206,11 @@ async fn read_nbd(
             if handle.queued() == 0 {
                 return Ok(());
             }
-            let Some((buf, n)) = poll_fn(|cx| handle.poll_oldest(cx)).await? else {
-                return Err(BackendError::Io(
-                    "a read completed as another command".into(),
-                ));
+            // A chunk is read as several requests; the last one gives it back.
+            let (buf, n) = loop {
+                if let Some(done) = poll_fn(|cx| handle.poll_oldest(cx)).await? {
+                    break done;
+                }
             };
             if tx.send(Ok(buffers.lend(buf, n))).await.is_err() {
                 log::info!("GET client disconnected image_id={id} at={sent}");

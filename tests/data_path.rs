@@ -201,16 +201,22 @@ fn ranged_writes_over_many_requests_read_back_exact() {
     assert_same(&std::fs::read(&image).unwrap(), &model, "image file");
 }
 
-/// blkdebug (a qemu block filter) fails every data write from `offset` on
-/// with EIO; qemu-nbd answers those writes with an error reply.
-fn failing_writes_image(dir: &TempDir, size: u64, offset: u64) -> (std::path::PathBuf, String) {
+/// blkdebug (a qemu block filter) fails every request of kind `event`
+/// (`read_aio`, `write_aio`) that touches `offset` with EIO; qemu-nbd
+/// answers those with an error reply and keeps the connection.
+fn failing_image(
+    dir: &TempDir,
+    data: &[u8],
+    offset: u64,
+    event: &str,
+) -> (std::path::PathBuf, String) {
     let image = dir.join("disk.raw");
-    create_image(&image, "raw", size);
+    std::fs::write(&image, data).unwrap();
     let config = dir.join("blkdebug.conf");
     std::fs::write(
         &config,
         format!(
-            "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
+            "[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
             offset / 512
         ),
     )
@@ -226,7 +232,7 @@ fn a_failed_write_among_those_in_flight_fails_the_put_and_releases_everything() 
     // The last 512 KiB fail: by then the whole body has arrived, and earlier
     // writes are in flight with the failing one.
     let bad = size - 256 * KIB;
-    let (image, spec) = failing_writes_image(&dir, size, bad);
+    let (image, spec) = failing_image(&dir, &vec![0; size as usize], bad, "write_aio");
     let nbd = QemuNbd::start(Path::new(&spec), &dir.join("nbd.sock"), NbdOpts::raw());
     let cfg = TempDir::new("eio-put-cfg");
     let server = Server::start(cfg.path(), &[]);
@@ -322,4 +328,39 @@ fn qemu_nbd_dying_mid_get_cuts_the_body_short_and_the_server_recovers() {
         "GET after qemu-nbd restarted",
     );
     drop(nbd);
+}
+
+#[test]
+fn a_failed_read_among_those_in_flight_cuts_the_get_short() {
+    let dir = TempDir::new("eio-get");
+    let size = 16 * MIB;
+    let data = pattern_bytes(size as usize, 12);
+    let bad = 9 * MIB + 4096;
+    let (_image, spec) = failing_image(&dir, &data, bad, "read_aio");
+    let nbd = QemuNbd::start(Path::new(&spec), &dir.join("nbd.sock"), NbdOpts::raw());
+    let cfg = TempDir::new("eio-get-cfg");
+    let server = Server::start(cfg.path(), &[]);
+    server.add_nbd("t", &nbd);
+
+    let (mut body, len) = start_get(&server, "/images/t");
+    assert_eq!(len, size);
+    let mut got = Vec::new();
+    body.read_to_end(&mut got)
+        .expect("the server closes the connection rather than hang");
+    // actix drops what it had buffered when the body fails, so fewer bytes
+    // may arrive than were read; never any from the unreadable chunk on.
+    assert!(
+        (got.len() as u64) <= bad,
+        "{} bytes arrived, past the unreadable offset {bad}",
+        got.len()
+    );
+    assert_same(&got, &data[..got.len()], "bytes before the failed read");
+    assert!(server.wait_log("GET error image_id=t", Duration::from_secs(5)));
+
+    // The readable part still reads, on a fresh connection.
+    assert_same(
+        &get_range(&server, "t", 10 * MIB, 12 * MIB - 1),
+        &data[10 * MIB as usize..12 * MIB as usize],
+        "GET of a readable range",
+    );
 }
