@@ -135,9 +135,15 @@ fn qemu_nbd_killed_mid_put_gives_a_json_5xx_and_others_unaffected() {
         .stream()
         .write_all(&body[..4 * MIB as usize])
         .unwrap();
+    // Kill only once bytes reached the image: the PUT is mid-write.
+    let img = tmp.join("a.raw");
     assert!(
-        server.wait_log("PUT start image_id=a", Duration::from_secs(10)),
-        "{}",
+        poll(Duration::from_secs(20), || {
+            let on_disk = std::fs::read(&img).ok()?;
+            (on_disk[..4096] == body[..4096]).then_some(())
+        })
+        .is_some(),
+        "the PUT never reached the image; {}",
         server.log()
     );
     nbd_a.stop_with(libc::SIGKILL);
@@ -353,7 +359,12 @@ fn config_rewritten_mid_put_finishes_on_the_old_image_next_request_sees_the_new(
     );
     client.stream().write_all(&body[..MIB as usize]).unwrap();
     assert!(server.wait_log("PUT start image_id=t", Duration::from_secs(10)));
-    server.add_nbd("t", &nbd_b);
+    // Replaced by rename (a new inode), as a careful agent writes it: an
+    // in-place rewrite of the same length within one timestamp tick would
+    // look unchanged to any stat-based cache.
+    let new_cfg = json!({"backend": "nbd", "socket": nbd_b.socket});
+    std::fs::write(cfg.join(".t.new"), new_cfg.to_string()).unwrap();
+    std::fs::rename(cfg.join(".t.new"), cfg.join("t")).unwrap();
     client.stream().write_all(&body[MIB as usize..]).unwrap();
     let r = client.read_response(false);
     assert_eq!(r.status, 200, "{}", r.text());
