@@ -453,65 +453,95 @@ fn socket_that_is_not_an_nbd_server_gives_a_json_502() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-#[test]
-fn slow_loris_headers_are_cut_off_and_others_are_served() {
-    let (tmp, cfg) = setup("loris");
+/// Sends a request head one byte per 100 ms (~45 s in all) on a new
+/// connection, after one complete keep-alive request when `after_first`.
+/// Returns whether the server closed the connection and what it sent
+/// during the slow head.
+fn slow_loris(addr: std::net::SocketAddr, after_first: bool) -> (bool, Vec<u8>) {
+    let mut client = Client::connect(addr);
+    if after_first {
+        let r = client.request("GET", "/images/a", &[("Range", "bytes=0-9")], b"");
+        assert_eq!(r.status, 206);
+    }
+    let s = client.stream();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let head = format!(
+        "GET /images/a HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(400)
+    );
+    let mut reply = Vec::new();
+    for b in head.as_bytes() {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    // Whatever came, the connection must now be closed by the server.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let closed = s.read_to_end(&mut rest).is_ok()
+        || s.write_all(b"x").is_err()
+        || s.write_all(b"x").is_err();
+    reply.extend_from_slice(&rest);
+    (closed, reply)
+}
+
+/// Runs slow-loris clients (`after_first` per client) while other clients
+/// are served; each must be cut off without its request reaching a handler.
+fn slow_loris_case(tag: &str, after_first: &[bool]) {
+    let (tmp, cfg) = setup(tag);
     let data = raw_image(&tmp.join("a.raw"), MIB, 8192, 13);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
     let server = Server::start(&cfg, &["--header-timeout", "2"]);
     server.add_nbd("a", &nbd);
 
     let addr = server.addr;
-    let loris = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let head = format!(
-            "GET /images/a HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
-            "p".repeat(400)
-        );
-        // At 100 ms a byte, the head takes ~45 s: far past the 2 s limit.
-        let mut reply = Vec::new();
-        for b in head.as_bytes() {
-            if s.write_all(std::slice::from_ref(b)).is_err() {
-                break;
-            }
-            let mut buf = [0u8; 512];
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => reply.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(_) => break,
-            }
-        }
-        // Whatever came, the connection must now be closed by the server.
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut rest = Vec::new();
-        let closed = s.read_to_end(&mut rest).is_ok()
-            || s.write_all(b"x").is_err()
-            || s.write_all(b"x").is_err();
-        reply.extend_from_slice(&rest);
-        (closed, reply)
-    });
+    let lorises: Vec<_> = after_first
+        .iter()
+        .map(|&first| std::thread::spawn(move || slow_loris(addr, first)))
+        .collect();
 
     // Meanwhile other clients are served normally.
     for _ in 0..5 {
         assert_serves(&server, "a", &data);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (closed, reply) = loris.join().unwrap();
-    assert!(closed, "slow-loris connection still open");
-    let reply = String::from_utf8_lossy(&reply);
-    assert!(
-        reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
-        "unexpected reply to the slow-loris client: {reply:?}"
-    );
+    for (i, loris) in lorises.into_iter().enumerate() {
+        let (closed, reply) = loris.join().unwrap();
+        assert!(closed, "slow-loris connection {i} still open");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+            "unexpected reply to slow-loris client {i}: {reply:?}"
+        );
+    }
     assert!(
         !server.log().contains("GET start image_id=a range=- "),
-        "the slow request reached the handler"
+        "a slow request reached the handler"
     );
     assert_serves(&server, "a", &data);
+}
+
+#[test]
+fn slow_loris_headers_are_cut_off_and_others_are_served() {
+    slow_loris_case("loris", &[false, false]);
+}
+
+/// Known gap (SECURITY.md): actix-http arms its request-head timer only for
+/// the first request of a connection; a later request head on a keep-alive
+/// connection can trickle in for as long as the client likes.
+#[test]
+#[ignore = "known gap: actix-http bounds only the first request head of a connection"]
+fn slow_loris_on_a_keep_alive_connection_is_cut_off() {
+    slow_loris_case("loris-ka", &[true]);
 }
 
 #[test]
