@@ -6,7 +6,7 @@ BIN := target/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test lint fmt clean fuzz soak
+.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean
 
 all: build
 
@@ -41,6 +41,12 @@ fuzz: deps
 SOAK_SECS ?= 180
 soak: deps
 	CSIS_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --locked --test soak -- --ignored --nocapture
+
+# The real imageio client (ovirt-imageio, installed into a throw-away
+# virtualenv) uploads and downloads through the server over HTTP and HTTPS.
+test-imageio: deps
+	$(CARGO) build --locked
+	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -236,6 +236,20 @@ impl ConfigDir {
     }
 }
 
+impl ConfigDir {
+    /// Closes every cached transfer idle for longer than its idle timeout
+    /// and returns them (still to be retired: see [`Transfer::retire`]). They
+    /// stay cached, closed, so the id is refused until its file changes.
+    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+        self.cache
+            .lock()
+            .values()
+            .filter(|(_, t)| t.close_if_idle(now))
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+}
+
 fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut buf = Vec::new();
@@ -360,6 +374,23 @@ mod tests {
                 export_bitmap: None
             }
         );
+        // Idle expiry keeps the closed transfer until the file changes.
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/bb.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        let d = reg.lookup("t1").unwrap();
+        let expired = reg.expire_idle(Instant::now() + Duration::from_secs(2));
+        assert_eq!(expired.len(), 1);
+        assert!(Arc::ptr_eq(&d, &expired[0]));
+        assert!(reg.lookup("t1").unwrap().is_closed());
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/cc.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        assert!(!reg.lookup("t1").unwrap().is_closed());
         std::fs::write(dir.path().join("t1"), "x".repeat(5000)).unwrap();
         assert!(reg.lookup("t1").is_none());
         std::fs::remove_file(dir.path().join("t1")).unwrap();

@@ -398,73 +398,71 @@ impl Connection {
         offset: u64,
         request_size: usize,
     ) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks_mut(step) {
-            // SAFETY: valid handle; the buffer stays borrowed (and alive)
-            // until `wait_all` below has seen every command retire or the
-            // handle die, so libnbd never writes into freed memory.
-            let cookie = unsafe {
+        let base = buf.as_mut_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: pos + n <= buf.len(), so the n bytes at base + pos lie
+            // inside `buf`, which stays mutably borrowed until `pipelined`
+            // returns; it returns only after every command retired or the
+            // handle died, so libnbd never writes into freed memory.
+            unsafe {
                 sys::nbd_aio_pread(
-                    self.h(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *mut c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
-            if cookie < 0 {
-                first_err = Some(Error::last());
-                break;
             }
-            cookies.push(cookie as u64);
-            off += chunk.len() as u64;
-        }
-        let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        })
     }
 
     /// Writes `buf` at `offset` with several requests in flight at once.
     /// Returns when every request has completed.
     pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks(step) {
-            // SAFETY: as in pread_pipelined: the buffer outlives every command
-            // because wait_all returns only when all have retired (or the
-            // handle is dead and will not touch the buffer again).
-            let cookie = unsafe {
+        let base = buf.as_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: as in pread_pipelined; libnbd only reads the buffer.
+            unsafe {
                 sys::nbd_aio_pwrite(
-                    self.h(),
-                    chunk.as_ptr() as *const c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *const c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
+            }
+        })
+    }
+
+    /// Issues `len` bytes from `offset` as commands of at most `request_size`
+    /// bytes (`issue(handle, pos, n, offset)` starts one and returns its
+    /// cookie), then waits for all of them.
+    fn pipelined(
+        &mut self,
+        len: usize,
+        offset: u64,
+        request_size: usize,
+        mut issue: impl FnMut(*mut sys::nbd_handle, usize, usize, u64) -> i64,
+    ) -> Result<()> {
+        self.check_range(offset, len as u64)?;
+        let step = request_size.clamp(4096, self.max_request as usize);
+        let mut cookies = Vec::with_capacity(len / step + 1);
+        let mut first_err = None;
+        let mut pos = 0;
+        while pos < len {
+            let n = step.min(len - pos);
+            let cookie = issue(self.h(), pos, n, offset + pos as u64);
             if cookie < 0 {
                 first_err = Some(Error::last());
                 break;
             }
             cookies.push(cookie as u64);
-            off += chunk.len() as u64;
+            pos += n;
         }
         let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        first_err.map_or(waited, Err)
     }
 
     /// Waits until every command in `cookies` has completed; returns the

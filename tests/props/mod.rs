@@ -142,6 +142,8 @@ pub fn extents_from_bytes(data: &[u8]) -> (Vec<Extent>, Vec<nbd::Extent>, u64) {
             start: pos,
             length: len * 7,
             zero: b & 0x80 != 0,
+            // A hole is always zero; the merge ignores it.
+            hole: b & 0x80 != 0 && len % 2 == 0,
         });
         pos += len * 7;
     }
