@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
@@ -77,14 +79,17 @@ impl Drop for Lent {
 }
 
 /// The body of a GET: chunks read by a blocking thread, plus whatever must
-/// live exactly as long as the response (reader slot, log line).
+/// live as long as the response (reader slot, log line). The reader thread
+/// drops the guard early when the client stops reading (see `read_stream`).
 pub struct ReadBody<G> {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     log: OpLog,
-    _guard: G,
+    /// Bytes promised and not yet delivered.
+    remaining: u64,
+    _guard: Arc<Mutex<Option<G>>>,
 }
 
-impl<G: Unpin> Stream for ReadBody<G> {
+impl<G> Stream for ReadBody<G> {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -92,7 +97,14 @@ impl<G: Unpin> Stream for ReadBody<G> {
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
                 this.log.bytes += b.len() as u64;
+                this.remaining = this.remaining.saturating_sub(b.len() as u64);
                 Poll::Ready(Some(Ok(b)))
+            }
+            // Ending short of the promised length is an error, so the
+            // connection is closed, never reused mid-body.
+            Poll::Ready(None) if this.remaining > 0 => {
+                this.remaining = 0;
+                Poll::Ready(Some(Err(io::Error::other("response body ended early"))))
             }
             other => other,
         }
@@ -101,16 +113,23 @@ impl<G: Unpin> Stream for ReadBody<G> {
 
 /// Streams `len` bytes from `start` of `handle`. A backend error ends the
 /// stream with an error, so the client sees a truncated body (the length was
-/// promised in the headers), never a clean short one.
-pub fn read_stream<G: Unpin>(
+/// promised in the headers), never a clean short one. A client that takes
+/// no data for `stall_timeout` is given up on: the reader stops, the backend
+/// and `guard` (slot, lease) are released, and its body ends in an error.
+/// Must be called on the async runtime.
+pub fn read_stream<G: Send + 'static>(
     mut handle: Handle,
     start: u64,
     len: u64,
     log: OpLog,
     guard: G,
+    stall_timeout: Duration,
 ) -> ReadBody<G> {
     let (tx, rx) = mpsc::channel(DEPTH);
     let id = log.id.clone();
+    let guard = Arc::new(Mutex::new(Some(guard)));
+    let held = guard.clone();
+    let rt = tokio::runtime::Handle::current();
     spawn_blocking(move || {
         let (home, free) = std::sync::mpsc::channel::<Vec<u8>>();
         let end = start + len;
@@ -129,9 +148,20 @@ pub fn read_stream<G: Unpin>(
                 len: n,
                 home: home.clone(),
             });
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                log::info!("GET client disconnected image_id={id} at={off}");
-                return;
+            match rt.block_on(tokio::time::timeout(stall_timeout, tx.send(Ok(chunk)))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    log::info!("GET client disconnected image_id={id} at={off}");
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        "GET client stopped reading image_id={id} at={off}: released after {}s",
+                        stall_timeout.as_secs()
+                    );
+                    drop(held.lock().take());
+                    return;
+                }
             }
             off += n as u64;
         }
@@ -139,6 +169,7 @@ pub fn read_stream<G: Unpin>(
     ReadBody {
         rx,
         log,
+        remaining: len,
         _guard: guard,
     }
 }

@@ -605,3 +605,37 @@ fn stalled_body_is_cut_off_and_releases_lock_and_writer_slot() {
     let r = server.request("POST", "/images/a/flush", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A GET client that stops reading (but stays connected) loses its reader
+/// slot after `--body-timeout`; the server then serves others.
+#[test]
+fn stalled_get_reader_releases_the_reader_slot() {
+    let (tmp, cfg) = setup("stall-get");
+    let data = raw_image(&tmp.join("a.raw"), 256 * MIB, MIB as usize, 14);
+    let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
+    let server = Server::start(&cfg, &["--max-readers", "1", "--body-timeout", "2"]);
+    server.add_nbd("a", &nbd);
+    let mut client = server.client();
+    client.send("GET", "/images/a", &[], b"");
+    let (status, _) = client.read_head().unwrap();
+    assert_eq!(status, 200);
+    // Stop reading, but stay connected.
+    let freed = poll(Duration::from_secs(30), || {
+        let r = server.request("GET", "/images/a", &[("Range", "bytes=0-4095")], b"");
+        (r.status == 206).then_some(r)
+    });
+    let r = freed.expect("reader slot still held by a client that stopped reading");
+    assert!(r.body == data[..4096]);
+    assert!(
+        server.wait_log(
+            "GET client stopped reading image_id=a",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        server.log()
+    );
+    // Reading again, the stalled client gets a truncated body, never a
+    // complete-looking one.
+    let (got, _) = drain(&mut client);
+    assert!((got as u64) < 256 * MIB, "{got} bytes");
+}

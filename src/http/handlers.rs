@@ -260,7 +260,7 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
         ));
     }
     // The body keeps the reader slot and the lease until it is dropped.
-    let body = ops::read_stream(handle, start, len, log, (slot, t));
+    let body = ops::read_stream(handle, start, len, log, (slot, t), state.body_timeout);
     Ok(resp.body(SizedStream::new(len, body)))
 }
 
