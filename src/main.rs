@@ -50,7 +50,7 @@ struct Cli {
     /// (mode 0660; its directory is created if missing). An empty value
     /// turns it off.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
-    control_socket: PathBuf,
+    control_socket: String,
     /// PEM certificate (chain) for HTTPS; needs --tls-key-file.
     #[arg(long, requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         workers: cli.workers,
-        control_socket: Some(cli.control_socket).filter(|p| !p.as_os_str().is_empty()),
+        control_socket: Some(PathBuf::from(cli.control_socket)).filter(|p| !p.as_os_str().is_empty()),
         tls: match (cli.tls_cert_file, cli.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,
