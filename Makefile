@@ -6,7 +6,7 @@ BIN := target/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test test-imageio lint fmt clean package package-tools test-package
+.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean package package-tools test-package
 
 all: build
 
@@ -30,6 +30,17 @@ test: deps
 	else \
 		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
+
+# Every fuzz target for FUZZ_SECS seconds each (cargo-fuzz, libFuzzer).
+FUZZ_SECS ?= 30
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECS)
+
+# 32 clients against 4 transfers for SOAK_SECS seconds, checked against a
+# model of every image, RSS/fd/NBD-connection growth; loopback only.
+SOAK_SECS ?= 180
+soak: deps
+	CSIS_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --locked --test soak -- --ignored --nocapture
 
 # The real imageio client (ovirt-imageio, installed into a throw-away
 # virtualenv) uploads and downloads through the server over HTTP and HTTPS.

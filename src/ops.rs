@@ -13,10 +13,11 @@ use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
-use crate::backend::{BackendError, Handle, Lease};
+use crate::backend::{BackendError, Handle, Lease, Transfer};
 use crate::http::error::ApiError;
 use crate::stats::TransferStats;
 
@@ -79,18 +80,22 @@ impl Drop for Lent {
 }
 
 /// The body of a GET: chunks read by a blocking thread, plus whatever must
-/// live exactly as long as the response (the request's lease, reader slot,
-/// log line). The request counts as served once its last byte is handed on;
-/// a body dropped earlier (backend error, client gone) counts as failed.
+/// live as long as the response (the request's lease, reader slot, log
+/// line). The request counts as served once its last byte is handed on; a
+/// body dropped earlier (backend error, client gone) counts as failed. The
+/// reader thread drops the lease and guard early when the client stops
+/// reading (see `read_stream`).
 pub struct ReadBody<G> {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     log: OpLog,
-    lease: Lease,
+    /// For the byte counters (atomics; no lock per chunk).
+    transfer: Arc<Transfer>,
+    /// Bytes promised and not yet delivered.
     remaining: u64,
-    _guard: G,
+    held: Arc<Mutex<Option<(Lease, G)>>>,
 }
 
-impl<G: Unpin> Stream for ReadBody<G> {
+impl<G> Stream for ReadBody<G> {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -99,12 +104,20 @@ impl<G: Unpin> Stream for ReadBody<G> {
             Poll::Ready(Some(Ok(b))) => {
                 let n = b.len() as u64;
                 this.log.bytes += n;
-                this.lease.stats().add_read(n);
+                this.transfer.stats().add_read(n);
                 this.remaining = this.remaining.saturating_sub(n);
                 if this.remaining == 0 {
-                    this.lease.served();
+                    if let Some((lease, _)) = this.held.lock().as_mut() {
+                        lease.served();
+                    }
                 }
                 Poll::Ready(Some(Ok(b)))
+            }
+            // Ending short of the promised length is an error, so the
+            // connection is closed, never reused mid-body.
+            Poll::Ready(None) if this.remaining > 0 => {
+                this.remaining = 0;
+                Poll::Ready(Some(Err(io::Error::other("response body ended early"))))
             }
             other => other,
         }
@@ -113,20 +126,28 @@ impl<G: Unpin> Stream for ReadBody<G> {
 
 /// Streams `len` bytes from `start` of `handle`. A backend error ends the
 /// stream with an error, so the client sees a truncated body (the length was
-/// promised in the headers), never a clean short one.
-pub fn read_stream<G: Unpin>(
+/// promised in the headers), never a clean short one. A client that takes
+/// no data for `stall_timeout` is given up on: the reader stops, the backend
+/// and `guard` (slot, lease) are released, and its body ends in an error.
+/// Must be called on the async runtime.
+pub fn read_stream<G: Send + 'static>(
     mut handle: Handle,
     start: u64,
     len: u64,
     log: OpLog,
     mut lease: Lease,
     guard: G,
+    stall_timeout: Duration,
 ) -> ReadBody<G> {
     if len == 0 {
         lease.served();
     }
     let (tx, rx) = mpsc::channel(DEPTH);
     let id = log.id.clone();
+    let transfer = lease.transfer().clone();
+    let guard = Arc::new(Mutex::new(Some((lease, guard))));
+    let held = guard.clone();
+    let rt = tokio::runtime::Handle::current();
     spawn_blocking(move || {
         let (home, free) = std::sync::mpsc::channel::<Vec<u8>>();
         let end = start + len;
@@ -145,9 +166,20 @@ pub fn read_stream<G: Unpin>(
                 len: n,
                 home: home.clone(),
             });
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                log::info!("GET client disconnected image_id={id} at={off}");
-                return;
+            match rt.block_on(tokio::time::timeout(stall_timeout, tx.send(Ok(chunk)))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    log::info!("GET client disconnected image_id={id} at={off}");
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        "GET client stopped reading image_id={id} at={off}: released after {}s",
+                        stall_timeout.as_secs()
+                    );
+                    drop(held.lock().take());
+                    return;
+                }
             }
             off += n as u64;
         }
@@ -155,9 +187,9 @@ pub fn read_stream<G: Unpin>(
     ReadBody {
         rx,
         log,
-        lease,
+        transfer,
         remaining: len,
-        _guard: guard,
+        held: guard,
     }
 }
 

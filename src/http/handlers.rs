@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::AppState;
 use crate::backend::file::FileUpload;
@@ -288,7 +289,7 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
         ));
     }
     // The body keeps the reader slot and the lease until it is dropped.
-    let body = ops::read_stream(handle, start, len, log, t, slot);
+    let body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
     Ok(resp.body(SizedStream::new(len, body)))
 }
 
@@ -488,40 +489,13 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("body must be a JSON object"))?;
-    match obj.get("op").and_then(Value::as_str) {
-        Some("flush") => flush(state, t).await,
-        Some("zero") => {
-            let size = match obj.get("size") {
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => 0,
-                _ => return Err(ApiError::bad_request("missing or invalid \"size\"")),
-            };
-            if size == 0 {
-                return Err(ApiError::bad_request("\"size\" must be positive"));
-            }
-            let offset = match obj.get("offset") {
-                None | Some(Value::Null) => 0,
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => {
-                    return Err(ApiError::bad_request("\"offset\" must be non-negative"))
-                }
-                Some(_) => return Err(ApiError::bad_request("invalid \"offset\"")),
-            };
-            let flush = match obj.get("flush") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ApiError::bad_request("\"flush\" must be a boolean")),
-            };
-            zero(state, t, offset, size, flush).await
-        }
-        _ => Err(ApiError::bad_request(
-            "unsupported op; only \"zero\" and \"flush\" are supported",
-        )),
+    match parse_patch_json(&body)? {
+        PatchOp::Flush => flush(state, t).await,
+        PatchOp::Zero {
+            offset,
+            size,
+            flush,
+        } => zero(state, t, offset, size, flush).await,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod patch_op;
 pub mod range;
 
 use std::sync::Arc;

@@ -557,7 +557,9 @@ impl Client {
         }
     }
 
-    fn read_one(&mut self, head_only: bool) -> std::io::Result<Response> {
+    /// Reads a status line and headers, leaving the body unread (see
+    /// [`Client::reader`]). Header names lower-cased; repeats joined by ", ".
+    pub fn read_head(&mut self) -> std::io::Result<(u16, BTreeMap<String, String>)> {
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(
@@ -591,6 +593,16 @@ impl Client {
                     .or_insert(v);
             }
         }
+        Ok((status, headers))
+    }
+
+    /// The buffered reader of the connection (to read a body piecewise).
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.stream
+    }
+
+    fn read_one(&mut self, head_only: bool) -> std::io::Result<Response> {
+        let (status, headers) = self.read_head()?;
         let mut body = Vec::new();
         if !head_only && status != 100 && status != 204 && status != 304 {
             if let Some(len) = headers.get("content-length") {
