@@ -166,11 +166,20 @@ impl QemuNbd {
         nbd
     }
 
+    /// Waits for the NBD greeting, not just a connectable socket: qemu-nbd
+    /// listens before its main loop runs, and a SIGTERM in that window is
+    /// lost (it then hangs for ever instead of exiting).
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
+            if let Ok(mut s) = UnixStream::connect(&self.socket) {
+                let mut magic = [0u8; 8];
+                if s.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+                    && s.read_exact(&mut magic).is_ok()
+                    && &magic == b"NBDMAGIC"
+                {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(10));
         }
