@@ -6,7 +6,7 @@ BIN := target/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test lint fmt clean
+.PHONY: all deps build run demo test test-imageio lint fmt clean package package-tools test-package
 
 all: build
 
@@ -31,9 +31,43 @@ test: deps
 		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
 
+# The real imageio client (ovirt-imageio, installed into a throw-away
+# virtualenv) uploads and downloads through the server over HTTP and HTTPS.
+test-imageio: deps
+	$(CARGO) build --locked
+	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
+
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+# Packages for Debian/Ubuntu and RHEL/Fedora, from the release binary:
+#   $(TARGET_DIR)/debian/cloudstack-image-server_<version>-1_<arch>.deb
+#   $(TARGET_DIR)/generate-rpm/cloudstack-image-server-<version>-1.<arch>.rpm
+# (TARGET_DIR is ./target unless CARGO_TARGET_DIR says otherwise.) The first
+# run installs cargo-deb and cargo-generate-rpm (a few minutes of compiling).
+# `--auto-req builtin`: the rpm's Requires come from ldd, the same whether or
+# not rpm's find-requires is installed on the build machine.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+CARGO_DEB_VERSION ?= 3.8.0
+CARGO_GENERATE_RPM_VERSION ?= 0.21.1
+
+package-tools:
+	@$(CARGO) deb --version >/dev/null 2>&1 || \
+		$(CARGO) install --locked cargo-deb@$(CARGO_DEB_VERSION)
+	@$(CARGO) generate-rpm --version >/dev/null 2>&1 || \
+		$(CARGO) install --locked cargo-generate-rpm@$(CARGO_GENERATE_RPM_VERSION)
+
+package: build package-tools
+	rm -f $(TARGET_DIR)/debian/*.deb $(TARGET_DIR)/generate-rpm/*.rpm
+	$(CARGO) deb --no-build --locked
+	$(CARGO) generate-rpm --auto-req builtin
+	@ls -l $(TARGET_DIR)/debian/*.deb $(TARGET_DIR)/generate-rpm/*.rpm
+
+# Builds the packages, checks their metadata, installs the .deb and runs the
+# installed binary (needs root or sudo: it installs and removes the package).
+test-package: package
+	tests/packaging.sh $(TARGET_DIR)
 
 fmt:
 	$(CARGO) fmt --all

@@ -24,7 +24,7 @@ qemu-img bitmap --add --enable "$IMG" demo-bitmap
 # Writes after the bitmap was added show up as dirty extents.
 qemu-io -f qcow2 -c "write -P 0xef 32M 1M" "$IMG" >/dev/null
 
-qemu-nbd --socket="$SOCK" --persistent --shared=0 --cache=writeback \
+qemu-nbd --socket="$SOCK" --persistent --shared=0 --cache=writeback --allocation-depth \
     --pid-file="$DIR/qemu-nbd.pid" -f qcow2 -B demo-bitmap "$IMG" &
 NBD_PID=$!
 trap 'kill $NBD_PID 2>/dev/null || true; wait $NBD_PID 2>/dev/null || true' EXIT
@@ -41,7 +41,7 @@ Try:   curl -i -X OPTIONS http://127.0.0.1:$PORT/images/demo
 Ctrl-C stops the server and qemu-nbd.
 
 MSG
-"$BIN" --listen 127.0.0.1 --port "$PORT" --config-dir "$CFG" &
+"$BIN" --listen 127.0.0.1 --port "$PORT" --config-dir "$CFG" --control-socket "$DIR/control.sock" &
 SRV=$!
 trap 'kill $SRV 2>/dev/null || true; kill $NBD_PID 2>/dev/null || true; wait 2>/dev/null || true' EXIT INT TERM
 wait $SRV

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if command -v apt-get >/dev/null; then
-    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv openssl)
+    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl)
     missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +23,7 @@ if command -v apt-get >/dev/null; then
     fi
 elif command -v dnf >/dev/null || command -v yum >/dev/null; then
     PM=$(command -v dnf || command -v yum)
-    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 openssl)
+    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl)
     missing=()
     for p in "${pkgs[@]}"; do
         rpm -q "$p" >/dev/null 2>&1 || missing+=("$p")

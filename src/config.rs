@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -183,6 +183,11 @@ impl ConfigDir {
         &self.dir
     }
 
+    /// Every transfer loaded from the config dir and still cached.
+    pub fn cached(&self) -> Vec<Arc<Transfer>> {
+        self.cache.lock().values().map(|(_, t)| t.clone()).collect()
+    }
+
     /// The transfer `id`, or `None` when the id is invalid or its config is
     /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
     pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
@@ -228,6 +233,20 @@ impl ConfigDir {
                 None
             }
         }
+    }
+}
+
+impl ConfigDir {
+    /// Closes every cached transfer idle for longer than its idle timeout
+    /// and returns them (still to be retired: see [`Transfer::retire`]). They
+    /// stay cached, closed, so the id is refused until its file changes.
+    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+        self.cache
+            .lock()
+            .values()
+            .filter(|(_, t)| t.close_if_idle(now))
+            .map(|(_, t)| t.clone())
+            .collect()
     }
 }
 
@@ -355,6 +374,23 @@ mod tests {
                 export_bitmap: None
             }
         );
+        // Idle expiry keeps the closed transfer until the file changes.
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/bb.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        let d = reg.lookup("t1").unwrap();
+        let expired = reg.expire_idle(Instant::now() + Duration::from_secs(2));
+        assert_eq!(expired.len(), 1);
+        assert!(Arc::ptr_eq(&d, &expired[0]));
+        assert!(reg.lookup("t1").unwrap().is_closed());
+        std::fs::write(
+            dir.path().join("t1"),
+            r#"{"socket":"/cc.sock","idle_timeout_seconds":1}"#,
+        )
+        .unwrap();
+        assert!(!reg.lookup("t1").unwrap().is_closed());
         std::fs::write(dir.path().join("t1"), "x".repeat(5000)).unwrap();
         assert!(reg.lookup("t1").is_none());
         std::fs::remove_file(dir.path().join("t1")).unwrap();

@@ -5,12 +5,17 @@ use serde::Serialize;
 
 use crate::nbd;
 
-/// `{"start","length","zero"}`: one allocation extent.
+/// `{"start","length","zero","hole"}`: one allocation extent. `hole`: the
+/// range is allocated in no layer of the image (qcow2 clusters that would
+/// expose a backing file), as `qemu:allocation-depth` 0 tells; false when
+/// the export does not offer that context (raw images never have holes in
+/// this sense).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Extent {
     pub start: u64,
     pub length: u64,
     pub zero: bool,
+    pub hole: bool,
 }
 
 /// `{"start","length","dirty","zero"}`: one extent of `context=dirty`.
@@ -31,6 +36,7 @@ pub fn whole(size: u64, zero: bool) -> Vec<Extent> {
             start: 0,
             length: size,
             zero,
+            hole: false,
         }]
     }
 }
@@ -61,60 +67,81 @@ trait Spanned {
     }
 }
 
-impl Spanned for Extent {
-    fn begin(&self) -> u64 {
-        self.start
-    }
-    fn len(&self) -> u64 {
-        self.length
-    }
-    fn grow(&mut self, by: u64) {
-        self.length += by;
-    }
+macro_rules! spanned {
+    ($($t:ty),*) => {$(
+        impl Spanned for $t {
+            fn begin(&self) -> u64 {
+                self.start
+            }
+            fn len(&self) -> u64 {
+                self.length
+            }
+            fn grow(&mut self, by: u64) {
+                self.length += by;
+            }
+        }
+    )*};
 }
 
-impl Spanned for DirtyExtent {
-    fn begin(&self) -> u64 {
-        self.start
-    }
-    fn len(&self) -> u64 {
-        self.length
-    }
-    fn grow(&mut self, by: u64) {
-        self.length += by;
-    }
-}
+spanned!(Extent, DirtyExtent);
 
-/// Allocation extents from `base:allocation` block status: zero = hole or
-/// zero flag; touching extents with the same value are merged.
-pub fn from_allocation(list: &[nbd::Extent]) -> Vec<Extent> {
-    let mut out = Vec::with_capacity(list.len());
-    for e in list {
+/// Allocation extents covering `0..size` from `base:allocation` block
+/// status (zero = hole or zero flag) and, when the export offers it,
+/// `qemu:allocation-depth` (hole = depth 0), merged on common boundaries in
+/// one linear pass; touching extents with the same flags are merged.
+pub fn from_allocation(
+    alloc: &[nbd::Extent],
+    depth: Option<&[nbd::Extent]>,
+    size: u64,
+) -> Vec<Extent> {
+    let depth = depth.unwrap_or(&[]);
+    let mut out = Vec::with_capacity(alloc.len() + depth.len());
+    let mut a = Cursor { list: alloc, i: 0 };
+    let mut d = Cursor { list: depth, i: 0 };
+    let mut pos = 0;
+    while pos < size {
+        let (zero, a_next) = a.at(pos, |e| {
+            (
+                e.offset,
+                e.length,
+                e.flags & (nbd::STATE_HOLE | nbd::STATE_ZERO) != 0,
+            )
+        });
+        let (hole, d_next) = d.at(pos, |e| (e.offset, e.length, e.flags == 0));
+        let next = a_next.min(d_next).min(size);
         push(
             &mut out,
             Extent {
-                start: e.offset,
-                length: e.length,
-                zero: e.flags & (nbd::STATE_HOLE | nbd::STATE_ZERO) != 0,
+                start: pos,
+                length: next - pos,
+                zero,
+                hole,
             },
-            |a, b| a.zero == b.zero,
+            |x, y| x.zero == y.zero && x.hole == y.hole,
         );
+        pos = next;
     }
     out
 }
 
 /// Whole-list fallback for `context=dirty` without a bitmap: every
-/// allocation extent reported dirty.
+/// allocation extent reported dirty (those that differ only in `hole`
+/// merged, as dirty extents have no hole).
 pub fn all_dirty(alloc: &[Extent]) -> Vec<DirtyExtent> {
-    alloc
-        .iter()
-        .map(|e| DirtyExtent {
-            start: e.start,
-            length: e.length,
-            dirty: true,
-            zero: e.zero,
-        })
-        .collect()
+    let mut out = Vec::with_capacity(alloc.len());
+    for e in alloc {
+        push(
+            &mut out,
+            DirtyExtent {
+                start: e.start,
+                length: e.length,
+                dirty: true,
+                zero: e.zero,
+            },
+            |x, y| x.zero == y.zero,
+        );
+    }
+    out
 }
 
 /// A cursor over a sorted, non-overlapping list of spans with a flag.
@@ -191,41 +218,78 @@ mod tests {
         }
     }
 
+    fn ex(start: u64, length: u64, zero: bool, hole: bool) -> Extent {
+        Extent {
+            start,
+            length,
+            zero,
+            hole,
+        }
+    }
+
     #[test]
     fn allocation_flags_and_merging() {
-        let got = from_allocation(&[
+        let alloc = [
             ne(0, 10, 0),
             ne(10, 5, 1),
             ne(15, 5, 3),
             ne(20, 5, 2),
             ne(25, 5, 0),
-        ]);
+        ];
         assert_eq!(
-            got,
+            from_allocation(&alloc, None, 30),
             vec![
-                Extent {
-                    start: 0,
-                    length: 10,
-                    zero: false
-                },
-                Extent {
-                    start: 10,
-                    length: 15,
-                    zero: true
-                },
-                Extent {
-                    start: 25,
-                    length: 5,
-                    zero: false
-                },
+                ex(0, 10, false, false),
+                ex(10, 15, true, false),
+                ex(25, 5, false, false)
             ]
         );
         assert_eq!(whole(0, false), vec![]);
+        assert_eq!(from_allocation(&[], None, 0), vec![]);
+    }
+
+    #[test]
+    fn allocation_depth_marks_holes() {
+        // qcow2: data, an allocated zero cluster, unallocated clusters.
+        let alloc = [ne(0, 10, 0), ne(10, 30, 3)];
+        let depth = [ne(0, 20, 1), ne(20, 15, 0), ne(35, 5, 2)];
+        assert_eq!(
+            from_allocation(&alloc, Some(&depth), 40),
+            vec![
+                ex(0, 10, false, false),
+                ex(10, 10, true, false),
+                ex(20, 15, true, true),
+                ex(35, 5, true, false),
+            ]
+        );
+        // A depth list that stops early: no hole where it says nothing.
+        assert_eq!(
+            from_allocation(&alloc, Some(&[ne(0, 10, 0)]), 40),
+            vec![ex(0, 10, false, true), ex(10, 30, true, false)]
+        );
+    }
+
+    #[test]
+    fn all_dirty_merges_what_only_holes_split() {
+        let alloc = [
+            ex(0, 10, false, false),
+            ex(10, 10, true, true),
+            ex(20, 10, true, false),
+            ex(30, 10, false, false),
+        ];
+        assert_eq!(
+            all_dirty(&alloc),
+            vec![
+                de(0, 10, true, false),
+                de(10, 20, true, true),
+                de(30, 10, true, false)
+            ]
+        );
     }
 
     #[test]
     fn merge_on_common_boundaries() {
-        let alloc = from_allocation(&[ne(0, 100, 0), ne(100, 100, 3)]);
+        let alloc = from_allocation(&[ne(0, 100, 0), ne(100, 100, 3)], None, 200);
         let dirty = [ne(0, 50, 0), ne(50, 100, 1), ne(150, 50, 0)];
         assert_eq!(
             merge_dirty(&alloc, &dirty, 200),
@@ -240,11 +304,7 @@ mod tests {
 
     #[test]
     fn merge_handles_gaps_and_short_lists() {
-        let alloc = vec![Extent {
-            start: 0,
-            length: 40,
-            zero: true,
-        }];
+        let alloc = vec![ex(0, 40, true, false)];
         let dirty = [ne(60, 20, 1)];
         assert_eq!(
             merge_dirty(&alloc, &dirty, 100),
@@ -262,13 +322,7 @@ mod tests {
     fn merge_is_linear_on_many_extents() {
         // 200k alternating extents each: quadratic code would take minutes.
         let n = 200_000u64;
-        let alloc: Vec<Extent> = (0..n)
-            .map(|i| Extent {
-                start: i * 2,
-                length: 2,
-                zero: i % 2 == 0,
-            })
-            .collect();
+        let alloc: Vec<Extent> = (0..n).map(|i| ex(i * 2, 2, i % 2 == 0, false)).collect();
         let dirty: Vec<nbd::Extent> = (0..n * 2).map(|i| ne(i, 1, (i % 2) as u32)).collect();
         let got = merge_dirty(&alloc, &dirty, n * 2);
         assert_eq!(got.len() as u64, n * 2);

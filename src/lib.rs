@@ -3,8 +3,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod extents;
 pub mod http;
 pub mod nbd;
 pub mod ops;
+pub mod registry;
 pub mod server;
+pub mod tls;

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use cloudstack_image_server::server::{self, Settings};
+use cloudstack_image_server::control;
+use cloudstack_image_server::server::{self, Settings, TlsFiles};
 
 /// imageio-compatible HTTP server for CloudStack KVM image transfers over NBD.
 ///
-/// Each transfer id names a disk: a JSON file `<config-dir>/<id>` (written by
-/// the CloudStack agent) says whether it is an NBD export on a Unix socket
-/// or a local file.
+/// Each transfer id names a disk: registered over the control socket by the
+/// CloudStack agent, or a JSON file `<config-dir>/<id>`; its config says
+/// whether it is an NBD export on a Unix socket or a local file.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -44,6 +45,17 @@ struct Cli {
     /// HTTP worker threads (0: one per CPU core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Unix socket where the agent registers and unregisters transfers
+    /// (mode 0660; its directory is created if missing). An empty value
+    /// turns it off.
+    #[arg(long, default_value = control::DEFAULT_SOCKET)]
+    control_socket: String,
+    /// PEM certificate (chain) for HTTPS; needs --tls-key-file.
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) for HTTPS; needs --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +71,11 @@ fn main() -> ExitCode {
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         workers: cli.workers,
+        control_socket: Some(PathBuf::from(cli.control_socket)).filter(|p| !p.as_os_str().is_empty()),
+        tls: match (cli.tls_cert_file, cli.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        },
     };
     match actix_web::rt::System::new().block_on(server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

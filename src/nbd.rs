@@ -6,6 +6,7 @@
 //! The handle is closed in `Drop`. All `unsafe` of the project that talks to
 //! libnbd lives in this file.
 
+use std::collections::HashSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -146,6 +147,9 @@ pub struct Connection {
     handle: NonNull<sys::nbd_handle>,
     size: u64,
     max_request: u64,
+    /// Set when a call had to return with commands still in flight on a live
+    /// handle; from then on nothing may drive the handle (see `wait_all`).
+    poisoned: bool,
 }
 
 // SAFETY: a libnbd handle is not tied to the thread that created it; libnbd
@@ -173,6 +177,7 @@ impl Connection {
             handle,
             size: 0,
             max_request: MAX_REQUEST,
+            poisoned: false,
         };
         if let Some(export) = opts.export {
             let c_export = cstring("export name", export)?;
@@ -208,7 +213,31 @@ impl Connection {
 
     fn check(&self, rc: c_int) -> Result<()> {
         if rc < 0 {
-            Err(Error::last())
+            Err(self.last_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// libnbd's error for the last failed call on this handle. libnbd refuses
+    /// commands on a dead handle with EINVAL ("invalid state: DEAD"); that is
+    /// reported as ENOTCONN here, so callers can tell a lost connection from
+    /// a bad request of their own (which is also EINVAL).
+    fn last_error(&self) -> Error {
+        let mut err = Error::last();
+        if err.errno == libc::EINVAL && self.is_dead() {
+            err.errno = libc::ENOTCONN;
+        }
+        err
+    }
+
+    /// Fails with ENOTCONN, without calling libnbd, once the handle is dead.
+    fn check_alive(&self) -> Result<()> {
+        if self.is_dead() {
+            Err(Error::new(
+                libc::ENOTCONN,
+                "NBD connection is dead (the server closed it or broke the protocol)",
+            ))
         } else {
             Ok(())
         }
@@ -243,17 +272,76 @@ impl Connection {
                 ));
             }
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as c_int;
-            // SAFETY: valid handle; nbd_poll drives the state machine.
-            let rc = unsafe { sys::nbd_poll(self.h(), ms) };
-            if rc < 0 {
-                return Err(Error::last());
-            }
+            self.poll_once(ms)?;
         }
+    }
+
+    /// Waits up to `timeout_ms` (-1: without limit) for the socket to be ready
+    /// in the direction libnbd waits for, and tells libnbd. This is what
+    /// nbd_poll does, except that a hang-up (POLLHUP/POLLERR) is delivered in
+    /// the direction the state machine waits for. libnbd 1.14's nbd_poll
+    /// always treats a hang-up as readable; in a state that only waits to
+    /// write (connect(2) in progress, when a peer accepts and closes at once)
+    /// that fails with "external event 0 is invalid in state CONNECT.START"
+    /// (EINVAL) instead of libnbd seeing and reporting the disconnect.
+    fn poll_once(&mut self, timeout_ms: c_int) -> Result<()> {
+        // SAFETY: valid handle; these only read the state machine.
+        let (fd, dir) = unsafe {
+            (
+                sys::nbd_aio_get_fd(self.h()),
+                sys::nbd_aio_get_direction(self.h()),
+            )
+        };
+        if fd < 0 {
+            return Err(self.last_error());
+        }
+        let wants_read = dir & sys::LIBNBD_AIO_DIRECTION_READ != 0;
+        let wants_write = dir & sys::LIBNBD_AIO_DIRECTION_WRITE != 0;
+        if !wants_read && !wants_write {
+            return Err(Error::new(
+                libc::EIO,
+                "NBD handle is not waiting for the server",
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: if wants_read { libc::POLLIN } else { 0 }
+                | if wants_write { libc::POLLOUT } else { 0 },
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd. The fd is the handle's socket, which
+        // stays open during the call: we hold &mut self, so no other libnbd
+        // call on this handle can close it.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EINTR) => Ok(()),
+                errno => Err(Error::new(
+                    errno.unwrap_or(libc::EIO),
+                    format!("poll: {err}"),
+                )),
+            };
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let hangup = pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+        let rc = if wants_read && (pfd.revents & libc::POLLIN != 0 || hangup) {
+            // SAFETY: valid handle, and the state machine waits for a read.
+            unsafe { sys::nbd_aio_notify_read(self.h()) }
+        } else if wants_write && (pfd.revents & libc::POLLOUT != 0 || hangup) {
+            // SAFETY: valid handle, and the state machine waits for a write.
+            unsafe { sys::nbd_aio_notify_write(self.h()) }
+        } else {
+            0
+        };
+        self.check(rc)
     }
 
     fn flag(&self, rc: c_int) -> Result<bool> {
         if rc < 0 {
-            Err(Error::last())
+            Err(self.last_error())
         } else {
             Ok(rc != 0)
         }
@@ -299,6 +387,9 @@ impl Connection {
     /// True once the connection can no longer be used (server gone, protocol
     /// error): such a connection must not be reused.
     pub fn is_dead(&self) -> bool {
+        if self.poisoned {
+            return true;
+        }
         // SAFETY: valid handle; these only read the state machine.
         unsafe { sys::nbd_aio_is_dead(self.h()) == 1 || sys::nbd_aio_is_closed(self.h()) == 1 }
     }
@@ -346,6 +437,7 @@ impl Connection {
     /// Fills `buf` from the export at `offset`, split into requests the server accepts.
     pub fn pread_into(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = self.max_request as usize;
         let mut off = offset;
         for chunk in buf.chunks_mut(step) {
@@ -369,6 +461,7 @@ impl Connection {
     /// Writes `buf` to the export at `offset`, split into requests the server accepts.
     pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.check_alive()?;
         let step = self.max_request as usize;
         let mut off = offset;
         for chunk in buf.chunks(step) {
@@ -398,123 +491,142 @@ impl Connection {
         offset: u64,
         request_size: usize,
     ) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks_mut(step) {
-            // SAFETY: valid handle; the buffer stays borrowed (and alive)
-            // until `wait_all` below has seen every command retire or the
-            // handle die, so libnbd never writes into freed memory.
-            let cookie = unsafe {
+        let base = buf.as_mut_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: pos + n <= buf.len(), so the n bytes at base + pos lie
+            // inside `buf`, which stays mutably borrowed until `pipelined`
+            // returns; it returns only after every command retired or the
+            // handle died, so libnbd never writes into freed memory.
+            unsafe {
                 sys::nbd_aio_pread(
-                    self.h(),
-                    chunk.as_mut_ptr() as *mut c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *mut c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
-            if cookie < 0 {
-                first_err = Some(Error::last());
-                break;
             }
-            cookies.push(cookie as u64);
-            off += chunk.len() as u64;
-        }
-        let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        })
     }
 
     /// Writes `buf` at `offset` with several requests in flight at once.
     /// Returns when every request has completed.
     pub fn pwrite_pipelined(&mut self, buf: &[u8], offset: u64, request_size: usize) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = request_size.clamp(4096, self.max_request as usize);
-        let mut cookies = Vec::with_capacity(buf.len() / step + 1);
-        let mut off = offset;
-        let mut first_err = None;
-        for chunk in buf.chunks(step) {
-            // SAFETY: as in pread_pipelined: the buffer outlives every command
-            // because wait_all returns only when all have retired (or the
-            // handle is dead and will not touch the buffer again).
-            let cookie = unsafe {
+        let base = buf.as_ptr();
+        self.pipelined(buf.len(), offset, request_size, |h, pos, n, off| {
+            // SAFETY: as in pread_pipelined; libnbd only reads the buffer.
+            unsafe {
                 sys::nbd_aio_pwrite(
-                    self.h(),
-                    chunk.as_ptr() as *const c_void,
-                    chunk.len(),
+                    h,
+                    base.add(pos) as *const c_void,
+                    n,
                     off,
                     sys::nbd_completion_callback::default(),
                     0,
                 )
-            };
+            }
+        })
+    }
+
+    /// Issues `len` bytes from `offset` as commands of at most `request_size`
+    /// bytes (`issue(handle, pos, n, offset)` starts one and returns its
+    /// cookie), then waits for all of them.
+    fn pipelined(
+        &mut self,
+        len: usize,
+        offset: u64,
+        request_size: usize,
+        mut issue: impl FnMut(*mut sys::nbd_handle, usize, usize, u64) -> i64,
+    ) -> Result<()> {
+        self.check_range(offset, len as u64)?;
+        self.check_alive()?;
+        // Never panics: max_request is at least 1 whatever the server advertises.
+        let step = request_size.max(4096).min(self.max_request.max(1) as usize);
+        let mut cookies = Vec::with_capacity(len / step + 1);
+        let mut first_err = None;
+        let mut pos = 0;
+        while pos < len {
+            let n = step.min(len - pos);
+            let cookie = issue(self.h(), pos, n, offset + pos as u64);
             if cookie < 0 {
-                first_err = Some(Error::last());
+                first_err = Some(self.last_error());
                 break;
             }
             cookies.push(cookie as u64);
-            off += chunk.len() as u64;
+            pos += n;
         }
         let waited = self.wait_all(&cookies);
-        match first_err {
-            Some(e) => Err(e),
-            None => waited,
-        }
+        first_err.map_or(waited, Err)
     }
 
-    /// Waits until every command in `cookies` has completed; returns the
-    /// first error among them. Returns early only when the handle is dead, at
-    /// which point libnbd no longer touches any command buffer.
+    /// Waits until every command in `cookies` has completed and retires
+    /// them; returns the first error among them. Returns early only when
+    /// libnbd will never touch the commands' buffers again: the handle is
+    /// dead, or it has been poisoned (see below).
     fn wait_all(&mut self, cookies: &[u64]) -> Result<()> {
-        let mut pending: Vec<u64> = cookies.to_vec();
+        let mut pending: HashSet<u64> = cookies.iter().copied().collect();
         let mut first_err: Option<Error> = None;
+        let mut poll_err: Option<Error> = None;
         while !pending.is_empty() {
-            let mut i = 0;
-            while i < pending.len() {
+            // Retire what has completed. peek names one completed command
+            // at a time, so each costs O(1); asking about every pending
+            // cookie after every poll was quadratic in the requests in flight.
+            loop {
+                // SAFETY: valid handle.
+                let cookie = unsafe { sys::nbd_aio_peek_command_completed(self.h()) };
+                if cookie == 0 {
+                    break; // commands in flight, none completed yet
+                }
+                if cookie < 0 {
+                    // Nothing in flight at all, yet `pending` is not empty:
+                    // cannot happen, but ask about each rather than poll for
+                    // replies that will never come.
+                    pending.retain(|&c| {
+                        // SAFETY: valid handle; the cookie came from this handle.
+                        let rc = unsafe { sys::nbd_aio_command_completed(self.h(), c) };
+                        if rc < 0 && first_err.is_none() {
+                            first_err = Some(self.last_error());
+                        }
+                        rc == 0
+                    });
+                    break;
+                }
                 // SAFETY: valid handle; the cookie came from this handle.
-                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), pending[i]) };
-                if rc == 0 {
-                    i += 1;
-                    continue;
-                }
+                let rc = unsafe { sys::nbd_aio_command_completed(self.h(), cookie as u64) };
                 if rc < 0 && first_err.is_none() {
-                    first_err = Some(Error::last());
+                    first_err = Some(self.last_error());
                 }
-                pending.swap_remove(i);
+                pending.remove(&(cookie as u64));
             }
             if pending.is_empty() {
                 break;
             }
             if self.is_dead() {
-                return Err(first_err.unwrap_or_else(|| {
+                // libnbd fails all in-flight commands when the handle dies,
+                // so this is not expected either; a dead handle does no I/O.
+                return Err(first_err.or(poll_err).unwrap_or_else(|| {
                     Error::new(
-                        libc::ESHUTDOWN,
+                        libc::ENOTCONN,
                         "NBD connection died with requests in flight",
                     )
                 }));
             }
-            // SAFETY: valid handle; drives the state machine, blocking until
-            // there is progress.
-            let rc = unsafe { sys::nbd_poll(self.h(), -1) };
-            if rc < 0 {
-                let e = Error::last();
+            // Blocks until there is progress (in-flight commands always
+            // bring a reply or a hang-up).
+            if let Err(e) = self.poll_once(-1) {
                 if self.is_dead() {
-                    return Err(first_err.unwrap_or(e));
+                    // The server went away: libnbd has failed the commands
+                    // in flight (ENOTCONN); retire them and report that.
+                    poll_err.get_or_insert(e);
+                    continue;
                 }
-                if e.errno != libc::EINTR {
-                    first_err.get_or_insert(e);
-                    // A poll failure without a dead handle should not happen;
-                    // stop driving it, but keep the buffers safe by marking
-                    // the handle unusable.
-                    // SAFETY: valid handle; shutdown stops all further I/O.
-                    unsafe { sys::nbd_shutdown(self.h(), sys::LIBNBD_SHUTDOWN_ABANDON_PENDING) };
-                    return Err(first_err.unwrap_or_else(|| Error::new(libc::EIO, "poll failed")));
-                }
+                // The handle is alive but cannot be driven. Returning frees
+                // (or hands back) the buffers of commands still in flight, so
+                // libnbd must never run this handle's state machine again:
+                // any later reply would be written into freed memory.
+                self.poisoned = true;
+                return Err(first_err.unwrap_or(e));
             }
         }
         match first_err {
@@ -528,6 +640,7 @@ impl Connection {
     /// [`Connection::can_zero`].
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        self.check_alive()?;
         let step = MAX_ZERO.min(self.size.max(1));
         let mut off = offset;
         let end = offset + len;
@@ -542,6 +655,7 @@ impl Connection {
 
     /// NBD FLUSH: makes completed writes durable.
     pub fn flush(&mut self) -> Result<()> {
+        self.check_alive()?;
         // SAFETY: valid handle.
         self.check(unsafe { sys::nbd_flush(self.h(), 0) })
     }
@@ -558,6 +672,18 @@ impl Connection {
         contexts: &[&str],
     ) -> Result<Vec<Vec<Extent>>> {
         self.check_range(offset, len)?;
+        self.check_alive()?;
+        // The server only answers for negotiated contexts; without this a
+        // context that was never negotiated looks like a server that makes
+        // no progress.
+        for ctx in contexts {
+            if !self.can_meta_context(ctx)? {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("meta context {ctx} was not negotiated with the NBD server"),
+                ));
+            }
+        }
         let end = offset + len;
         let mut state = BlockStatusState {
             contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
@@ -605,11 +731,13 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // SAFETY: we own the handle and nothing else refers to it: every
-        // borrowed buffer was released before the methods returned. A clean
-        // NBD_CMD_DISC is sent first when the connection is still up.
+        // SAFETY: we own the handle and nothing else refers to it. A clean
+        // NBD_CMD_DISC is sent first when the connection is still up, except
+        // on a poisoned handle, whose state machine must not run again (it
+        // may have commands in flight on released buffers); nbd_close only
+        // closes the socket and frees, it reads nothing.
         unsafe {
-            if sys::nbd_aio_is_ready(self.h()) == 1 {
+            if !self.poisoned && sys::nbd_aio_is_ready(self.h()) == 1 {
                 sys::nbd_shutdown(self.h(), 0);
             }
             sys::nbd_close(self.h());
@@ -626,10 +754,17 @@ struct BlockStatusState {
 }
 
 impl BlockStatusState {
+    /// Records a reply for `metacontext` into every list asking for it (a
+    /// context may be given more than once).
     fn record(&mut self, metacontext: &[u8], offset: u64, entries: &[u32]) {
-        let Some(i) = self.contexts.iter().position(|c| c == metacontext) else {
-            return;
-        };
+        for i in 0..self.contexts.len() {
+            if self.contexts[i] == metacontext {
+                self.record_one(i, offset, entries);
+            }
+        }
+    }
+
+    fn record_one(&mut self, i: usize, offset: u64, entries: &[u32]) {
         let mut start = offset;
         for pair in entries.chunks_exact(2) {
             let len = u64::from(pair[0]);

@@ -9,7 +9,13 @@ pub mod file;
 pub mod nbd;
 
 use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::config::{BackendConfig, TransferConfig};
 use crate::extents::Extent;
@@ -49,12 +55,30 @@ pub struct Caps {
 }
 
 /// One configured transfer: its config plus runtime state (the NBD
-/// connection pool). A changed config file makes a new `Transfer`, so a
-/// stale connection is never reused.
+/// connection pool, the requests in flight). A changed config file or a new
+/// registration makes a new `Transfer`, so a stale connection is never reused.
+///
+/// Requests use a transfer through a [`Lease`]. Once the transfer is closed
+/// (unregistered, or idle for longer than its `idle_timeout`) it grants no
+/// more leases, so the id is unknown to new requests.
 pub struct Transfer {
     id: String,
     config: TransferConfig,
     pool: nbd::Pool,
+    activity: Mutex<Activity>,
+    /// Woken whenever the last lease is returned.
+    drained: Notify,
+    /// Set by every write or zero, cleared by a successful flush: what a
+    /// shutdown (or retiring the transfer) must still flush.
+    unflushed: AtomicBool,
+}
+
+/// What closing and the idle timeout look at.
+struct Activity {
+    in_flight: usize,
+    closed: bool,
+    /// When the last request started or ended (or the transfer was made).
+    last_active: Instant,
 }
 
 impl Transfer {
@@ -63,7 +87,39 @@ impl Transfer {
             id,
             config,
             pool: nbd::Pool::new(),
+            activity: Mutex::new(Activity {
+                in_flight: 0,
+                closed: false,
+                last_active: Instant::now(),
+            }),
+            drained: Notify::new(),
+            unflushed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether data was written since the last flush.
+    pub fn is_unflushed(&self) -> bool {
+        self.unflushed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_written(&self) {
+        self.unflushed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn mark_flushed(&self) {
+        self.unflushed.store(false, Ordering::Release);
+    }
+
+    /// Flushes the transfer if anything was written since the last flush
+    /// (used at shutdown). Blocking.
+    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
+        if !self.is_unflushed() {
+            return Ok(false);
+        }
+        let mut h = self.open()?;
+        h.flush()?;
+        self.mark_flushed();
+        Ok(true)
     }
 
     pub fn id(&self) -> &str {
@@ -76,6 +132,94 @@ impl Transfer {
 
     pub fn is_file(&self) -> bool {
         self.config.is_file()
+    }
+
+    /// Starts a request on this transfer; `None` once it is closed.
+    pub fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let mut a = self.activity.lock();
+        if a.closed {
+            return None;
+        }
+        a.in_flight += 1;
+        a.last_active = Instant::now();
+        Some(Lease {
+            transfer: self.clone(),
+        })
+    }
+
+    /// Requests holding a lease right now.
+    pub fn in_flight(&self) -> usize {
+        self.activity.lock().in_flight
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.activity.lock().closed
+    }
+
+    /// Refuses new leases from now on. Requests in flight go on; see
+    /// [`Transfer::drained`] and [`Transfer::close_connections`].
+    pub fn mark_closed(&self) {
+        self.activity.lock().closed = true;
+    }
+
+    /// Closes the transfer if no request is in flight and none has started
+    /// or ended for `idle_timeout` before `now`. True when this call closed it.
+    pub fn close_if_idle(&self, now: Instant) -> bool {
+        let mut a = self.activity.lock();
+        if a.closed || a.in_flight > 0 {
+            return false;
+        }
+        if now.saturating_duration_since(a.last_active) < self.config.idle_timeout {
+            return false;
+        }
+        a.closed = true;
+        true
+    }
+
+    /// How long the transfer has been without a request (zero while one is
+    /// in flight).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        let a = self.activity.lock();
+        if a.in_flight > 0 {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(a.last_active)
+        }
+    }
+
+    /// Waits until no request holds a lease.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a lease returned in between
+            // still wakes us.
+            notified.as_mut().enable();
+            if self.activity.lock().in_flight == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the pooled NBD connections, and every connection still lent
+    /// out as soon as it comes back. Blocking (NBD disconnects).
+    pub fn close_connections(&self) {
+        self.pool.close();
+    }
+
+    /// The end of a transfer (unregistered, replaced, idle, or the server
+    /// stopping): what was written since the last flush is flushed, then
+    /// its connections are closed. Call it once no request is in flight, or
+    /// requests still running may write after the flush. `when` completes
+    /// the log lines ("at shutdown"). Blocking.
+    pub fn retire(self: &Arc<Self>, when: &str) {
+        match self.flush_if_written() {
+            Ok(true) => log::info!("flushed image_id={} {when}", self.id),
+            Ok(false) => {}
+            Err(e) => log::error!("flush {when} failed image_id={} err={e}", self.id),
+        }
+        self.close_connections();
     }
 
     /// Opens the storage (an NBD connection, from the pool when one is idle,
@@ -97,13 +241,47 @@ impl Transfer {
         }
     }
 
-    /// Closes idle pooled connections (the transfer goes away or idles).
-    pub fn close_idle(&self) {
-        self.pool.clear();
-    }
-
     pub(crate) fn pool(&self) -> &nbd::Pool {
         &self.pool
+    }
+}
+
+/// One request's use of a transfer: while any lease is alive the transfer
+/// counts as busy (never idle, and unregistering waits for it). Dropping it
+/// ends the request's use, whatever way the request ended.
+pub struct Lease {
+    transfer: Arc<Transfer>,
+}
+
+impl Lease {
+    pub fn transfer(&self) -> &Arc<Transfer> {
+        &self.transfer
+    }
+}
+
+impl Deref for Lease {
+    type Target = Transfer;
+    fn deref(&self) -> &Transfer {
+        &self.transfer
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut a = self.transfer.activity.lock();
+        a.in_flight -= 1;
+        a.last_active = Instant::now();
+        let last = a.in_flight == 0;
+        drop(a);
+        if last {
+            self.transfer.drained.notify_waiters();
+        }
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lease({})", self.transfer.id)
     }
 }
 

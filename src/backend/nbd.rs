@@ -25,19 +25,28 @@ pub const PIPELINE_REQUEST: usize = 512 * 1024;
 
 /// Idle connections of one transfer.
 pub struct Pool {
-    idle: Mutex<Vec<Connection>>,
+    inner: Mutex<PoolInner>,
+}
+
+struct PoolInner {
+    idle: Vec<Connection>,
+    /// Set when the transfer goes away: returned connections are closed.
+    closed: bool,
 }
 
 impl Pool {
     pub fn new() -> Pool {
         Pool {
-            idle: Mutex::new(Vec::new()),
+            inner: Mutex::new(PoolInner {
+                idle: Vec::new(),
+                closed: false,
+            }),
         }
     }
 
     fn take(&self) -> Option<Connection> {
         loop {
-            let conn = self.idle.lock().pop()?;
+            let conn = self.inner.lock().idle.pop()?;
             if conn.probe_alive() {
                 return Some(conn);
             }
@@ -46,19 +55,28 @@ impl Pool {
     }
 
     fn put(&self, conn: Connection) {
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+        let mut inner = self.inner.lock();
+        if !inner.closed && inner.idle.len() < MAX_IDLE {
+            inner.idle.push(conn);
+            return;
         }
+        drop(inner);
+        drop(conn);
     }
 
-    pub fn clear(&self) {
-        let drained: Vec<Connection> = std::mem::take(&mut *self.idle.lock());
+    /// Closes the idle connections and, from now on, every connection that
+    /// is returned.
+    pub fn close(&self) {
+        let drained: Vec<Connection> = {
+            let mut inner = self.inner.lock();
+            inner.closed = true;
+            std::mem::take(&mut inner.idle)
+        };
         drop(drained);
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().len()
+        self.inner.lock().idle.len()
     }
 }
 
@@ -92,7 +110,10 @@ impl NbdHandle {
         let conn = match transfer.pool().take() {
             Some(c) => c,
             None => {
-                let mut contexts = vec![nbd::CONTEXT_BASE_ALLOCATION];
+                // qemu:allocation-depth tells holes (unallocated in every
+                // layer); a server without it simply does not agree to it.
+                let mut contexts =
+                    vec![nbd::CONTEXT_BASE_ALLOCATION, nbd::CONTEXT_ALLOCATION_DEPTH];
                 if let Some(b) = &bitmap_context {
                     contexts.push(b);
                 }
@@ -169,6 +190,7 @@ impl NbdHandle {
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        self.transfer.mark_written();
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
         } else {
@@ -178,6 +200,7 @@ impl NbdHandle {
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        self.transfer.mark_written();
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.zero(offset, len));
         }
@@ -194,7 +217,9 @@ impl NbdHandle {
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.with(|c| c.flush())
+        self.with(|c| c.flush())?;
+        self.transfer.mark_flushed();
+        Ok(())
     }
 
     fn allocation_available(&self) -> bool {
@@ -211,8 +236,22 @@ impl NbdHandle {
         if !self.allocation_available() {
             return Ok(extents::whole(size, false));
         }
-        let mut lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
-        Ok(extents::from_allocation(&lists.remove(0)))
+        let depth = self
+            .conn_ref()
+            .can_meta_context(nbd::CONTEXT_ALLOCATION_DEPTH)
+            .unwrap_or(false);
+        if depth {
+            let lists = self.with(|c| {
+                c.block_status(
+                    0,
+                    size,
+                    &[nbd::CONTEXT_BASE_ALLOCATION, nbd::CONTEXT_ALLOCATION_DEPTH],
+                )
+            })?;
+            return Ok(extents::from_allocation(&lists[0], Some(&lists[1]), size));
+        }
+        let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
+        Ok(extents::from_allocation(&lists[0], None, size))
     }
 
     pub fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
@@ -240,7 +279,7 @@ impl NbdHandle {
         }
         let lists =
             self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION, ctx.as_str()]))?;
-        let alloc = extents::from_allocation(&lists[0]);
+        let alloc = extents::from_allocation(&lists[0], None, size);
         Ok(Some(extents::merge_dirty(&alloc, &lists[1], size)))
     }
 

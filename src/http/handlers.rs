@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::AppState;
 use crate::backend::file::FileUpload;
-use crate::backend::{BackendError, Handle, Transfer};
+use crate::backend::{BackendError, Handle, Lease, Transfer};
 use crate::config::BackendConfig;
 use crate::extents;
 use crate::ops::{self, OpLog, Sink};
@@ -102,21 +102,37 @@ async fn open(t: &Arc<Transfer>) -> Result<Handle, ApiError> {
     blocking(move || t.open().map_err(ApiError::from)).await
 }
 
-async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Arc<Transfer>, ApiError> {
+/// The transfer `id` for one request (see `AppState::lookup`), or 404.
+async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError> {
     let state = state.clone();
     let id = id.to_string();
     blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
 }
 
+/// `/info` (or `/info/`): imageio's server information endpoint.
+fn is_info(path: &str) -> bool {
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    parts.next() == Some("info") && parts.next().is_none()
+}
+
 /// The single entry point: every request comes through here.
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
+    let method = req.method().clone();
+    if is_info(req.path()) {
+        if method != Method::GET {
+            return Err(method_not_allowed());
+        }
+        return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")})));
+    }
     let Some((id, tail)) = route(req.path()) else {
         return Err(ApiError::not_found());
     };
-    let method = req.method().clone();
     if method == Method::OPTIONS {
         if tail.is_some() {
             return Err(ApiError::not_found());
+        }
+        if id == "*" {
+            return Ok(options_all(&state));
         }
         let t = lookup(&state, &id).await?;
         return options(&state, t).await;
@@ -150,13 +166,38 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
             _ => Err(ApiError::not_found()),
         };
     }
-    Err(ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed",
-    ))
+    Err(method_not_allowed())
 }
 
-async fn options(state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
+fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// The OPTIONS reply body.
+fn options_body(state: &AppState, features: &[&str], max_writers: usize) -> String {
+    json!({
+        "unix_socket": null,
+        "features": features,
+        "max_readers": state.readers.max(),
+        "max_writers": max_writers,
+    })
+    .to_string()
+}
+
+/// `OPTIONS /images/*`: what the server can do for any image (imageio
+/// clients ask before a transfer exists).
+fn options_all(state: &AppState) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("Access-Control-Allow-Methods", "GET, PUT, PATCH, OPTIONS"))
+        .content_type("application/json")
+        .body(options_body(
+            state,
+            &["extents", "zero", "flush"],
+            state.writers.max(),
+        ))
+}
+
+async fn options(state: &web::Data<AppState>, t: Lease) -> Res {
     let (methods, features, max_writers) = if t.is_file() {
         (
             "GET, PUT, POST, OPTIONS",
@@ -164,7 +205,7 @@ async fn options(state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
             state.writers.max(),
         )
     } else {
-        let h = open(&t).await?;
+        let h = open(t.transfer()).await?;
         let caps = h.caps()?;
         if caps.read_only {
             ("GET, OPTIONS", vec!["extents"], 0)
@@ -179,19 +220,13 @@ async fn options(state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
             ("GET, PUT, PATCH, OPTIONS", f, state.writers.max())
         }
     };
-    let body = json!({
-        "unix_socket": null,
-        "features": features,
-        "max_readers": state.readers.max(),
-        "max_writers": max_writers,
-    });
     Ok(HttpResponse::Ok()
         .insert_header(("Access-Control-Allow-Methods", methods))
         .content_type("application/json")
-        .body(body.to_string()))
+        .body(options_body(state, &features, max_writers)))
 }
 
-async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
+async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
     let slot = state.readers.try_acquire()?;
     let range = header_str(req, header::RANGE)?;
     let spec = match range.map(parse_range).transpose() {
@@ -204,7 +239,7 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Arc<Transf
         t.id(),
         format_args!("range={}", range.unwrap_or("-")),
     );
-    let handle = open(&t).await?;
+    let handle = open(t.transfer()).await?;
     let size = handle.size();
     let (start, len, status) = match spec {
         None => (0, size, StatusCode::OK),
@@ -223,11 +258,12 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Arc<Transf
             format!("bytes {}-{}/{}", start, start + len - 1, size),
         ));
     }
-    let body = ops::read_stream(handle, start, len, log, slot);
+    // The body keeps the reader slot and the lease until it is dropped.
+    let body = ops::read_stream(handle, start, len, log, (slot, t));
     Ok(resp.body(SizedStream::new(len, body)))
 }
 
-async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
     if t.is_file() {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -245,7 +281,7 @@ async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Arc<Tran
         t.id(),
         format_args!("context={}", context.as_deref().unwrap_or("-")),
     );
-    let mut h = open(&t).await?;
+    let mut h = open(t.transfer()).await?;
     let body = blocking(move || {
         let r = if dirty {
             match h.dirty_extents()? {
@@ -280,7 +316,7 @@ async fn put(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Arc<Transfer>,
+    t: Lease,
 ) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
@@ -317,7 +353,7 @@ async fn put(
             Sink::Upload(blocking(move || FileUpload::create(&path).map_err(ApiError::from)).await?)
         }
         BackendConfig::Nbd { .. } => {
-            let handle = open(&t).await?;
+            let handle = open(t.transfer()).await?;
             let size = handle.size();
             let caps = handle.caps()?;
             if caps.read_only {
@@ -346,6 +382,9 @@ async fn put(
         &mut log,
     )
     .await?;
+    if t.is_file() && !flush {
+        t.mark_written();
+    }
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))
@@ -355,7 +394,7 @@ async fn patch(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Arc<Transfer>,
+    t: Lease,
 ) -> Res {
     if t.is_file() {
         return Err(ApiError::bad_request(
@@ -453,7 +492,7 @@ async fn patch_range(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Arc<Transfer>,
+    t: Lease,
     range: &str,
 ) -> Res {
     let length = content_length(req)?;
@@ -468,7 +507,7 @@ async fn patch_range(
         t.id(),
         format_args!("range={range} content_length={length}"),
     );
-    let handle = open(&t).await?;
+    let handle = open(t.transfer()).await?;
     let size = handle.size();
     let caps = handle.caps()?;
     if caps.read_only {
@@ -500,13 +539,7 @@ async fn patch_range(
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 
-async fn zero(
-    state: &web::Data<AppState>,
-    t: Arc<Transfer>,
-    offset: u64,
-    size: u64,
-    flush: bool,
-) -> Res {
+async fn zero(state: &web::Data<AppState>, t: Lease, offset: u64, size: u64, flush: bool) -> Res {
     let _lock = state.locks.try_lock(t.id())?;
     let _slot = state.writers.try_acquire()?;
     let mut log = OpLog::start(
@@ -514,7 +547,7 @@ async fn zero(
         t.id(),
         format_args!("offset={offset} size={size} flush={flush}"),
     );
-    let mut h = open(&t).await?;
+    let mut h = open(t.transfer()).await?;
     let zeroed = blocking(move || {
         let image_size = h.size();
         if h.caps()?.read_only {
@@ -537,10 +570,10 @@ async fn zero(
     Ok(json_ok(&json!({"ok": true})))
 }
 
-async fn flush(state: &web::Data<AppState>, t: Arc<Transfer>) -> Res {
+async fn flush(state: &web::Data<AppState>, t: Lease) -> Res {
     let _lock = state.locks.try_lock(t.id())?;
     let _log = OpLog::start("FLUSH", t.id(), format_args!(""));
-    let mut h = open(&t).await?;
+    let mut h = open(t.transfer()).await?;
     blocking(move || {
         h.flush().map_err(|e| {
             log::error!("FLUSH error err={e}");

@@ -8,14 +8,15 @@ pub mod limits;
 pub mod range;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::DefaultHeaders;
 use actix_web::web;
 
-use crate::backend::Transfer;
-use crate::config::ConfigDir;
+use crate::backend::{Lease, Transfer};
+use crate::config::{valid_transfer_id, ConfigDir};
+use crate::registry::Registry;
 use limits::{ImageLocks, Slots};
 
 /// `Access-Control-Allow-Methods` on every response that does not set its own.
@@ -23,6 +24,9 @@ pub const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
 
 /// Server-wide state shared by all workers.
 pub struct AppState {
+    /// Transfers registered over the control socket.
+    pub registry: Registry,
+    /// Transfers configured as files in the config dir.
     pub configs: ConfigDir,
     pub readers: Slots,
     pub writers: Slots,
@@ -39,6 +43,7 @@ impl AppState {
         body_timeout: Duration,
     ) -> AppState {
         AppState {
+            registry: Registry::new(),
             configs,
             readers: Slots::new(max_readers, "reads"),
             writers: Slots::new(max_writers, "writes"),
@@ -47,9 +52,63 @@ impl AppState {
         }
     }
 
-    /// The transfer named `id`, if configured. Blocking (reads the config dir).
-    pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
-        self.configs.lookup(id)
+    /// Every transfer currently known: registered ones and those loaded from
+    /// the config dir and still cached.
+    pub fn transfers(&self) -> Vec<Arc<Transfer>> {
+        let mut all = self.registry.all();
+        all.extend(self.configs.cached());
+        all
+    }
+
+    /// The one place that decides what an id names: a registered transfer
+    /// if there is one (even while it is being unregistered, so that the id
+    /// is refused then), else the config dir's. Returns a lease for one
+    /// request; `None` (404) for an unknown or closed transfer. Blocking
+    /// (may read the config dir).
+    pub fn lookup(&self, id: &str) -> Option<Lease> {
+        if !valid_transfer_id(id) {
+            return None;
+        }
+        let (t, registered) = match self.registry.get(id) {
+            Some(t) => (t, true),
+            None => (self.configs.lookup(id)?, false),
+        };
+        let lease = t.lease();
+        if lease.is_none() {
+            if registered {
+                log::info!("image_id={id} refused: being unregistered");
+            } else {
+                log::info!(
+                    "image_id={id} refused: closed after its idle timeout until its config file changes"
+                );
+            }
+        }
+        lease
+    }
+
+    /// Closes every transfer (registered or config-dir) idle for longer than
+    /// its idle timeout; returns them so they can be retired (see
+    /// [`Transfer::retire`]) off the async workers.
+    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+        let registered = self.registry.expire_idle(now);
+        for t in &registered {
+            log::info!(
+                "image_id={} unregistered: no request for {} s (idle_timeout_seconds)",
+                t.id(),
+                t.config().idle_timeout.as_secs()
+            );
+        }
+        let from_dir = self.configs.expire_idle(now);
+        for t in &from_dir {
+            log::info!(
+                "image_id={} closed: no request for {} s (idle_timeout_seconds); refused until its config file changes",
+                t.id(),
+                t.config().idle_timeout.as_secs()
+            );
+        }
+        let mut all = registered;
+        all.extend(from_dir);
+        all
     }
 }
 

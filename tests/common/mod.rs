@@ -221,11 +221,17 @@ impl Drop for QemuNbd {
     }
 }
 
-/// The real server binary on an ephemeral port with its own config dir.
+/// The real server binary on an ephemeral port with its own config dir and
+/// control socket.
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// "http" or "https", as the server printed it.
+    pub scheme: String,
     pub config_dir: PathBuf,
+    /// The control socket (`<config_dir>/.control.sock` unless the test
+    /// passed its own `--control-socket`).
+    pub control_socket: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -234,7 +240,9 @@ pub fn server_binary() -> PathBuf {
 }
 
 impl Server {
-    /// Starts the server with `--config-dir config_dir --port 0` plus `extra`.
+    /// Starts the server with `--config-dir config_dir --port 0
+    /// --control-socket config_dir/.control.sock` plus `extra` (which may
+    /// name another `--control-socket`).
     pub fn start(config_dir: &Path, extra: &[&str]) -> Server {
         Self::start_with_env(config_dir, extra, &[])
     }
@@ -247,6 +255,14 @@ impl Server {
             .arg("0")
             .arg("--config-dir")
             .arg(config_dir);
+        let control_socket = match extra.iter().position(|a| *a == "--control-socket") {
+            Some(i) => PathBuf::from(extra.get(i + 1).copied().unwrap_or_default()),
+            None => {
+                let p = config_dir.join(".control.sock");
+                cmd.arg("--control-socket").arg(&p);
+                p
+            }
+        };
         cmd.args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -262,9 +278,6 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("listening on ") {
-                    let a = a
-                        .trim_start_matches("http://")
-                        .trim_start_matches("https://");
                     let _ = tx.send(a.trim().to_string());
                 }
             }
@@ -278,8 +291,14 @@ impl Server {
                 log2.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("server printed a socket address"),
+        let (scheme, addr) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => {
+                let (scheme, addr) = a.split_once("://").expect("listening on SCHEME://ADDR");
+                (
+                    scheme.to_string(),
+                    addr.parse().expect("server printed a socket address"),
+                )
+            }
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -291,9 +310,39 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            scheme,
             config_dir: config_dir.to_path_buf(),
+            control_socket,
             log,
         }
+    }
+
+    /// `SCHEME://ADDR/images/ID`
+    pub fn url(&self, id: &str) -> String {
+        format!("{}://{}/images/{id}", self.scheme, self.addr)
+    }
+
+    /// Sends raw bytes to the control socket (then shuts down writing) and
+    /// returns the whole reply.
+    pub fn control_raw(&self, request: &[u8]) -> Vec<u8> {
+        control_request(&self.control_socket, request)
+    }
+
+    /// Sends one JSON request line to the control socket and returns the
+    /// JSON reply (which must be one newline-terminated line).
+    pub fn control(&self, request: &serde_json::Value) -> serde_json::Value {
+        let mut line = request.to_string().into_bytes();
+        line.push(b'\n');
+        parse_control_reply(&self.control_raw(&line))
+    }
+
+    /// Registers an nbd transfer for `nbd` over the control socket.
+    pub fn register_nbd(&self, id: &str, nbd: &QemuNbd) -> serde_json::Value {
+        self.control(&serde_json::json!({
+            "action": "register",
+            "transfer_id": id,
+            "config": nbd_config(nbd),
+        }))
     }
 
     pub fn pid(&self) -> u32 {
@@ -324,14 +373,7 @@ impl Server {
 
     /// Writes an nbd transfer config for `nbd`.
     pub fn add_nbd(&self, id: &str, nbd: &QemuNbd) {
-        let mut cfg = serde_json::json!({"backend": "nbd", "socket": nbd.socket});
-        if let Some(x) = &nbd.opts.export_name {
-            cfg["export"] = x.clone().into();
-        }
-        if let Some(b) = &nbd.opts.bitmap {
-            cfg["export_bitmap"] = b.clone().into();
-        }
-        self.add_transfer(id, &cfg);
+        self.add_transfer(id, &nbd_config(nbd));
     }
 
     pub fn client(&self) -> Client {
@@ -381,6 +423,44 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// The transfer config that names `nbd`'s export.
+pub fn nbd_config(nbd: &QemuNbd) -> serde_json::Value {
+    let mut cfg = serde_json::json!({"backend": "nbd", "socket": nbd.socket});
+    if let Some(x) = &nbd.opts.export_name {
+        cfg["export"] = x.clone().into();
+    }
+    if let Some(b) = &nbd.opts.bitmap {
+        cfg["export_bitmap"] = b.clone().into();
+    }
+    cfg
+}
+
+/// One exchange on a control socket: sends `request`, shuts down writing,
+/// reads the reply to the end (bounded by a timeout).
+pub fn control_request(socket: &Path, request: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect to control socket {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request).expect("send control request");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read control reply");
+    reply
+}
+
+/// A control reply: exactly one JSON object followed by a newline.
+#[track_caller]
+pub fn parse_control_reply(reply: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(reply);
+    assert!(
+        text.ends_with('\n') && text.matches('\n').count() == 1,
+        "control reply must be one line: {text:?}"
+    );
+    serde_json::from_str(text.trim_end())
+        .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {text:?}"))
 }
 
 /// A parsed HTTP response.

@@ -1,0 +1,364 @@
+//! The control socket: how the CloudStack agent registers and unregisters
+//! transfers (newer upstream servers). A Unix stream socket, mode 0660; per
+//! connection one newline-terminated JSON request and one JSON reply (also
+//! newline-terminated), then the server closes the connection:
+//!
+//! - `{"action":"register","transfer_id":ID,"config":{…}}` →
+//!   `{"status":"ok","active_transfers":N}`
+//! - `{"action":"unregister","transfer_id":ID}` → waits for the requests in
+//!   flight on that transfer, drops it, flushes what was written since the
+//!   last flush and closes its NBD connections, then
+//!   `{"status":"ok","active_transfers":N}` (N: registered transfers left;
+//!   the agent stops the server when it reaches 0)
+//! - `{"action":"status"}` → `{"status":"ok","active_transfers":N}`
+//! - anything else → `{"status":"error","message":…}`
+//!
+//! Requests are bounded in size and in time; nothing a client sends can stop
+//! the listener. Runs as tasks on the actix system runtime, never on the
+//! HTTP workers.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::config::{valid_transfer_id, BackendConfig, TransferConfig};
+use crate::http::AppState;
+
+/// Where the agent expects the control socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
+/// Mode of the socket file: the agent (root or the cloud group) only.
+pub const SOCKET_MODE: u32 = 0o660;
+/// Longest accepted request line.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Time a client has to send its whole request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to take the reply.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections served at once; more get an error reply at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// After the reply, what the client still sends (the rest of an oversized
+/// request) is read and dropped, up to this much and this long, so that
+/// closing does not reset the connection before the client read the reply.
+const MAX_DRAIN_BYTES: usize = 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A bound control socket. Its file is removed when this is dropped (if it
+/// is still the one we made).
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl ControlSocket {
+    /// Binds `path`: creates its parent directory if missing, replaces a
+    /// stale socket file (one nobody listens on), refuses a live socket or
+    /// any other kind of file, and sets mode 0660. Must run inside the
+    /// tokio runtime.
+    pub fn bind(path: &Path) -> io::Result<ControlSocket> {
+        let with_path = |e: io::Error, what: &str| {
+            io::Error::new(
+                e.kind(),
+                format!("control socket {}: {what}: {e}", path.display()),
+            )
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| with_path(e, "cannot create its directory"))?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "control socket {} is in use by another process",
+                            path.display()
+                        ),
+                    ));
+                }
+                log::info!("replacing stale control socket {}", path.display());
+                std::fs::remove_file(path)
+                    .map_err(|e| with_path(e, "cannot remove the stale socket"))?;
+            }
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "control socket {} exists and is not a socket",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, "cannot stat")),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| with_path(e, "cannot bind"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .map_err(|e| with_path(e, "cannot set its mode"))?;
+        let ino = std::fs::metadata(path)
+            .map_err(|e| with_path(e, "cannot stat"))?
+            .ino();
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            ino,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts connections until the runtime stops. `unregister_wait`
+    /// bounds how long an unregister waits for requests in flight before
+    /// it replies with an error (the transfer is still dropped once they
+    /// end).
+    pub async fn serve(self, state: web::Data<AppState>, unregister_wait: Duration) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and the like: do not spin.
+                    log::error!("control socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = state.clone();
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    actix_web::rt::spawn(async move {
+                        handle(stream, &state, unregister_wait).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    actix_web::rt::spawn(async move {
+                        reply(stream, error("too many control connections")).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|md| md.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn error(message: impl Into<String>) -> Value {
+    json!({"status": "error", "message": message.into()})
+}
+
+fn ok(state: &AppState) -> Value {
+    json!({"status": "ok", "active_transfers": state.registry.active_count()})
+}
+
+async fn handle(mut stream: UnixStream, state: &web::Data<AppState>, unregister_wait: Duration) {
+    let answer = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
+        Err(_) => error("timed out reading the request"),
+        Ok(Err(e)) => error(e),
+        Ok(Ok(line)) => process(&line, state, unregister_wait).await,
+    };
+    if answer["status"] == "error" {
+        log::warn!("control request failed: {}", answer["message"]);
+    }
+    reply(stream, answer).await;
+}
+
+/// Reads one request: up to the first newline, or to the end of the stream.
+async fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(nl) = chunk[..n].iter().position(|&b| b == b'\n') {
+            buf.extend_from_slice(&chunk[..nl]);
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST_BYTES {
+            break;
+        }
+    }
+    if buf.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Err("empty request".into());
+    }
+    Ok(buf)
+}
+
+async fn reply(mut stream: UnixStream, answer: Value) {
+    let mut out = answer.to_string();
+    out.push('\n');
+    let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(out.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        log::info!("control client went away before taking its reply");
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < MAX_DRAIN_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+async fn process(line: &[u8], state: &web::Data<AppState>, unregister_wait: Duration) -> Value {
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return error(format!("invalid JSON: {e}")),
+    };
+    let Some(obj) = value.as_object() else {
+        return error("request must be a JSON object");
+    };
+    match obj.get("action") {
+        Some(Value::String(a)) if a == "status" => ok(state),
+        Some(Value::String(a)) if a == "register" => register(obj, state).await,
+        Some(Value::String(a)) if a == "unregister" => {
+            unregister(obj, state, unregister_wait).await
+        }
+        Some(Value::String(a)) => {
+            let shown: String = a.chars().take(64).collect();
+            error(format!("unknown action: {shown:?}"))
+        }
+        _ => error("missing or invalid \"action\""),
+    }
+}
+
+fn transfer_id(obj: &Map<String, Value>) -> Result<&str, Value> {
+    match obj.get("transfer_id") {
+        Some(Value::String(id)) if valid_transfer_id(id) => Ok(id),
+        Some(Value::String(_)) => Err(error("invalid transfer_id")),
+        _ => Err(error("missing or invalid \"transfer_id\"")),
+    }
+}
+
+fn describe(config: &TransferConfig) -> String {
+    match &config.backend {
+        BackendConfig::Nbd {
+            socket,
+            export,
+            export_bitmap,
+        } => format!(
+            "backend=nbd socket={} export={} export_bitmap={}",
+            socket.display(),
+            export.as_deref().unwrap_or("-"),
+            export_bitmap.as_deref().unwrap_or("-")
+        ),
+        BackendConfig::File { path } => format!("backend=file file={}", path.display()),
+    }
+}
+
+async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Value {
+    let id = match transfer_id(obj) {
+        Ok(id) => id,
+        Err(e) => return e,
+    };
+    let Some(raw) = obj.get("config") else {
+        return error("missing \"config\"");
+    };
+    // The same validation as config files: absolute, normalised paths,
+    // nothing under /etc, /proc, /sys or /dev.
+    let config = match TransferConfig::from_value(raw) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("control: register refused transfer_id={id} err={e}");
+            return error(format!("invalid config: {e}"));
+        }
+    };
+    let detail = describe(&config);
+    let idle = config.idle_timeout.as_secs();
+    match state.registry.register(id, config) {
+        Ok(replaced) => {
+            log::info!("control: registered transfer_id={id} {detail} idle_timeout_s={idle}");
+            if let Some(old) = replaced {
+                log::info!("control: transfer_id={id} replaced its previous config");
+                // Retired once its own requests are done (in the background).
+                actix_web::rt::spawn(async move {
+                    old.drained().await;
+                    let _ = actix_web::rt::task::spawn_blocking(move || {
+                        old.retire("as its config was replaced")
+                    })
+                    .await;
+                });
+            }
+            ok(state)
+        }
+        Err(e) => {
+            log::error!("control: register refused transfer_id={id} err={e}");
+            error(e)
+        }
+    }
+}
+
+async fn unregister(
+    obj: &Map<String, Value>,
+    state: &web::Data<AppState>,
+    wait: Duration,
+) -> Value {
+    let id = match transfer_id(obj) {
+        Ok(id) => id.to_string(),
+        Err(e) => return e,
+    };
+    let Some(t) = state.registry.begin_unregister(&id) else {
+        // Already gone (never registered, or dropped by its idle timeout):
+        // nothing to do, and the agent only wants the count.
+        log::info!("control: unregister of unknown transfer_id={id}");
+        return ok(state);
+    };
+    log::info!(
+        "control: unregistering transfer_id={id} requests_in_flight={}",
+        t.in_flight()
+    );
+    // The rest runs on even if this client gives up or the wait times out.
+    let finish = actix_web::rt::spawn({
+        let state = state.clone();
+        let id = id.clone();
+        async move {
+            t.drained().await;
+            state.registry.remove(&id, &t);
+            let _ = actix_web::rt::task::spawn_blocking(move || t.retire("as it was unregistered"))
+                .await;
+            log::info!("control: unregistered transfer_id={id}");
+        }
+    });
+    match tokio::time::timeout(wait, finish).await {
+        Ok(_) => ok(state),
+        Err(_) => error(format!(
+            "requests still in flight after {} s; transfer_id {id} is refused and will be dropped when they end",
+            wait.as_secs()
+        )),
+    }
+}

@@ -1,0 +1,339 @@
+//! HTTPS with `--tls-cert-file` / `--tls-key-file`: a self-signed
+//! certificate made by openssl, curl with `--cacert` as the client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A self-signed certificate for 127.0.0.1 and its key (`newkey`: an
+/// openssl -newkey argument such as `rsa:2048` or `ec`).
+fn make_cert(dir: &TempDir, name: &str, newkey: &[&str]) -> (PathBuf, PathBuf) {
+    let cert = dir.join(&format!("{name}.crt"));
+    let key = dir.join(&format!("{name}.key"));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey"])
+        .args(newkey)
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null()));
+    (cert, key)
+}
+
+fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ]
+}
+
+/// curl with the certificate as the only trusted CA; returns (exit ok, stdout).
+fn curl(cacert: &Path, args: &[&str]) -> (bool, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30", "--cacert"])
+        .arg(cacert)
+        .args(args)
+        .output()
+        .expect("run curl");
+    (out.status.success(), out.stdout)
+}
+
+#[test]
+fn https_serves_reads_and_writes() {
+    let dir = TempDir::new("tls");
+    let cfg = TempDir::new("tls-cfg");
+    let (cert, key) = make_cert(&dir, "rsa", &["rsa:2048"]);
+    let img = dir.join("img.raw");
+    let data = pattern_bytes(3 * MIB as usize, 11);
+    std::fs::write(&img, &data).unwrap();
+    let nbd = QemuNbd::start(&img, &dir.join("a.sock"), NbdOpts::raw());
+    let server = Server::start(cfg.path(), &tls_args(&cert, &key));
+    assert_eq!(server.scheme, "https");
+    assert!(server.url("t").starts_with("https://127.0.0.1:"));
+    server.add_nbd("t", &nbd);
+
+    let (ok, body) = curl(&cert, &[&server.url("t")]);
+    assert!(ok);
+    assert!(body == data, "full GET over TLS");
+    let (ok, body) = curl(&cert, &["-H", "Range: bytes=1000-1999", &server.url("t")]);
+    assert!(ok);
+    assert!(body == data[1000..2000]);
+    let (ok, body) = curl(&cert, &["-X", "OPTIONS", &server.url("*")]);
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":1}"#
+    );
+
+    // A ranged PUT over TLS, read back.
+    let chunk = pattern_bytes(65536, 12);
+    let chunk_file = dir.join("chunk.bin");
+    std::fs::write(&chunk_file, &chunk).unwrap();
+    let (ok, body) = curl(
+        &cert,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Range: bytes 65536-131071/*",
+            "--data-binary",
+            &format!("@{}", chunk_file.display()),
+            &server.url("t"),
+        ],
+    );
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        r#"{"ok":true,"bytes_written":65536,"flushed":false}"#
+    );
+    let (ok, body) = curl(
+        &cert,
+        &["-H", "Range: bytes=65536-131071", &server.url("t")],
+    );
+    assert!(ok);
+    assert!(body == chunk);
+
+    // Without the CA the certificate is not trusted.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            &server.url("t"),
+        ])
+        .env("SSL_CERT_FILE", "/nonexistent")
+        .env("CURL_CA_BUNDLE", "/nonexistent")
+        .status()
+        .unwrap();
+    assert!(!out.success());
+}
+
+#[test]
+fn plain_http_to_the_tls_port_fails_cleanly_and_the_server_keeps_serving() {
+    let dir = TempDir::new("tls-plain");
+    let cfg = TempDir::new("tls-plain-cfg");
+    let (cert, key) = make_cert(&dir, "rsa", &["rsa:2048"]);
+    let server = Server::start(cfg.path(), &tls_args(&cert, &key));
+
+    // A raw plain-HTTP request: no HTTP response, the connection ends.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /info/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let started = Instant::now();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the server closes the connection"
+    );
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // curl over plain http fails.
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30"])
+        .arg(format!("http://{}/info/", server.addr))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+
+    // The server still serves TLS.
+    let (ok, body) = curl(&cert, &[&format!("https://{}/info/", server.addr)]);
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!(r#"{{"version":"{}"}}"#, env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn rsa_pkcs1_and_ec_keys_work() {
+    let dir = TempDir::new("tls-keys");
+    let cfg = TempDir::new("tls-keys-cfg");
+    let (rsa_cert, rsa_key) = make_cert(&dir, "rsa", &["rsa:2048"]);
+    let pkcs1 = dir.join("rsa.pkcs1.key");
+    run(Command::new("openssl")
+        .args(["rsa", "-traditional", "-in"])
+        .arg(&rsa_key)
+        .arg("-out")
+        .arg(&pkcs1)
+        .stderr(Stdio::null()));
+    assert!(std::fs::read_to_string(&pkcs1)
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let (ec_cert, ec_key) = make_cert(
+        &dir,
+        "ec",
+        &["ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+    );
+    let sec1 = dir.join("ec.sec1.key");
+    run(Command::new("openssl")
+        .args(["ec", "-in"])
+        .arg(&ec_key)
+        .arg("-out")
+        .arg(&sec1)
+        .stderr(Stdio::null()));
+    assert!(std::fs::read_to_string(&sec1)
+        .unwrap()
+        .starts_with("-----BEGIN EC PRIVATE KEY-----"));
+
+    for (i, (cert, key)) in [(&rsa_cert, &pkcs1), (&ec_cert, &ec_key), (&ec_cert, &sec1)]
+        .into_iter()
+        .enumerate()
+    {
+        let sock = cfg.join(&format!(".ctl{i}.sock"));
+        let mut args = tls_args(cert, key);
+        args.extend(["--control-socket", sock.to_str().unwrap()]);
+        let server = Server::start(cfg.path(), &args);
+        let (ok, body) = curl(cert, &[&format!("https://{}/info/", server.addr)]);
+        assert!(ok, "{}", key.display());
+        assert!(body.starts_with(b"{\"version\""));
+        // TLS 1.2 is accepted too.
+        let (ok, _) = curl(
+            cert,
+            &[
+                "--tls-max",
+                "1.2",
+                &format!("https://{}/info/", server.addr),
+            ],
+        );
+        assert!(ok, "TLS 1.2 with {}", key.display());
+    }
+}
+
+/// Runs the server expecting it to refuse to start; returns its stderr.
+fn start_fails(cfg: &TempDir, args: &[&str]) -> String {
+    let mut child = Command::new(server_binary())
+        .args(["--listen", "127.0.0.1", "--port", "0", "--config-dir"])
+        .arg(cfg.path())
+        .arg("--control-socket")
+        .arg(cfg.join(".ctl.sock"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("server with {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{args:?} must fail");
+    assert!(!stdout.contains("listening on"), "{stdout}");
+    stderr
+}
+
+#[test]
+fn bad_certificate_or_key_files_stop_the_start() {
+    let dir = TempDir::new("tls-bad");
+    let cfg = TempDir::new("tls-bad-cfg");
+    let (cert, key) = make_cert(&dir, "a", &["rsa:2048"]);
+    let (other_cert, _) = make_cert(&dir, "b", &["rsa:2048"]);
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let c = |p: &Path| p.to_str().unwrap().to_string();
+
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![
+                "--tls-cert-file".into(),
+                c(&missing),
+                "--tls-key-file".into(),
+                c(&key),
+            ],
+            format!("cannot read TLS certificate file {}", missing.display()),
+        ),
+        (
+            vec![
+                "--tls-cert-file".into(),
+                c(&cert),
+                "--tls-key-file".into(),
+                c(&missing),
+            ],
+            format!("cannot read TLS key file {}", missing.display()),
+        ),
+        (
+            vec![
+                "--tls-cert-file".into(),
+                c(&garbage),
+                "--tls-key-file".into(),
+                c(&key),
+            ],
+            format!("no certificate found in {}", garbage.display()),
+        ),
+        (
+            vec![
+                "--tls-cert-file".into(),
+                c(&cert),
+                "--tls-key-file".into(),
+                c(&cert),
+            ],
+            format!(
+                "no private key (PKCS#8, RSA or EC) found in {}",
+                cert.display()
+            ),
+        ),
+        (
+            vec![
+                "--tls-cert-file".into(),
+                c(&other_cert),
+                "--tls-key-file".into(),
+                c(&key),
+            ],
+            format!(
+                "TLS key {} does not match certificate {}",
+                key.display(),
+                other_cert.display()
+            ),
+        ),
+        (
+            vec!["--tls-cert-file".into(), c(&cert)],
+            "--tls-key-file".into(),
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = start_fails(&cfg, &args);
+        assert!(stderr.contains(&needle), "{args:?}: {stderr}");
+    }
+}
