@@ -270,7 +270,9 @@ fn docstring_examples_for_extents_zero_and_flush() {
         assert_eq!(r.code, 200, "{}", r.stderr);
         serde_json::from_slice(&r.stdout).expect("JSON body")
     };
-    let ext = |s_: u64, l: u64, z: bool| json!({"start": s_, "length": l, "zero": z});
+    // No `qemu-nbd -A`: no allocation depth, so `hole` is false.
+    let ext =
+        |s_: u64, l: u64, z: bool| json!({"start": s_, "length": l, "zero": z, "hole": false});
     let dext = |s_: u64, l: u64, d: bool, z: bool| json!({"start": s_, "length": l, "dirty": d, "zero": z});
 
     // curl -s http://127.0.0.1:54323/images/demo/extents | jq .
