@@ -71,7 +71,8 @@ fn main() -> ExitCode {
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         workers: cli.workers,
-        control_socket: Some(PathBuf::from(cli.control_socket)).filter(|p| !p.as_os_str().is_empty()),
+        control_socket: Some(PathBuf::from(cli.control_socket))
+            .filter(|p| !p.as_os_str().is_empty()),
         tls: match (cli.tls_cert_file, cli.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,

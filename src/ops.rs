@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,9 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
-use crate::backend::{BackendError, Handle};
+use crate::backend::{BackendError, Handle, Lease};
 use crate::http::error::ApiError;
+use crate::stats::TransferStats;
 
 /// Bytes moved per backend call (and per HTTP body chunk).
 pub const CHUNK: usize = 2 * 1024 * 1024;
@@ -77,10 +79,14 @@ impl Drop for Lent {
 }
 
 /// The body of a GET: chunks read by a blocking thread, plus whatever must
-/// live exactly as long as the response (reader slot, log line).
+/// live exactly as long as the response (the request's lease, reader slot,
+/// log line). The request counts as served once its last byte is handed on;
+/// a body dropped earlier (backend error, client gone) counts as failed.
 pub struct ReadBody<G> {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     log: OpLog,
+    lease: Lease,
+    remaining: u64,
     _guard: G,
 }
 
@@ -91,7 +97,13 @@ impl<G: Unpin> Stream for ReadBody<G> {
         let this = &mut *self;
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
-                this.log.bytes += b.len() as u64;
+                let n = b.len() as u64;
+                this.log.bytes += n;
+                this.lease.stats().add_read(n);
+                this.remaining = this.remaining.saturating_sub(n);
+                if this.remaining == 0 {
+                    this.lease.served();
+                }
                 Poll::Ready(Some(Ok(b)))
             }
             other => other,
@@ -107,8 +119,12 @@ pub fn read_stream<G: Unpin>(
     start: u64,
     len: u64,
     log: OpLog,
+    mut lease: Lease,
     guard: G,
 ) -> ReadBody<G> {
+    if len == 0 {
+        lease.served();
+    }
     let (tx, rx) = mpsc::channel(DEPTH);
     let id = log.id.clone();
     spawn_blocking(move || {
@@ -139,6 +155,8 @@ pub fn read_stream<G: Unpin>(
     ReadBody {
         rx,
         log,
+        lease,
+        remaining: len,
         _guard: guard,
     }
 }
@@ -163,7 +181,7 @@ enum Msg {
 
 /// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
 /// stops at the first block with data.
-fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
@@ -211,7 +229,8 @@ impl Sink {
 /// when asked. The body is read with at most `timeout` between chunks; a body
 /// that ends early or stalls is an error, and nothing is committed for a
 /// file upload. Returns the bytes written. Returns only once the backend
-/// thread has stopped, so the caller's locks cover every write.
+/// thread has stopped, so the caller's locks cover every write. Each chunk
+/// the backend accepts is added to `stats` as written.
 pub async fn write_body(
     payload: &mut Payload,
     length: u64,
@@ -219,6 +238,7 @@ pub async fn write_body(
     flush: bool,
     timeout: Duration,
     log: &mut OpLog,
+    stats: Arc<TransferStats>,
 ) -> Result<u64, ApiError> {
     let (tx, mut rx) = mpsc::channel::<Msg>(DEPTH);
     let writer = spawn_blocking(move || {
@@ -232,6 +252,7 @@ pub async fn write_body(
                         return (written, Err(e));
                     }
                     written += b.len() as u64;
+                    stats.add_written(b.len() as u64);
                 }
                 Some(Msg::Finish) => return (written, sink.finish(flush)),
                 None => {

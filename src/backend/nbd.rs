@@ -254,6 +254,20 @@ impl NbdHandle {
         Ok(extents::from_allocation(&lists[0], None, size))
     }
 
+    /// Extents whose `zero` flag means the range reads as zeroes (see
+    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`.
+    pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.allocation_available() {
+            return Ok(extents::whole(size, false));
+        }
+        let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
+        Ok(extents::reads_as_zero(&lists[0], size))
+    }
+
     pub fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
         let Some(ctx) = self.bitmap_context.clone() else {
             return Ok(None);
