@@ -14,22 +14,6 @@ use serde_json::{json, Value};
 const KIB: u64 = 1024;
 const WRITABLE_METHODS: &str = "GET, PUT, PATCH, OPTIONS";
 
-/// Asserts a compact JSON success body, byte for byte.
-#[track_caller]
-fn assert_json_ok(resp: &Response, body: &str) {
-    assert_eq!(resp.status, 200, "body: {}", resp.text());
-    assert_eq!(resp.header("content-type"), Some("application/json"));
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-    assert_eq!(resp.text(), body);
-}
-
-/// Asserts a JSON error and the common headers.
-#[track_caller]
-fn assert_err(resp: &Response, status: u16, message: &str) {
-    resp.assert_error(status, message);
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-}
-
 /// Asserts a 416 for an image of `size` bytes.
 #[track_caller]
 fn assert_416(resp: &Response, size: u64) {

@@ -12,20 +12,6 @@ use common::*;
 
 const FILE_METHODS: &str = "GET, PUT, POST, OPTIONS";
 
-#[track_caller]
-fn assert_json_ok(resp: &Response, body: &str) {
-    assert_eq!(resp.status, 200, "body: {}", resp.text());
-    assert_eq!(resp.header("content-type"), Some("application/json"));
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-    assert_eq!(resp.text(), body);
-}
-
-#[track_caller]
-fn assert_err(resp: &Response, status: u16, message: &str) {
-    resp.assert_error(status, message);
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-}
-
 /// An environment with file transfer `f` over `<dir>/disk.img` holding `data`.
 fn file_env(tag: &str, data: &[u8]) -> (Env, PathBuf) {
     let env = Env::new(tag, &[]);

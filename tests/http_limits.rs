@@ -22,20 +22,6 @@ const WAIT: Duration = Duration::from_secs(30);
 /// read-ahead can hold, so a GET of it stays in flight while unread.
 const BIG: u64 = 256 * MIB;
 
-#[track_caller]
-fn assert_json_ok(resp: &Response, body: &str) {
-    assert_eq!(resp.status, 200, "body: {}", resp.text());
-    assert_eq!(resp.header("content-type"), Some("application/json"));
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-    assert_eq!(resp.text(), body);
-}
-
-#[track_caller]
-fn assert_err(resp: &Response, status: u16, message: &str) {
-    resp.assert_error(status, message);
-    assert_imageio_headers(resp, DEFAULT_METHODS);
-}
-
 fn patch_json(server: &Server, id: &str, body: &str) -> Response {
     server.request(
         "PATCH",

@@ -846,3 +846,20 @@ pub fn assert_body_ended_early(resp: &Response, sent: u64) {
     assert!(n <= sent, "{msg:?} but only {sent} bytes were sent");
     assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
 }
+
+/// Asserts a compact JSON success body, byte for byte, with the headers
+/// every response carries.
+#[track_caller]
+pub fn assert_json_ok(resp: &Response, body: &str) {
+    assert_eq!(resp.status, 200, "body: {}", resp.text());
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_imageio_headers(resp, DEFAULT_METHODS);
+    assert_eq!(resp.text(), body);
+}
+
+/// Asserts a JSON error and the headers every response carries.
+#[track_caller]
+pub fn assert_err(resp: &Response, status: u16, message: &str) {
+    resp.assert_error(status, message);
+    assert_imageio_headers(resp, DEFAULT_METHODS);
+}
