@@ -2,11 +2,11 @@
 # and `make test`; both install missing system packages first.
 
 CARGO ?= cargo
-BIN := target/release/cloudstack-image-server
+BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean package package-tools test-package
+.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean package package-tools test-package bench
 
 all: build
 
@@ -47,6 +47,13 @@ soak: deps
 test-imageio: deps
 	$(CARGO) build --locked
 	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
+
+# Throughput and latency of the server against qemu-nbd's own client on the
+# same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
+# Results and how to read them: bench/RESULTS.md.
+bench: build
+	@scripts/deps.sh wrk
+	python3 bench/bench.py $(BIN)
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the build, the tests and the demo need, and
 # only those that are missing. Debian/Ubuntu (apt) and Fedora/RHEL (dnf/yum).
+# Extra package names given as arguments are installed too (`deps.sh wrk`).
 set -euo pipefail
 
 SUDO=""
@@ -11,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if command -v apt-get >/dev/null; then
-    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl)
+    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl "$@")
     missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +24,7 @@ if command -v apt-get >/dev/null; then
     fi
 elif command -v dnf >/dev/null || command -v yum >/dev/null; then
     PM=$(command -v dnf || command -v yum)
-    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl)
+    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl "$@")
     missing=()
     for p in "${pkgs[@]}"; do
         rpm -q "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Benchmark: the server against qemu-nbd's own client (nbdcopy) on the same
+export, interleaved in one run so a loaded machine hurts both alike.
+
+Usage: bench/bench.py SERVER_BINARY [--quick]
+
+Needs qemu-img, qemu-nbd, qemu-io, nbdcopy, curl and wrk. Python stdlib only.
+Prints markdown tables ready to paste into bench/RESULTS.md.
+
+Environment: BENCH_TMP (default /var/tmp) holds the ~3.5 GiB of test files;
+BENCH_ROUNDS (default 3) is the number of interleaved rounds (best is kept).
+"""
+
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+GIB = 1024**3
+MIB = 1024**2
+IMAGE_SIZE = 2 * GIB
+DATA_SIZE = 3 * GIB // 2
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg):
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (and its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Proc:
+    """A long-running child we started; stopped by its own pid."""
+
+    def __init__(self, cmd, **kw):
+        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **kw)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+class QemuNbd(Proc):
+    def __init__(self, image, sock, fmt, bitmap=None):
+        cmd = ["qemu-nbd", "--socket", sock, "--shared=0", "--persistent", "--cache=writeback", "-f", fmt]
+        if bitmap:
+            cmd += ["-B", bitmap]
+        super().__init__(cmd + [image], stdout=subprocess.DEVNULL)
+        self.sock = sock
+        self.uri = f"nbd+unix:///?socket={sock}"
+        deadline = time.time() + 20
+        while not os.path.exists(sock):
+            if time.time() > deadline or self.p.poll() is not None:
+                raise RuntimeError(f"qemu-nbd did not start on {sock}")
+            time.sleep(0.02)
+
+
+class Server(Proc):
+    def __init__(self, binary, config_dir, logfile):
+        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        super().__init__(
+            [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir],
+            stdout=subprocess.PIPE, stderr=open(logfile, "w"), env=env, text=True,
+        )
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on http://(\S+)", line)
+        if not m:
+            raise RuntimeError(f"server did not start: {line!r}; see {logfile}")
+        self.addr = m.group(1)
+        self.host, port = self.addr.rsplit(":", 1)
+        self.port = int(port)
+        self.config_dir = config_dir
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()
+
+    def add_nbd(self, tid, nbd, bitmap=None):
+        cfg = {"backend": "nbd", "socket": nbd.sock}
+        if bitmap:
+            cfg["export_bitmap"] = bitmap
+        with open(os.path.join(self.config_dir, tid), "w") as f:
+            json.dump(cfg, f)
+
+    def url(self, tid):
+        return f"http://{self.addr}/images/{tid}"
+
+
+class Measure:
+    """Times a command and the CPU the server and qemu-nbd spent meanwhile."""
+
+    def __init__(self, pids):
+        self.pids = pids
+
+    def __call__(self, fn):
+        cpu0 = [cpu_seconds(p) for p in self.pids]
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        cpu = [cpu_seconds(p) - c for p, c in zip(self.pids, cpu0)]
+        return dt, cpu
+
+
+def make_data(tmp):
+    """1.5 GiB of random data (the upload source) and a 2 GiB raw image whose
+    first 1.5 GiB are that data and the rest a hole."""
+    data = os.path.join(tmp, "data.bin")
+    image = os.path.join(tmp, "image.raw")
+    log("writing 1.5 GiB of random data")
+    with open("/dev/urandom", "rb") as src, open(data, "wb") as dst:
+        left = DATA_SIZE
+        while left:
+            n = min(left, 16 * MIB)
+            dst.write(src.read(n))
+            left -= n
+    shutil.copyfile(data, image)
+    os.truncate(image, IMAGE_SIZE)
+    return data, image
+
+
+def make_qcow2(path, size, bitmap, writes):
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
+    run(["qemu-img", "bitmap", "--add", "--enable", path, bitmap])
+    # qemu-io takes many -c commands per process; batch to keep argv modest.
+    for i in range(0, len(writes), 4000):
+        cmd = ["qemu-io", "-f", "qcow2"]
+        for off, ln in writes[i:i + 4000]:
+            cmd += ["-c", f"write -q -P 7 {off} {ln}"]
+        run(cmd + [path])
+
+
+def curl_get(url, rng=None):
+    cmd = ["curl", "-sS", "--fail", "-o", "/dev/null", url]
+    if rng:
+        cmd += ["-r", rng]
+    return cmd
+
+
+def parallel(cmds):
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in cmds]
+    rcs = [p.wait() for p in procs]
+    if any(rcs):
+        raise RuntimeError(f"command failed: {cmds} -> {rcs}")
+
+
+def call(cmd):
+    return lambda: run(cmd)
+
+
+def extents_latency(server, tid, query=""):
+    """Best and median wall time of GET .../extents on a fresh connection, and the extent count."""
+    times = []
+    count = 0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        c = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        c.request("GET", f"/images/{tid}/extents{query}")
+        r = c.getresponse()
+        body = r.read()
+        times.append(time.perf_counter() - t0)
+        c.close()
+        if r.status != 200:
+            raise RuntimeError(f"extents {tid}{query}: {r.status} {body[:200]!r}")
+        count = len(json.loads(body))
+    times.sort()
+    return times[0], times[len(times) // 2], count
+
+
+def wrk(url, conns, secs):
+    out = run(["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{secs}s",
+               "-H", "Range: bytes=0-4095", url]).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s)\b", out)
+    lat_ms = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw errors: {out}")
+    return rps, lat_ms
+
+
+class RssPoller:
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak = 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, status_kib(self.pid, "VmRSS"))
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop.set()
+        self.t.join()
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    binary = os.path.abspath(sys.argv[1])
+    for tool in ["qemu-img", "qemu-nbd", "qemu-io", "nbdcopy", "curl", "wrk"]:
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found")
+    base = os.environ.get("BENCH_TMP", "/var/tmp")
+    free = shutil.disk_usage(base).free
+    if free < 4 * GIB:
+        sys.exit(f"bench: {base} has {free // MIB} MiB free; need 4 GiB (set BENCH_TMP)")
+    tmp = tempfile.mkdtemp(prefix="csis-bench-", dir=base)
+    procs = []
+    try:
+        bench(binary, tmp, procs)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench(binary, tmp, procs):
+    cores = os.cpu_count()
+    load0 = os.getloadavg()
+    started = time.time()
+    data, image = make_data(tmp)
+    big = os.path.join(tmp, "big.qcow2")
+    frag = os.path.join(tmp, "frag.qcow2")
+    log("building the 1 TiB sparse and the fragmented qcow2 images")
+    make_qcow2(big, 1024 * GIB, "b0", [(0, MIB), (512 * GIB, MIB), (1024 * GIB - MIB, MIB)])
+    # 4 KiB in every other 64 KiB cluster of 1 GiB: 8192 data + 8192 holes.
+    make_qcow2(frag, GIB, "b0", [(i * 128 * 1024, 4096) for i in range(8192)])
+
+    config_dir = os.path.join(tmp, "config")
+    os.mkdir(config_dir)
+    nbd = QemuNbd(image, os.path.join(tmp, "raw.sock"), "raw")
+    procs.append(nbd)
+    nbd_big = QemuNbd(big, os.path.join(tmp, "big.sock"), "qcow2", "b0")
+    procs.append(nbd_big)
+    nbd_frag = QemuNbd(frag, os.path.join(tmp, "frag.sock"), "qcow2", "b0")
+    procs.append(nbd_frag)
+    server = Server(binary, config_dir, os.path.join(tmp, "server.log"))
+    procs.append(server)
+    server.add_nbd("raw", nbd)
+    server.add_nbd("big", nbd_big, "b0")
+    server.add_nbd("frag", nbd_frag, "b0")
+    url = server.url("raw")
+    measure = Measure([server.pid, nbd.pid])
+
+    log("warming the page cache")
+    run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
+    run(curl_get(url))
+
+    quarter = IMAGE_SIZE // 4
+    par_cmds = [curl_get(url, f"{i * quarter}-{(i + 1) * quarter - 1}") for i in range(4)]
+    tests = {
+        "nbdcopy --no-extents → null:": (IMAGE_SIZE, call(["nbdcopy", "--no-extents", nbd.uri, "null:"])),
+        "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(url))),
+        "nbdcopy → null: (skips holes)": (IMAGE_SIZE, call(["nbdcopy", nbd.uri, "null:"])),
+        "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds)),
+        "nbdcopy FILE → nbd": (DATA_SIZE, call(["nbdcopy", data, nbd.uri])),
+        "curl -T PUT": (DATA_SIZE, call(["curl", "-sS", "--fail", "-o", "/dev/null", "-T", data, url])),
+    }
+    best = {}
+    rss_peak = 0
+    for r in range(ROUNDS):
+        log(f"round {r + 1}/{ROUNDS}")
+        for name, (size, fn) in tests.items():
+            if name == "curl GET ×4 ranged":
+                with RssPoller(server.pid) as poll:
+                    dt, cpu = measure(fn)
+                rss_peak = max(rss_peak, poll.peak)
+            else:
+                dt, cpu = measure(fn)
+            if name not in best or dt < best[name][0]:
+                best[name] = (dt, cpu)
+    hwm = status_kib(server.pid, "VmHWM")
+
+    log("extents")
+    ext = {
+        "1 TiB sparse qcow2, zero": extents_latency(server, "big"),
+        "1 TiB sparse qcow2, dirty": extents_latency(server, "big", "?context=dirty"),
+        "fragmented 1 GiB qcow2, zero": extents_latency(server, "frag"),
+        "fragmented 1 GiB qcow2, dirty": extents_latency(server, "frag", "?context=dirty"),
+    }
+
+    log("small requests (wrk)")
+    wrk(url, 1, 1)  # warm the connection pool
+    small = {c: wrk(url, c, 5) for c in (1, 4)}
+
+    load1 = os.getloadavg()
+    elapsed = time.time() - started
+
+    def mibs(name):
+        size = tests[name][0]
+        return size / MIB / best[name][0]
+
+    print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"- cores: {cores}; load average before/after: {load0[0]:.2f} / {load1[0]:.2f}")
+    print(f"- qemu-nbd: {run(['qemu-nbd', '--version']).stdout.splitlines()[0]}; "
+          f"{run(['nbdcopy', '--version']).stdout.splitlines()[0]}")
+    print(f"- best of {ROUNDS} interleaved rounds; bench took {elapsed:.0f} s")
+    print()
+    print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (size, _) in tests.items():
+        dt, cpu = best[name]
+        print(f"| {name} | {size} | {dt:.3f} | {mibs(name):.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} |")
+    print()
+    print("| extents | count | best ms | median ms |")
+    print("|---|---:|---:|---:|")
+    for name, (b, med, count) in ext.items():
+        print(f"| {name} | {count} | {b * 1000:.1f} | {med * 1000:.1f} |")
+    print()
+    print("| 4 KiB ranged GET, keep-alive (wrk) | requests/s | mean latency ms |")
+    print("|---|---:|---:|")
+    for c, (rps, lat) in small.items():
+        print(f"| {c} connection{'s' if c > 1 else ''} | {rps:.0f} | {lat:.3f} |")
+    print()
+    print(f"- server peak RSS during 4 parallel downloads: {rss_peak / 1024:.1f} MiB "
+          f"(VmHWM over the whole run {hwm / 1024:.1f} MiB)")
+    base = mibs("nbdcopy --no-extents → null:")
+    print(f"- download_ratio = {mibs('curl GET (1 stream)') / base:.2f}")
+    print(f"- parallel_download_ratio = {mibs('curl GET ×4 ranged') / base:.2f}")
+    print(f"- upload_ratio = {mibs('curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
+
+
+if __name__ == "__main__":
+    main()
