@@ -97,6 +97,10 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     .client_request_timeout(settings.header_timeout)
     .client_disconnect_timeout(Duration::from_secs(2))
     .keep_alive(Duration::from_secs(60))
+    // A response head and its body are separate writes: without NODELAY,
+    // Nagle holds the body until the client's delayed ACK (~40 ms per small
+    // request on a keep-alive connection).
+    .tcp_nodelay(true)
     .shutdown_timeout(settings.shutdown_timeout.as_secs());
     if settings.workers > 0 {
         server = server.workers(settings.workers);
