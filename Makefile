@@ -6,7 +6,7 @@ BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test test-imageio lint fmt clean bench package package-tools test-package
+.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean package package-tools test-package bench
 
 all: build
 
@@ -31,18 +31,29 @@ test: deps
 		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
 
-# Throughput and latency of the server against qemu-nbd's own client on the
-# same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
-# Results and how to read them: bench/RESULTS.md.
-bench: build
-	@scripts/deps.sh wrk
-	python3 bench/bench.py $(BIN)
+# Every fuzz target for FUZZ_SECS seconds each (cargo-fuzz, libFuzzer).
+FUZZ_SECS ?= 30
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECS)
+
+# 32 clients against 4 transfers for SOAK_SECS seconds, checked against a
+# model of every image, RSS/fd/NBD-connection growth; loopback only.
+SOAK_SECS ?= 180
+soak: deps
+	CSIS_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --locked --test soak -- --ignored --nocapture
 
 # The real imageio client (ovirt-imageio, installed into a throw-away
 # virtualenv) uploads and downloads through the server over HTTP and HTTPS.
 test-imageio: deps
 	$(CARGO) build --locked
 	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
+
+# Throughput and latency of the server against qemu-nbd's own client on the
+# same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
+# Results and how to read them: bench/RESULTS.md.
+bench: build
+	@scripts/deps.sh wrk
+	python3 bench/bench.py $(BIN)
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -188,6 +188,12 @@ impl ConfigDir {
         self.cache.lock().values().map(|(_, t)| t.clone()).collect()
     }
 
+    /// The transfer `id` if it is loaded (cached), without touching the
+    /// disk: possibly closed, possibly older than the file now on disk.
+    pub fn loaded(&self, id: &str) -> Option<Arc<Transfer>> {
+        self.cache.lock().get(id).map(|(_, t)| t.clone())
+    }
+
     /// The transfer `id`, or `None` when the id is invalid or its config is
     /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
     pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {

@@ -11,6 +11,9 @@
 //!   `{"status":"ok","active_transfers":N}` (N: registered transfers left;
 //!   the agent stops the server when it reaches 0)
 //! - `{"action":"status"}` → `{"status":"ok","active_transfers":N}`
+//! - `{"action":"status","transfer_id":ID}` → the same plus
+//!   `"transfer":{…}`, that transfer's figures (see [`transfer_status`]);
+//!   an id the server does not hold is an error
 //! - anything else → `{"status":"error","message":…}`
 //!
 //! Requests are bounded in size and in time; nothing a client sends can stop
@@ -21,7 +24,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::web;
 use serde_json::{json, Map, Value};
@@ -29,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use crate::backend::Transfer;
 use crate::config::{valid_transfer_id, BackendConfig, TransferConfig};
 use crate::http::AppState;
 
@@ -244,7 +248,7 @@ async fn process(line: &[u8], state: &web::Data<AppState>, unregister_wait: Dura
         return error("request must be a JSON object");
     };
     match obj.get("action") {
-        Some(Value::String(a)) if a == "status" => ok(state),
+        Some(Value::String(a)) if a == "status" => status(obj, state),
         Some(Value::String(a)) if a == "register" => register(obj, state).await,
         Some(Value::String(a)) if a == "unregister" => {
             unregister(obj, state, unregister_wait).await
@@ -263,6 +267,58 @@ fn transfer_id(obj: &Map<String, Value>) -> Result<&str, Value> {
         Some(Value::String(_)) => Err(error("invalid transfer_id")),
         _ => Err(error("missing or invalid \"transfer_id\"")),
     }
+}
+
+/// `status`, for the server or (with `transfer_id`) for one transfer.
+fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
+    if matches!(obj.get("transfer_id"), None | Some(Value::Null)) {
+        return ok(state);
+    }
+    let id = match transfer_id(obj) {
+        Ok(id) => id,
+        Err(e) => return e,
+    };
+    match state.find(id) {
+        None => error("unknown transfer_id"),
+        Some((t, source)) => {
+            let mut reply = ok(state);
+            reply["transfer"] = transfer_status(&t, source, Instant::now());
+            reply
+        }
+    }
+}
+
+/// One transfer's figures, since the server made it (registered it, or
+/// loaded its config file; a new registration with another config, or a
+/// changed config file, starts from zero):
+///
+/// - `bytes_read`: image bytes sent in GET response bodies
+/// - `bytes_written`: request-body bytes stored by PUT and PATCH with Range
+///   (all-zero chunks stored sparsely count too)
+/// - `bytes_zeroed`: bytes zeroed by PATCH `{"op":"zero"}`
+/// - `requests_served` / `requests_failed`: requests on this transfer that
+///   ended, successfully or not (an error reply, including 409 busy and
+///   503 no slot, or a GET body cut short by a backend error or the client
+///   going away); `requests_in_flight`: those running now
+/// - `idle_seconds`: whole seconds since the last request started or ended
+///   (0 while one is running)
+/// - `started_at`: when the server made the transfer, Unix time in seconds
+/// - `closed`: refuses new requests (being unregistered, or idle)
+pub fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value {
+    let s = t.stats().snapshot();
+    json!({
+        "transfer_id": t.id(),
+        "source": source,
+        "closed": t.is_closed(),
+        "bytes_read": s.bytes_read,
+        "bytes_written": s.bytes_written,
+        "bytes_zeroed": s.bytes_zeroed,
+        "requests_served": s.requests_served,
+        "requests_failed": s.requests_failed,
+        "requests_in_flight": t.in_flight(),
+        "idle_seconds": t.idle_for(now).as_secs(),
+        "started_at": s.started_at,
+    })
 }
 
 fn describe(config: &TransferConfig) -> String {

@@ -124,6 +124,35 @@ pub fn from_allocation(
     out
 }
 
+/// Extents covering `0..size` from `base:allocation` block status where
+/// `zero` means only what the NBD spec guarantees: the range reads as
+/// zeroes (`STATE_ZERO`); a hole without that flag may read as anything.
+/// A gap in the list counts as data. Used where a wrong `zero` would give a
+/// wrong result (checksums), not for the `/extents` API.
+pub fn reads_as_zero(alloc: &[nbd::Extent], size: u64) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(alloc.len());
+    let mut a = Cursor { list: alloc, i: 0 };
+    let mut pos = 0;
+    while pos < size {
+        let (zero, next) = a.at(pos, |e| {
+            (e.offset, e.length, e.flags & nbd::STATE_ZERO != 0)
+        });
+        let next = next.min(size);
+        push(
+            &mut out,
+            Extent {
+                start: pos,
+                length: next - pos,
+                zero,
+                hole: false,
+            },
+            |x, y| x.zero == y.zero,
+        );
+        pos = next;
+    }
+    out
+}
+
 /// Whole-list fallback for `context=dirty` without a bitmap: every
 /// allocation extent reported dirty (those that differ only in `hole`
 /// merged, as dirty extents have no hole).

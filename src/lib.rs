@@ -2,6 +2,7 @@
 //! images over NBD (through the system libnbd) or from plain files.
 
 pub mod backend;
+pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod extents;
@@ -10,4 +11,5 @@ pub mod nbd;
 pub mod ops;
 pub mod registry;
 pub mod server;
+pub mod stats;
 pub mod tls;

@@ -32,8 +32,9 @@ struct Cli {
     /// Writes (PUT, PATCH) served at once across the server; more get 503.
     #[arg(long, default_value_t = 1)]
     max_writers: usize,
-    /// Seconds to wait for the next piece of a request body before failing
-    /// the request and releasing its locks.
+    /// Seconds to wait for the next piece of a request body (or for a GET
+    /// client to take more of its response) before failing the request and
+    /// releasing its locks and slots.
     #[arg(long, default_value_t = 60)]
     body_timeout: u64,
     /// Seconds a client has to send a complete request head.

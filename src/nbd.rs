@@ -156,17 +156,28 @@ pub struct ConnectOptions<'a> {
     pub timeout: Duration,
 }
 
-/// A retired read: its buffer and how many bytes at its start were read.
-pub type ReadDone = (Vec<u8>, usize);
+/// A request [`Connection::poll_oldest`] retired successfully.
+#[derive(Debug)]
+pub enum Retired {
+    /// The last request of a read: its buffer, and how many bytes at its
+    /// start were read.
+    Read(Vec<u8>, usize),
+    /// Any other request, with the bytes it wrote or zeroed (0 for a flush
+    /// or an earlier part of a read).
+    Done(u64),
+}
 
 /// What a queued command owns while libnbd may use it.
 enum Owned {
     /// The buffer a read fills (its first `len` bytes).
     Read(Vec<u8>, usize),
-    /// The bytes a write sends (only kept alive, never read here).
-    Write { _data: Bytes },
-    /// Nothing (zero).
+    /// The bytes a write sends.
+    Write(Bytes),
+    /// Nothing: an earlier part of a read (the buffer is with the last
+    /// part), or a flush.
     Nothing,
+    /// Nothing, for a zero of this many bytes.
+    Zero(u64),
 }
 
 /// A command in flight and what it owns.
@@ -797,7 +808,7 @@ impl Connection {
             }
             self.queue.push_back(Queued {
                 cookie: cookie as u64,
-                owned: Owned::Write { _data: piece },
+                owned: Owned::Write(piece),
             });
             done += n;
         }
@@ -823,7 +834,7 @@ impl Connection {
             }
             self.queue.push_back(Queued {
                 cookie: cookie as u64,
-                owned: Owned::Nothing,
+                owned: Owned::Zero(n),
             });
             off += n;
         }
@@ -879,13 +890,12 @@ impl Connection {
 
     /// Retires the oldest queued command once it has completed, driving
     /// libnbd's non-blocking state machine whenever its socket is ready;
-    /// never blocks. Needs [`Connection::register`]. Returns the filled
-    /// buffer and length when the last request of a read retires, `None`
-    /// for other requests. A failed
+    /// never blocks. Needs [`Connection::register`]. The last request of a
+    /// read gives back the filled buffer; see [`Retired`]. A failed
     /// command is an error (and is retired). When the connection dies the
     /// command stays queued (its buffer is freed with the connection) and
     /// every later call fails too.
-    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<ReadDone>>> {
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Retired>> {
         let Some(cookie) = self.queue.front().map(|q| q.cookie) else {
             return Poll::Ready(Err(Error::new(libc::EINVAL, "no NBD command queued")));
         };
@@ -902,8 +912,10 @@ impl Connection {
                     return Poll::Ready(Err(e));
                 }
                 return Poll::Ready(Ok(match q.owned {
-                    Owned::Read(buf, len) => Some((buf, len)),
-                    Owned::Write { .. } | Owned::Nothing => None,
+                    Owned::Read(buf, len) => Retired::Read(buf, len),
+                    Owned::Write(data) => Retired::Done(data.len() as u64),
+                    Owned::Zero(n) => Retired::Done(n),
+                    Owned::Nothing => Retired::Done(0),
                 }));
             }
             if self.is_dead() {

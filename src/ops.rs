@@ -14,6 +14,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,12 +23,15 @@ use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
 use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::NbdHandle;
-use crate::backend::{BackendError, Handle};
+use crate::backend::{BackendError, Handle, Lease, Transfer};
 use crate::http::error::ApiError;
+use crate::nbd::Retired;
+use crate::stats::TransferStats;
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
@@ -130,25 +134,51 @@ impl Buffers {
     }
 }
 
-/// The body of a GET, plus whatever must live exactly as long as the
-/// response (reader slot, log line).
+/// The body of a GET: chunks from its reader, plus whatever must live as
+/// long as the response (the request's lease, reader slot, log line). The
+/// request counts as served once its last byte is handed on; a body dropped
+/// earlier (backend error, client gone) counts as failed. The reader drops
+/// the lease and guard early when the client stops reading (see
+/// `read_stream`).
 pub struct ReadBody<G> {
-    /// Chunks from the reader (an NBD task or a file thread).
     rx: mpsc::Receiver<io::Result<Bytes>>,
     log: OpLog,
-    _guard: G,
+    /// For the byte counters (atomics; no lock per chunk).
+    transfer: Arc<Transfer>,
+    /// Bytes promised and not yet delivered.
+    remaining: u64,
+    held: Held<G>,
 }
 
-impl<G: Unpin> Stream for ReadBody<G> {
+/// The lease and guard of a GET, shared with its reader.
+type Held<G> = Arc<Mutex<Option<(Lease, G)>>>;
+
+impl<G> Stream for ReadBody<G> {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let next = ready!(this.rx.poll_recv(cx));
-        if let Some(Ok(b)) = &next {
-            this.log.bytes += b.len() as u64;
+        match ready!(this.rx.poll_recv(cx)) {
+            Some(Ok(b)) => {
+                let n = b.len() as u64;
+                this.log.bytes += n;
+                this.transfer.stats().add_read(n);
+                this.remaining = this.remaining.saturating_sub(n);
+                if this.remaining == 0 {
+                    if let Some((lease, _)) = this.held.lock().as_mut() {
+                        lease.served();
+                    }
+                }
+                Poll::Ready(Some(Ok(b)))
+            }
+            // Ending short of the promised length is an error, so the
+            // connection is closed, never reused mid-body.
+            None if this.remaining > 0 => {
+                this.remaining = 0;
+                Poll::Ready(Some(Err(io::Error::other("response body ended early"))))
+            }
+            other => Poll::Ready(other),
         }
-        Poll::Ready(next)
     }
 }
 
@@ -158,38 +188,84 @@ impl<G: Unpin> Stream for ReadBody<G> {
 /// socket is full, so the backend is not left waiting each time the client
 /// side stalls. A backend error ends the stream with an error, so the client
 /// sees a truncated body (the length was promised in the headers), never a
-/// clean short one. Must be called on the worker's runtime.
-pub fn read_stream<G: Unpin>(
+/// clean short one. A client that takes no data for `stall_timeout` is
+/// given up on: the reader stops, the backend and `guard` (slot, lease) are
+/// released, and its body ends in an error. Must be called on the worker's
+/// runtime.
+pub fn read_stream<G: Send + 'static>(
     handle: Handle,
     start: u64,
     len: u64,
     log: OpLog,
+    mut lease: Lease,
     guard: G,
+    stall_timeout: Duration,
 ) -> ReadBody<G> {
+    if len == 0 {
+        lease.served();
+    }
     let (tx, rx) = mpsc::channel(DEPTH);
-    let id = log.id.clone();
+    let out = Sender {
+        tx,
+        id: log.id.clone(),
+        stall_timeout,
+    };
+    let transfer = lease.transfer().clone();
+    let held: Held<G> = Arc::new(Mutex::new(Some((lease, guard))));
     match handle {
         Handle::Nbd(h) => {
-            actix_web::rt::spawn(read_nbd(h, start, len, tx, id));
+            actix_web::rt::spawn(read_nbd(h, start, len, out, held.clone()));
         }
-        handle @ Handle::File(_) => read_in_thread(handle, start, len, tx, id),
+        handle @ Handle::File(_) => read_in_thread(handle, start, len, out, held.clone()),
     }
     ReadBody {
         rx,
         log,
-        _guard: guard,
+        transfer,
+        remaining: len,
+        held,
+    }
+}
+
+/// Where a GET reader sends its chunks.
+struct Sender {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    id: String,
+    stall_timeout: Duration,
+}
+
+impl Sender {
+    /// Sends a chunk read at `offset`; false when the reader must stop: the
+    /// client is gone, or took nothing for `stall_timeout` (then the lease
+    /// and guard in `held` are released now, not when actix gives up).
+    async fn send<G>(&self, chunk: Bytes, offset: u64, held: &Held<G>) -> bool {
+        match tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(chunk))).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                log::info!("GET client disconnected image_id={} at={offset}", self.id);
+                false
+            }
+            Err(_) => {
+                log::warn!(
+                    "GET client stopped reading image_id={} at={offset}: released after {}s",
+                    self.id,
+                    self.stall_timeout.as_secs()
+                );
+                drop(held.lock().take());
+                false
+            }
+        }
+    }
+
+    async fn fail(&self, offset: u64, e: BackendError) {
+        log::error!("GET error image_id={} offset={offset} err={e}", self.id);
+        let _ = self.tx.send(Err(io::Error::other(e.to_string()))).await;
     }
 }
 
 /// Reads an NBD export with up to `WINDOW` requests in flight, sending the
-/// chunks in order to `tx`; stops when the body is dropped.
-async fn read_nbd(
-    mut handle: NbdHandle,
-    start: u64,
-    len: u64,
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    id: String,
-) {
+/// chunks in order; stops when the body is dropped or stalls.
+async fn read_nbd<G>(mut handle: NbdHandle, start: u64, len: u64, out: Sender, held: Held<G>) {
     let size = CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)).max(1);
     let buffers = Buffers::new(size);
     let end = start + len;
@@ -208,12 +284,12 @@ async fn read_nbd(
             }
             // A chunk is read as several requests; the last one gives it back.
             let (buf, n) = loop {
-                if let Some(done) = poll_fn(|cx| handle.poll_oldest(cx)).await? {
-                    break done;
+                if let Retired::Read(buf, n) = poll_fn(|cx| handle.poll_oldest(cx)).await? {
+                    break (buf, n);
                 }
             };
-            if tx.send(Ok(buffers.lend(buf, n))).await.is_err() {
-                log::info!("GET client disconnected image_id={id} at={sent}");
+            if !out.send(buffers.lend(buf, n), sent, &held).await {
+                handle.discard();
                 return Ok(());
             }
             sent += n as u64;
@@ -221,20 +297,20 @@ async fn read_nbd(
     }
     .await;
     if let Err(e) = result {
-        log::error!("GET error image_id={id} offset={sent} err={e}");
         handle.discard();
-        let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+        out.fail(sent, e).await;
     }
 }
 
-/// Reads a file on a blocking thread, sending the chunks to `tx`.
-fn read_in_thread(
+/// Reads a file on a blocking thread, sending the chunks in order.
+fn read_in_thread<G: Send + 'static>(
     mut handle: Handle,
     start: u64,
     len: u64,
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    id: String,
+    out: Sender,
+    held: Held<G>,
 ) {
+    let rt = tokio::runtime::Handle::current();
     spawn_blocking(move || {
         let buffers = Buffers::new(CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)));
         let end = start + len;
@@ -243,13 +319,11 @@ fn read_in_thread(
             let n = (end - off).min(buffers.size as u64) as usize;
             let mut buf = buffers.get();
             if let Err(e) = handle.read_at(&mut buf[..n], off) {
-                log::error!("GET error image_id={id} offset={off} err={e}");
                 handle.discard();
-                let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+                rt.block_on(out.fail(off, e));
                 return;
             }
-            if tx.blocking_send(Ok(buffers.lend(buf, n))).is_err() {
-                log::info!("GET client disconnected image_id={id} at={off}");
+            if !rt.block_on(out.send(buffers.lend(buf, n), off, &held)) {
                 return;
             }
             off += n as u64;
@@ -272,7 +346,7 @@ pub enum Sink {
 
 /// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
 /// stops at the first block with data.
-fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
@@ -298,6 +372,26 @@ fn zero_runs(data: &[u8], offset: u64) -> Vec<(std::ops::Range<usize>, bool)> {
         pos = end;
     }
     runs
+}
+
+/// Bytes a write completed so far, counted in the transfer's stats too.
+struct Written {
+    bytes: u64,
+    stats: Arc<TransferStats>,
+}
+
+impl Written {
+    fn add(&mut self, n: u64) {
+        self.bytes += n;
+        self.stats.add_written(n);
+    }
+
+    /// Counts what a retired request wrote or zeroed.
+    fn retired(&mut self, r: Retired) {
+        if let Retired::Done(n) = r {
+            self.add(n);
+        }
+    }
 }
 
 /// Why a write stopped.
@@ -393,6 +487,7 @@ impl<'a> BodyChunks<'a> {
 /// that ends early or stalls is an error, and nothing is committed for a
 /// file upload. Returns the bytes written. Returns only once no write of
 /// this request is in flight, so the caller's locks cover every write.
+/// Bytes are added to `stats` as the backend completes them.
 pub async fn write_body(
     payload: &mut Payload,
     length: u64,
@@ -400,9 +495,10 @@ pub async fn write_body(
     flush: bool,
     timeout: Duration,
     log: &mut OpLog,
+    stats: Arc<TransferStats>,
 ) -> Result<u64, ApiError> {
     let mut body = BodyChunks::new(payload, length, timeout);
-    let mut written = 0u64;
+    let mut written = Written { bytes: 0, stats };
     let result = match sink {
         Sink::Handle {
             handle: Handle::Nbd(h),
@@ -417,9 +513,9 @@ pub async fn write_body(
         ))),
         Sink::Upload(u) => write_file(&mut body, u, flush, &mut written).await,
     };
-    log.bytes = written;
+    log.bytes = written.bytes;
     match result {
-        Ok(()) => Ok(written),
+        Ok(()) => Ok(written.bytes),
         Err(Failure::Client(e)) => Err(e),
         Err(Failure::Backend(e)) => {
             log::error!("write error image_id={} err={e}", log.id);
@@ -437,14 +533,15 @@ async fn write_nbd(
     offset: u64,
     zero_ok: bool,
     flush: bool,
-    written: &mut u64,
+    written: &mut Written,
 ) -> Result<(), Failure> {
     let r = pump_nbd(body, &mut handle, offset, zero_ok, flush, written).await;
     if r.is_err() {
         handle.discard();
         while handle.queued() > 0 {
-            if poll_fn(|cx| handle.poll_oldest(cx)).await.is_err() {
-                break;
+            match poll_fn(|cx| handle.poll_oldest(cx)).await {
+                Ok(done) => written.retired(done),
+                Err(_) => break,
             }
         }
     }
@@ -457,7 +554,7 @@ async fn pump_nbd(
     mut offset: u64,
     zero_ok: bool,
     flush: bool,
-    written: &mut u64,
+    written: &mut Written,
 ) -> Result<(), Failure> {
     handle.register().map_err(Failure::Backend)?;
     loop {
@@ -465,7 +562,7 @@ async fn pump_nbd(
             tokio::select! {
                 biased;
                 done = poll_fn(|cx| handle.poll_oldest(cx)) => {
-                    done.map_err(Failure::Backend)?;
+                    written.retired(done.map_err(Failure::Backend)?);
                     continue;
                 }
                 next = body.next() => next,
@@ -477,9 +574,8 @@ async fn pump_nbd(
             break;
         };
         while handle.queued() >= WINDOW {
-            poll_fn(|cx| handle.poll_oldest(cx))
-                .await
-                .map_err(Failure::Backend)?;
+            let done = poll_fn(|cx| handle.poll_oldest(cx)).await;
+            written.retired(done.map_err(Failure::Backend)?);
         }
         let len = chunk.len() as u64;
         if zero_ok {
@@ -500,13 +596,11 @@ async fn pump_nbd(
                 .map_err(Failure::Backend)?;
         }
         offset += len;
-        *written += len;
     }
     // A flush covers only writes that completed before it was sent.
     while handle.queued() > 0 {
-        poll_fn(|cx| handle.poll_oldest(cx))
-            .await
-            .map_err(Failure::Backend)?;
+        let done = poll_fn(|cx| handle.poll_oldest(cx)).await;
+        written.retired(done.map_err(Failure::Backend)?);
     }
     if flush {
         handle.start_flush().map_err(Failure::Backend)?;
@@ -524,9 +618,10 @@ async fn write_file(
     body: &mut BodyChunks<'_>,
     upload: FileUpload,
     flush: bool,
-    written: &mut u64,
+    written: &mut Written,
 ) -> Result<(), Failure> {
     let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(DEPTH);
+    let stats = written.stats.clone();
     let writer = spawn_blocking(move || {
         let mut upload = upload;
         let mut written = 0u64;
@@ -537,6 +632,7 @@ async fn write_file(
                         return (written, Err(e));
                     }
                     written += b.len() as u64;
+                    stats.add_written(b.len() as u64);
                 }
                 // Every byte arrived.
                 Some(None) => return (written, upload.commit(flush).map(|_| ())),
@@ -567,7 +663,7 @@ async fn write_file(
     let (n, result) = writer
         .await
         .unwrap_or_else(|_| (0, Err(BackendError::Io("writer thread panicked".into()))));
-    *written = n;
+    written.bytes = n;
     match client_error {
         Some(e) => Err(Failure::Client(e)),
         None => result.map_err(Failure::Backend),

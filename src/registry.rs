@@ -40,9 +40,9 @@ impl Registry {
         let mut map = self.map.lock();
         if let Some(old) = map.get(id) {
             if *old.config() == config {
-                // Touch it: a lease taken and returned at once. A closed
-                // transfer (being unregistered) is replaced below.
-                if old.lease().is_some() {
+                // Touch it (activity, but no request). A closed transfer
+                // (being unregistered) is replaced below.
+                if old.touch() {
                     return Ok(None);
                 }
             }

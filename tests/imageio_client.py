@@ -15,7 +15,10 @@ plain HTTP and over HTTPS (a self-signed certificate passed as cafile):
 - zero extents (with holes) from the server equal to those the client
   library reads from the same image through its own qemu-nbd;
 - dirty extents after a few ranged writes through ImageioClient, with the
-  export's dirty bitmap.
+  export's dirty bitmap;
+- GET /checksum (default blake2b, and sha256 with 1 MiB blocks) of a qcow2
+  and of a raw image, each with data, zeroes and holes, equals what the
+  client library's checksum() computes for the same local image.
 
 Transfers are registered over the control socket, as the agent does.
 Usage: imageio_client.py SERVER_BINARY
@@ -24,6 +27,8 @@ Prints one line per check and a summary `imageio: N passed, M failed`.
 
 import json
 import os
+import urllib.request
+import ssl
 import shutil
 import signal
 import socket
@@ -284,6 +289,29 @@ def scenario(binary, workdir, src, tls):
                                      .format(got))
         check(scheme + ": zero extents with holes equal the client's own", zero_extents)
 
+        def checksums():
+            raw = os.path.join(workdir, scheme + "-src.raw")
+            run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-S", "4k",
+                src, raw)
+            raw_nbd = QemuNbd(raw, "raw", os.path.join(workdir, scheme + "-raw.sock"),
+                              read_only=True)
+            nbds.append(raw_nbd)
+            server.register("raw", raw_nbd)
+            ctx = ssl.create_default_context(cafile=cafile) if cafile else None
+            for tid, path in (("src", src), ("raw", raw)):
+                for query, kwargs in (
+                        ("", {}),
+                        ("?algorithm=sha256&block_size=1048576",
+                         {"algorithm": "sha256", "block_size": MiB})):
+                    url = server.url(tid) + "/checksum" + query
+                    with urllib.request.urlopen(url, context=ctx) as r:
+                        got = json.load(r)
+                    want = client.checksum(path, **kwargs)
+                    if got != want:
+                        raise AssertionError("{}: server {} != client {}".format(
+                            url, got, want))
+        check(scheme + ": checksum of qcow2 and raw equals the client's", checksums)
+
         def dirty_extents():
             dst_nbd.stop()
             server.control({"action": "unregister", "transfer_id": "dst"})
@@ -304,7 +332,7 @@ def scenario(binary, workdir, src, tls):
             if data != b"\x5a" * len(data):
                 raise AssertionError("read back differs")
             reply = server.control({"action": "unregister", "transfer_id": "dirty"})
-            if reply != {"status": "ok", "active_transfers": 1}:
+            if reply != {"status": "ok", "active_transfers": 2}:
                 raise AssertionError(reply)
         check(scheme + ": dirty extents after ranged writes", dirty_extents)
     finally:

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::config::{BackendConfig, TransferConfig};
 use crate::extents::Extent;
+use crate::stats::TransferStats;
 
 /// What went wrong in a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub struct Transfer {
     /// Set by every write or zero, cleared by a successful flush: what a
     /// shutdown (or retiring the transfer) must still flush.
     unflushed: AtomicBool,
+    /// Bytes moved and requests ended, for the control socket's `status`.
+    stats: Arc<TransferStats>,
 }
 
 /// What closing and the idle timeout look at.
@@ -94,7 +97,13 @@ impl Transfer {
             }),
             drained: Notify::new(),
             unflushed: AtomicBool::new(false),
+            stats: Arc::new(TransferStats::new()),
         }
+    }
+
+    /// This transfer's counters.
+    pub fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
     }
 
     /// Whether data was written since the last flush.
@@ -144,7 +153,19 @@ impl Transfer {
         a.last_active = Instant::now();
         Some(Lease {
             transfer: self.clone(),
+            served: false,
         })
+    }
+
+    /// Counts as activity (restarts the idle timeout) without being a
+    /// request; false once the transfer is closed.
+    pub fn touch(&self) -> bool {
+        let mut a = self.activity.lock();
+        if a.closed {
+            return false;
+        }
+        a.last_active = Instant::now();
+        true
     }
 
     /// Requests holding a lease right now.
@@ -248,14 +269,21 @@ impl Transfer {
 
 /// One request's use of a transfer: while any lease is alive the transfer
 /// counts as busy (never idle, and unregistering waits for it). Dropping it
-/// ends the request's use, whatever way the request ended.
+/// ends the request's use, whatever way the request ended, and counts the
+/// request as served if [`Lease::served`] was called, else as failed.
 pub struct Lease {
     transfer: Arc<Transfer>,
+    served: bool,
 }
 
 impl Lease {
     pub fn transfer(&self) -> &Arc<Transfer> {
         &self.transfer
+    }
+
+    /// Marks the request as served (completed successfully).
+    pub fn served(&mut self) {
+        self.served = true;
     }
 }
 
@@ -268,6 +296,9 @@ impl Deref for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // Counted before the request leaves the in-flight count, so that
+        // served + failed + in flight never misses a finished request.
+        self.transfer.stats.add_request(self.served);
         let mut a = self.transfer.activity.lock();
         a.in_flight -= 1;
         a.last_active = Instant::now();
@@ -350,6 +381,15 @@ impl Handle {
     pub fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
             Handle::Nbd(h) => h.allocation_extents(),
+            Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
+        }
+    }
+
+    /// Extents whose `zero` flag guarantees the range reads as zeroes (no
+    /// such knowledge for files: one data extent).
+    pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+        match self {
+            Handle::Nbd(h) => h.reads_as_zero_extents(),
             Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
         }
     }

@@ -277,9 +277,9 @@ impl NbdHandle {
     }
 
     /// Retires the oldest started request once complete (see
-    /// [`nbd::Connection::poll_oldest`]); the last request of a read gives
-    /// back its buffer and length.
-    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<nbd::ReadDone>>> {
+    /// [`nbd::Connection::poll_oldest`]): the last request of a read gives
+    /// back its buffer, a write or zero the bytes it covered.
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
         let r = match self.conn().poll_oldest(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(r) => r,
@@ -331,6 +331,20 @@ impl NbdHandle {
         }
         let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
         Ok(extents::from_allocation(&lists[0], None, size))
+    }
+
+    /// Extents whose `zero` flag means the range reads as zeroes (see
+    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`.
+    pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.allocation_available() {
+            return Ok(extents::whole(size, false));
+        }
+        let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
+        Ok(extents::reads_as_zero(&lists[0], size))
     }
 
     pub fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {

@@ -11,10 +11,12 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::AppState;
 use crate::backend::file::FileUpload;
 use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::checksum;
 use crate::config::BackendConfig;
 use crate::extents;
 use crate::ops::{self, OpLog, Sink};
@@ -24,16 +26,27 @@ type Res = Result<HttpResponse, ApiError>;
 /// Largest JSON body PATCH accepts.
 pub const MAX_JSON_BODY: u64 = 64 * 1024;
 
+/// The one four-segment route: imageio's list of checksum algorithms.
+const CHECKSUM_ALGORITHMS: &str = "checksum/algorithms";
+
 /// Splits `/images/{id}[/{tail}]` like the seed: empty segments are ignored,
-/// more than three segments is no route. The id is percent-decoded; an id
-/// that does not decode to UTF-8 is kept as an impossible id (unknown).
+/// more than three segments is no route (but for
+/// `/images/{id}/checksum/algorithms`, whose tail is
+/// [`CHECKSUM_ALGORITHMS`]). The id is percent-decoded; an id that does not
+/// decode to UTF-8 is kept as an impossible id (unknown).
 fn route(path: &str) -> Option<(String, Option<&str>)> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    if parts.len() < 2 || parts.len() > 3 || parts[0] != "images" {
+    if parts.len() < 2 || parts[0] != "images" {
         return None;
     }
+    let tail = match parts.len() {
+        2 => None,
+        3 => Some(parts[2]),
+        4 if parts[2] == "checksum" && parts[3] == "algorithms" => Some(CHECKSUM_ALGORITHMS),
+        _ => return None,
+    };
     let id = percent_decode(parts[1]).unwrap_or_default();
-    Some((id, parts.get(2).copied()))
+    Some((id, tail))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -127,6 +140,12 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
     let Some((id, tail)) = route(req.path()) else {
         return Err(ApiError::not_found());
     };
+    if method == Method::GET && tail == Some(CHECKSUM_ALGORITHMS) {
+        // Server information, as in imageio: no transfer needed.
+        return Ok(json_ok(
+            &json!({"algorithms": checksum::Algorithm::names()}),
+        ));
+    }
     if method == Method::OPTIONS {
         if tail.is_some() {
             return Err(ApiError::not_found());
@@ -135,14 +154,16 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
             return Ok(options_all(&state));
         }
         let t = lookup(&state, &id).await?;
-        return options(&state, t).await;
+        return finish(options(&state, &t).await, t);
     }
     if method == Method::GET {
         let t = lookup(&state, &id).await?;
         return match tail {
+            // The body counts the request when it ends.
             None => get_image(&req, &state, t).await,
-            Some("extents") => get_extents(&req, &state, t).await,
-            Some(_) => Err(ApiError::not_found()),
+            Some("extents") => finish(get_extents(&req, &state, &t).await, t),
+            Some("checksum") => finish(get_checksum(&req, &state, &t).await, t),
+            Some(_) => finish(Err(ApiError::not_found()), t),
         };
     }
     if method == Method::PUT {
@@ -150,23 +171,32 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
             return Err(ApiError::not_found());
         }
         let t = lookup(&state, &id).await?;
-        return put(&req, payload, &state, t).await;
+        return finish(put(&req, payload, &state, &t).await, t);
     }
     if method == Method::PATCH {
         if tail.is_some() {
             return Err(ApiError::not_found());
         }
         let t = lookup(&state, &id).await?;
-        return patch(&req, payload, &state, t).await;
+        return finish(patch(&req, payload, &state, &t).await, t);
     }
     if method == Method::POST {
         let t = lookup(&state, &id).await?;
         return match tail {
-            Some("flush") => flush(&state, t).await,
-            _ => Err(ApiError::not_found()),
+            Some("flush") => finish(flush(&state, &t).await, t),
+            _ => finish(Err(ApiError::not_found()), t),
         };
     }
     Err(method_not_allowed())
+}
+
+/// Ends a request's use of its transfer: counted as served when it
+/// succeeded, as failed otherwise (see [`Lease`]).
+fn finish(result: Res, mut lease: Lease) -> Res {
+    if result.is_ok() {
+        lease.served();
+    }
+    result
 }
 
 fn method_not_allowed() -> ApiError {
@@ -197,7 +227,7 @@ fn options_all(state: &AppState) -> HttpResponse {
         ))
 }
 
-async fn options(state: &web::Data<AppState>, t: Lease) -> Res {
+async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
     let (methods, features, max_writers) = if t.is_file() {
         (
             "GET, PUT, POST, OPTIONS",
@@ -259,11 +289,11 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
         ));
     }
     // The body keeps the reader slot and the lease until it is dropped.
-    let body = ops::read_stream(handle, start, len, log, (slot, t));
+    let body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
     Ok(resp.body(SizedStream::new(len, body)))
 }
 
-async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
     if t.is_file() {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -299,6 +329,41 @@ async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -
         .body(body))
 }
 
+/// `GET /images/{id}/checksum[?algorithm=…&block_size=…]`: imageio's
+/// whole-image checksum (see `crate::checksum`). Takes a reader slot, like
+/// a GET of the whole image.
+async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
+    let params = checksum::Params::parse(
+        query_param(req, "algorithm")?.as_deref(),
+        query_param(req, "block_size")?.as_deref(),
+    )
+    .map_err(ApiError::bad_request)?;
+    let _slot = state.readers.try_acquire()?;
+    let mut log = OpLog::start(
+        "CHECKSUM",
+        t.id(),
+        format_args!(
+            "algorithm={} block_size={}",
+            params.algorithm.name(),
+            params.block_size
+        ),
+    );
+    let mut h = open(t.transfer()).await?;
+    let size = h.size();
+    let id = t.id().to_string();
+    let sum = blocking(move || {
+        checksum::compute(&mut h, &params).map_err(|e| {
+            log::error!("CHECKSUM error image_id={id} err={e}");
+            ApiError::from(e)
+        })
+    })
+    .await?;
+    log.bytes = size;
+    let body =
+        serde_json::to_value(&sum).map_err(|e| ApiError::internal(format!("encode: {e}")))?;
+    Ok(json_ok(&body))
+}
+
 fn parse_flush_param(req: &HttpRequest) -> Result<bool, ApiError> {
     Ok(matches!(
         query_param(req, "flush")?
@@ -316,7 +381,7 @@ async fn put(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Lease,
+    t: &Lease,
 ) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
@@ -380,6 +445,7 @@ async fn put(
         flush,
         state.body_timeout,
         &mut log,
+        t.stats().clone(),
     )
     .await?;
     if t.is_file() && !flush {
@@ -394,7 +460,7 @@ async fn patch(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Lease,
+    t: &Lease,
 ) -> Res {
     if t.is_file() {
         return Err(ApiError::bad_request(
@@ -423,40 +489,13 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("body must be a JSON object"))?;
-    match obj.get("op").and_then(Value::as_str) {
-        Some("flush") => flush(state, t).await,
-        Some("zero") => {
-            let size = match obj.get("size") {
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => 0,
-                _ => return Err(ApiError::bad_request("missing or invalid \"size\"")),
-            };
-            if size == 0 {
-                return Err(ApiError::bad_request("\"size\" must be positive"));
-            }
-            let offset = match obj.get("offset") {
-                None | Some(Value::Null) => 0,
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => {
-                    return Err(ApiError::bad_request("\"offset\" must be non-negative"))
-                }
-                Some(_) => return Err(ApiError::bad_request("invalid \"offset\"")),
-            };
-            let flush = match obj.get("flush") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ApiError::bad_request("\"flush\" must be a boolean")),
-            };
-            zero(state, t, offset, size, flush).await
-        }
-        _ => Err(ApiError::bad_request(
-            "unsupported op; only \"zero\" and \"flush\" are supported",
-        )),
+    match parse_patch_json(&body)? {
+        PatchOp::Flush => flush(state, t).await,
+        PatchOp::Zero {
+            offset,
+            size,
+            flush,
+        } => zero(state, t, offset, size, flush).await,
     }
 }
 
@@ -492,7 +531,7 @@ async fn patch_range(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: Lease,
+    t: &Lease,
     range: &str,
 ) -> Res {
     let length = content_length(req)?;
@@ -534,12 +573,13 @@ async fn patch_range(
         false,
         state.body_timeout,
         &mut log,
+        t.stats().clone(),
     )
     .await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 
-async fn zero(state: &web::Data<AppState>, t: Lease, offset: u64, size: u64, flush: bool) -> Res {
+async fn zero(state: &web::Data<AppState>, t: &Lease, offset: u64, size: u64, flush: bool) -> Res {
     let _lock = state.locks.try_lock(t.id())?;
     let _slot = state.writers.try_acquire()?;
     let mut log = OpLog::start(
@@ -567,10 +607,11 @@ async fn zero(state: &web::Data<AppState>, t: Lease, offset: u64, size: u64, flu
     })
     .await?;
     log.bytes = zeroed;
+    t.stats().add_zeroed(zeroed);
     Ok(json_ok(&json!({"ok": true})))
 }
 
-async fn flush(state: &web::Data<AppState>, t: Lease) -> Res {
+async fn flush(state: &web::Data<AppState>, t: &Lease) -> Res {
     let _lock = state.locks.try_lock(t.id())?;
     let _log = OpLog::start("FLUSH", t.id(), format_args!(""));
     let mut h = open(t.transfer()).await?;
@@ -603,5 +644,11 @@ mod tests {
         assert_eq!(route("/images"), None);
         assert_eq!(route("/other/x"), None);
         assert_eq!(route("/images/a/b/c"), None);
+        assert_eq!(
+            route("/images/x/checksum/algorithms/"),
+            Some(("x".to_string(), Some(CHECKSUM_ALGORITHMS)))
+        );
+        assert_eq!(route("/images/x/checksum/other"), None);
+        assert_eq!(route("/images/x/checksum/algorithms/y"), None);
     }
 }

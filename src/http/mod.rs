@@ -5,6 +5,7 @@
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod patch_op;
 pub mod range;
 
 use std::sync::Arc;
@@ -84,6 +85,23 @@ impl AppState {
             }
         }
         lease
+    }
+
+    /// The transfer `id` as the server holds it now, for the control
+    /// socket's `status`: the one [`AppState::lookup`] would use, except
+    /// that it takes no lease (so it counts as no request and no activity)
+    /// and reads nothing from disk: a config-dir transfer is found once an
+    /// HTTP request loaded it. Closed transfers (being unregistered, or
+    /// idle) are found too. Returns it with where it comes from
+    /// (`"registered"` or `"config_dir"`).
+    pub fn find(&self, id: &str) -> Option<(Arc<Transfer>, &'static str)> {
+        if !valid_transfer_id(id) {
+            return None;
+        }
+        if let Some(t) = self.registry.get(id) {
+            return Some((t, "registered"));
+        }
+        self.configs.loaded(id).map(|t| (t, "config_dir"))
     }
 
     /// Closes every transfer (registered or config-dir) idle for longer than

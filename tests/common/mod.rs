@@ -168,11 +168,20 @@ impl QemuNbd {
         nbd
     }
 
+    /// Waits for the NBD greeting, not just a connectable socket: qemu-nbd
+    /// listens before its main loop runs, and a SIGTERM in that window is
+    /// lost (it then hangs for ever instead of exiting).
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
+            if let Ok(mut s) = UnixStream::connect(&self.socket) {
+                let mut magic = [0u8; 8];
+                if s.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+                    && s.read_exact(&mut magic).is_ok()
+                    && &magic == b"NBDMAGIC"
+                {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -557,7 +566,9 @@ impl Client {
         }
     }
 
-    fn read_one(&mut self, head_only: bool) -> std::io::Result<Response> {
+    /// Reads a status line and headers, leaving the body unread (see
+    /// [`Client::reader`]). Header names lower-cased; repeats joined by ", ".
+    pub fn read_head(&mut self) -> std::io::Result<(u16, BTreeMap<String, String>)> {
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(
@@ -591,6 +602,16 @@ impl Client {
                     .or_insert(v);
             }
         }
+        Ok((status, headers))
+    }
+
+    /// The buffered reader of the connection (to read a body piecewise).
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.stream
+    }
+
+    fn read_one(&mut self, head_only: bool) -> std::io::Result<Response> {
+        let (status, headers) = self.read_head()?;
         let mut body = Vec::new();
         if !head_only && status != 100 && status != 204 && status != 304 {
             if let Some(len) = headers.get("content-length") {
@@ -658,4 +679,187 @@ pub fn merge_map(v: Vec<(u64, u64, u32)>) -> Vec<(u64, u64, u32)> {
         out.push((o, l, t));
     }
     out
+}
+
+impl Client {
+    /// Reads the next response as it comes, interim `1xx` responses included
+    /// (`read_response` skips them).
+    pub fn read_any(&mut self) -> std::io::Result<Response> {
+        self.read_one(false)
+    }
+}
+
+/// `Access-Control-Allow-Methods` of every response that is not an OPTIONS
+/// reply of a known image.
+pub const DEFAULT_METHODS: &str = "GET, PUT, OPTIONS";
+
+/// Asserts the headers every response carries.
+#[track_caller]
+pub fn assert_imageio_headers(resp: &Response, methods: &str) {
+    assert_eq!(
+        resp.header("access-control-allow-methods"),
+        Some(methods),
+        "{resp:?}"
+    );
+    assert_eq!(resp.header("accept-ranges"), Some("bytes"), "{resp:?}");
+}
+
+/// Creates a sparse raw image of `size` bytes with `data` written at `offset`.
+pub fn raw_image(path: &Path, size: u64, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create raw image");
+    f.set_len(size).expect("size raw image");
+    f.write_all_at(data, offset).expect("write raw image");
+}
+
+/// `len` bytes of `path` from `offset`, read directly from the file.
+pub fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).expect("open image");
+    let mut buf = vec![0; len];
+    f.read_exact_at(&mut buf, offset).expect("read image");
+    buf
+}
+
+/// Retries `f` until it returns `Some` (at most `timeout`); panics otherwise.
+#[track_caller]
+pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A test environment: a temp dir, the server on its config dir `cfg/`, and
+/// the qemu-nbd exports it serves (dropped in that order: server, exports, dir).
+pub struct Env {
+    pub server: Server,
+    pub nbd: Vec<QemuNbd>,
+    pub dir: TempDir,
+}
+
+impl Env {
+    pub fn new(tag: &str, server_args: &[&str]) -> Env {
+        let dir = TempDir::new(tag);
+        let cfg = dir.join("cfg");
+        std::fs::create_dir(&cfg).expect("create config dir");
+        let server = Server::start(&cfg, server_args);
+        Env {
+            server,
+            nbd: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Serves `image` with qemu-nbd on `<dir>/<id>.sock` and configures
+    /// transfer `id` for it. Returns the export.
+    pub fn export(&mut self, id: &str, image: &Path, opts: NbdOpts) -> &QemuNbd {
+        let nbd = QemuNbd::start(image, &self.dir.join(&format!("{id}.sock")), opts);
+        self.server.add_nbd(id, &nbd);
+        self.nbd.push(nbd);
+        self.nbd.last().expect("just pushed")
+    }
+
+    /// A raw image `<dir>/<id>.img` of `size` bytes filled with pattern
+    /// `seed`, exported as transfer `id`. Returns its path and contents.
+    pub fn raw_export(&mut self, id: &str, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
+        let path = self.dir.join(&format!("{id}.img"));
+        let data = pattern_bytes(size as usize, seed);
+        raw_image(&path, size, 0, &data);
+        self.export(id, &path, NbdOpts::raw());
+        (path, data)
+    }
+
+    /// Configures transfer `id` as the file backend over `path`.
+    pub fn file_transfer(&self, id: &str, path: &Path) {
+        self.server
+            .add_transfer(id, &serde_json::json!({"backend": "file", "file": path}));
+    }
+}
+
+/// Runs qemu-io commands on an image that is not in use.
+pub fn qemu_io(path: &Path, format: &str, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", format]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    run(cmd.arg(path));
+}
+
+/// One request on a fresh connection whose body the server may refuse
+/// without reading it: the body is written from a thread (write errors
+/// ignored) while the response is read, then the connection is closed.
+pub fn request_unread(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Response {
+    let mut c = server.client();
+    let len = body.len().to_string();
+    let mut all = headers.to_vec();
+    all.push(("Content-Length", &len));
+    c.send(method, path, &all, b"");
+    let mut w = c.stream().try_clone().expect("clone stream");
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&body);
+    });
+    let resp = c.read_response(false);
+    let _ = c.stream().shutdown(std::net::Shutdown::Both);
+    writer.join().expect("body writer");
+    resp
+}
+
+impl Server {
+    /// How many log lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+/// Asserts the 400 of a body that ended before its Content-Length after the
+/// client sent `sent` bytes. (actix may drop the last buffered bytes when the
+/// client half-closes, so the count reported can be lower.)
+#[track_caller]
+pub fn assert_body_ended_early(resp: &Response, sent: u64) {
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert_imageio_headers(resp, DEFAULT_METHODS);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let v = resp.json();
+    let msg = v["error"].as_str().expect("error message");
+    let n: u64 = msg
+        .strip_prefix("request body ended early at ")
+        .and_then(|m| m.strip_suffix(" bytes"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected error {msg:?}"));
+    assert!(n <= sent, "{msg:?} but only {sent} bytes were sent");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+}
+
+/// Asserts a compact JSON success body, byte for byte, with the headers
+/// every response carries.
+#[track_caller]
+pub fn assert_json_ok(resp: &Response, body: &str) {
+    assert_eq!(resp.status, 200, "body: {}", resp.text());
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_imageio_headers(resp, DEFAULT_METHODS);
+    assert_eq!(resp.text(), body);
+}
+
+/// Asserts a JSON error and the headers every response carries.
+#[track_caller]
+pub fn assert_err(resp: &Response, status: u16, message: &str) {
+    resp.assert_error(status, message);
+    assert_imageio_headers(resp, DEFAULT_METHODS);
 }

@@ -1,0 +1,7 @@
+//! Fuzz target: `props::check_range` (see tests/props/mod.rs for the properties).
+#![no_main]
+
+#[path = "../../tests/props/mod.rs"]
+mod props;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| props::check_range(data));

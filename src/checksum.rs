@@ -1,0 +1,542 @@
+//! Image checksums as ovirt-imageio computes them (its `blkhash`), so that a
+//! checksum from `GET /images/{id}/checksum` equals the one
+//! `ovirt_imageio.client.checksum()` computes for a local copy.
+//!
+//! The image is split into `block_size` blocks (the last one may be
+//! shorter); each block is hashed on its own, and the block digests, in
+//! order, are hashed again: `H(H(block0) || H(block1) || …)`. blake2b and
+//! blake2s use a 32-byte digest for both levels (imageio's `digest_size`);
+//! every other algorithm its default size. A block that reads as zeroes is
+//! never read: the extents say so (`base:allocation` zero flag), and its
+//! digest is that of `len` zero bytes, computed once per request for full
+//! blocks. Data blocks that turn out to be all zeroes take the same path.
+//!
+//! Reading (on the caller's blocking thread) and hashing (on a second
+//! thread) overlap, with two block buffers in turn.
+
+use std::sync::mpsc;
+
+use blake2::digest::consts::U32;
+use blake2::{Blake2b, Blake2s256};
+use digest::{Digest, Output};
+use serde::Serialize;
+
+use crate::backend::{BackendError, Handle};
+use crate::extents::Extent;
+use crate::ops::is_zero;
+
+const MIB: u64 = 1024 * 1024;
+/// imageio's default block size.
+pub const DEFAULT_BLOCK_SIZE: u64 = 4 * MIB;
+/// Smallest and largest block size accepted (imageio's limits).
+pub const MIN_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE / 4;
+pub const MAX_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE * 4;
+/// Block sizes must be multiples of this.
+pub const BLOCK_ALIGNMENT: u64 = 4096;
+/// Block buffers per request: one being read while the other is hashed.
+const BUFFERS: usize = 2;
+
+/// The algorithms we offer: Python's `hashlib.algorithms_guaranteed` less
+/// `shake_128`/`shake_256` (their digests need a length, which imageio
+/// cannot pass). imageio offers whatever its Python and OpenSSL have; these
+/// are the ones every imageio client has too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Blake2b,
+    Blake2s,
+    Md5,
+    Sha1,
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha3_224,
+    Sha3_256,
+    Sha3_384,
+    Sha3_512,
+    Sha512,
+}
+
+impl Algorithm {
+    /// Every algorithm, sorted by name (the order of the algorithms list).
+    pub const ALL: [Algorithm; 12] = [
+        Algorithm::Blake2b,
+        Algorithm::Blake2s,
+        Algorithm::Md5,
+        Algorithm::Sha1,
+        Algorithm::Sha224,
+        Algorithm::Sha256,
+        Algorithm::Sha384,
+        Algorithm::Sha3_224,
+        Algorithm::Sha3_256,
+        Algorithm::Sha3_384,
+        Algorithm::Sha3_512,
+        Algorithm::Sha512,
+    ];
+
+    /// imageio's default.
+    pub const DEFAULT: Algorithm = Algorithm::Blake2b;
+
+    /// The name as Python's hashlib spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Blake2b => "blake2b",
+            Algorithm::Blake2s => "blake2s",
+            Algorithm::Md5 => "md5",
+            Algorithm::Sha1 => "sha1",
+            Algorithm::Sha224 => "sha224",
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha384 => "sha384",
+            Algorithm::Sha3_224 => "sha3_224",
+            Algorithm::Sha3_256 => "sha3_256",
+            Algorithm::Sha3_384 => "sha3_384",
+            Algorithm::Sha3_512 => "sha3_512",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Every name, sorted.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|a| a.name()).collect()
+    }
+}
+
+/// What a checksum request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub algorithm: Algorithm,
+    pub block_size: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            algorithm: Algorithm::DEFAULT,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// At most this much of a client's value is echoed in an error.
+const MAX_ECHO: usize = 64;
+
+fn echo(value: &str) -> String {
+    value.chars().take(MAX_ECHO).collect()
+}
+
+impl Params {
+    /// Validates the query parameters `algorithm` and `block_size` (absent:
+    /// imageio's defaults) in imageio's order and with its messages; the
+    /// error is the message of a 400.
+    pub fn parse(algorithm: Option<&str>, block_size: Option<&str>) -> Result<Params, String> {
+        let algorithm = match algorithm {
+            None => Algorithm::DEFAULT,
+            Some(a) => Algorithm::from_name(a).ok_or_else(|| {
+                format!(
+                    "Unsupported value {:?} for \"algorithm\", expecting one of {:?}",
+                    echo(a),
+                    Algorithm::names()
+                )
+            })?,
+        };
+        let block_size = match block_size {
+            None => DEFAULT_BLOCK_SIZE,
+            Some(b) => match b.trim().parse::<i64>() {
+                Ok(n) => u64::try_from(n).unwrap_or(0),
+                Err(_) => return Err(format!("Invalid block size: {:?}", echo(b))),
+            },
+        };
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(format!(
+                "Block size out of allowed range: {MIN_BLOCK_SIZE}-{MAX_BLOCK_SIZE}"
+            ));
+        }
+        if block_size % BLOCK_ALIGNMENT != 0 {
+            return Err(format!("Block size is not aligned to {BLOCK_ALIGNMENT}"));
+        }
+        Ok(Params {
+            algorithm,
+            block_size,
+        })
+    }
+}
+
+/// The reply, field for field as imageio sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checksum {
+    pub algorithm: &'static str,
+    pub block_size: u64,
+    pub checksum: String,
+}
+
+/// One block of the image: `len` bytes at `start`; `zero` when the extents
+/// say all of it reads as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Block {
+    start: u64,
+    len: usize,
+    zero: bool,
+}
+
+/// The blocks of an image of `size` bytes, in order, from its extents: a
+/// block is zero when extents with `zero` cover all of it (imageio's
+/// `blkhash.split`, which merges extents into whole blocks the same way).
+struct Blocks<'a> {
+    extents: &'a [Extent],
+    i: usize,
+    pos: u64,
+    size: u64,
+    block_size: u64,
+}
+
+impl Iterator for Blocks<'_> {
+    type Item = Block;
+
+    fn next(&mut self) -> Option<Block> {
+        if self.pos >= self.size {
+            return None;
+        }
+        let start = self.pos;
+        let end = start.saturating_add(self.block_size).min(self.size);
+        let ext = self.extents;
+        while self.i < ext.len() && ext[self.i].start.saturating_add(ext[self.i].length) <= start {
+            self.i += 1;
+        }
+        let mut covered = start;
+        let mut zero = true;
+        for e in ext[self.i..].iter().take_while(|e| e.start < end) {
+            if !e.zero || e.start > covered {
+                zero = false;
+                break;
+            }
+            covered = e.start.saturating_add(e.length);
+        }
+        if covered < end {
+            zero = false;
+        }
+        self.pos = end;
+        Some(Block {
+            start,
+            len: (end - start) as usize,
+            zero,
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Zero bytes hashed without a block-sized buffer.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// imageio's `blkhash.Hash`: the digest of the block digests.
+struct BlockHash<D: Digest> {
+    outer: D,
+    block_size: usize,
+    zero_block: Option<Output<D>>,
+}
+
+impl<D: Digest> BlockHash<D> {
+    fn new(block_size: usize) -> Self {
+        BlockHash {
+            outer: D::new(),
+            block_size,
+            zero_block: None,
+        }
+    }
+
+    fn update(&mut self, block: &[u8]) {
+        let d = D::digest(block);
+        self.outer.update(&d);
+    }
+
+    fn zeroes_digest(len: usize) -> Output<D> {
+        let mut d = D::new();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROES.len());
+            d.update(&ZEROES[..n]);
+            left -= n;
+        }
+        d.finalize()
+    }
+
+    fn zero(&mut self, len: usize) {
+        if len == self.block_size {
+            let d = self
+                .zero_block
+                .get_or_insert_with(|| Self::zeroes_digest(len));
+            self.outer.update(&*d);
+        } else {
+            let d = Self::zeroes_digest(len);
+            self.outer.update(&d);
+        }
+    }
+
+    /// Hashes a data block, or takes the zero path when it is all zeroes.
+    fn data(&mut self, block: &[u8]) {
+        if is_zero(block) {
+            self.zero(block.len());
+        } else {
+            self.update(block);
+        }
+    }
+
+    fn hexdigest(self) -> String {
+        hex(&self.outer.finalize())
+    }
+}
+
+enum Job {
+    Zero(usize),
+    Data(Vec<u8>, usize),
+}
+
+/// Reads the data blocks of `handle` and hashes every block on a second
+/// thread, in order.
+fn run<D: Digest + Send>(
+    handle: &mut Handle,
+    extents: &[Extent],
+    size: u64,
+    block_size: usize,
+) -> Result<String, BackendError> {
+    let blocks = Blocks {
+        extents,
+        i: 0,
+        pos: 0,
+        size,
+        block_size: block_size as u64,
+    };
+    std::thread::scope(|s| {
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        let (free_tx, free) = mpsc::channel::<Vec<u8>>();
+        let hasher = s.spawn(move || {
+            let mut h = BlockHash::<D>::new(block_size);
+            for job in job_rx {
+                match job {
+                    Job::Zero(len) => h.zero(len),
+                    Job::Data(buf, len) => {
+                        h.data(&buf[..len]);
+                        let _ = free_tx.send(buf);
+                    }
+                }
+            }
+            h.hexdigest()
+        });
+        let mut allocated = 0;
+        let mut result = Ok(());
+        for b in blocks {
+            let job = if b.zero {
+                Job::Zero(b.len)
+            } else {
+                let mut buf = match free.try_recv() {
+                    Ok(buf) => buf,
+                    Err(_) if allocated < BUFFERS => {
+                        allocated += 1;
+                        vec![0; block_size]
+                    }
+                    Err(_) => match free.recv() {
+                        Ok(buf) => buf,
+                        Err(_) => break, // the hasher is gone (panicked)
+                    },
+                };
+                if let Err(e) = handle.read_at(&mut buf[..b.len], b.start) {
+                    result = Err(e);
+                    break;
+                }
+                Job::Data(buf, b.len)
+            };
+            if jobs.send(job).is_err() {
+                break;
+            }
+        }
+        drop(jobs);
+        let digest = hasher.join();
+        result?;
+        digest.map_err(|_| BackendError::Io("checksum thread panicked".into()))
+    })
+}
+
+/// The checksum of the whole image behind `handle`. Blocking; memory: two
+/// blocks. On error the handle is marked not reusable.
+pub fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
+    let result = (|| {
+        let size = handle.size();
+        let extents = handle.reads_as_zero_extents()?;
+        let bs = usize::try_from(params.block_size)
+            .map_err(|_| BackendError::Io("block size too large".into()))?;
+        match params.algorithm {
+            Algorithm::Blake2b => run::<Blake2b<U32>>(handle, &extents, size, bs),
+            Algorithm::Blake2s => run::<Blake2s256>(handle, &extents, size, bs),
+            Algorithm::Md5 => run::<md5::Md5>(handle, &extents, size, bs),
+            Algorithm::Sha1 => run::<sha1::Sha1>(handle, &extents, size, bs),
+            Algorithm::Sha224 => run::<sha2::Sha224>(handle, &extents, size, bs),
+            Algorithm::Sha256 => run::<sha2::Sha256>(handle, &extents, size, bs),
+            Algorithm::Sha384 => run::<sha2::Sha384>(handle, &extents, size, bs),
+            Algorithm::Sha512 => run::<sha2::Sha512>(handle, &extents, size, bs),
+            Algorithm::Sha3_224 => run::<sha3::Sha3_224>(handle, &extents, size, bs),
+            Algorithm::Sha3_256 => run::<sha3::Sha3_256>(handle, &extents, size, bs),
+            Algorithm::Sha3_384 => run::<sha3::Sha3_384>(handle, &extents, size, bs),
+            Algorithm::Sha3_512 => run::<sha3::Sha3_512>(handle, &extents, size, bs),
+        }
+    })();
+    match result {
+        Ok(checksum) => Ok(Checksum {
+            algorithm: params.algorithm.name(),
+            block_size: params.block_size,
+            checksum,
+        }),
+        Err(e) => {
+            handle.discard();
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(start: u64, length: u64, zero: bool) -> Extent {
+        Extent {
+            start,
+            length,
+            zero,
+            hole: false,
+        }
+    }
+
+    fn blocks(extents: &[Extent], size: u64, bs: u64) -> Vec<(u64, usize, bool)> {
+        Blocks {
+            extents,
+            i: 0,
+            pos: 0,
+            size,
+            block_size: bs,
+        }
+        .map(|b| (b.start, b.len, b.zero))
+        .collect()
+    }
+
+    #[test]
+    fn blocks_are_zero_only_when_covered_by_zero_extents() {
+        // |data 3|zero 9      |data 2|zero 6  | in blocks of 4, size 20
+        let e = [
+            ext(0, 3, false),
+            ext(3, 9, true),
+            ext(12, 2, false),
+            ext(14, 6, true),
+        ];
+        assert_eq!(
+            blocks(&e, 20, 4),
+            vec![
+                (0, 4, false),
+                (4, 4, true),
+                (8, 4, true),
+                (12, 4, false),
+                (16, 4, true)
+            ]
+        );
+        // Unaligned end: the last block is short.
+        assert_eq!(
+            blocks(&[ext(0, 10, true)], 10, 4),
+            vec![(0, 4, true), (4, 4, true), (8, 2, true)]
+        );
+        // A gap counts as data; no extents: all data.
+        assert_eq!(
+            blocks(&[ext(0, 2, true), ext(3, 5, true)], 8, 4),
+            vec![(0, 4, false), (4, 4, true)]
+        );
+        assert_eq!(blocks(&[], 5, 4), vec![(0, 4, false), (4, 1, false)]);
+        assert_eq!(blocks(&[], 0, 4), vec![]);
+    }
+
+    /// The definition, spelled out: H(H(b0) || H(b1) || …).
+    fn reference<D: Digest>(data: &[u8], bs: usize) -> String {
+        let mut outer = D::new();
+        for block in data.chunks(bs) {
+            outer.update(D::digest(block));
+        }
+        hex(&outer.finalize())
+    }
+
+    #[test]
+    fn zero_path_equals_hashing_the_zeroes() {
+        let bs = 8192;
+        let mut data = vec![0u8; 3 * bs + 100];
+        data[bs + 5] = 7;
+        let mut h = BlockHash::<Blake2b<U32>>::new(bs);
+        for block in data.chunks(bs) {
+            h.data(block);
+        }
+        assert_eq!(h.hexdigest(), reference::<Blake2b<U32>>(&data, bs));
+        let mut h = BlockHash::<sha2::Sha256>::new(bs);
+        h.zero(bs);
+        h.zero(bs);
+        h.zero(100);
+        assert_eq!(
+            h.hexdigest(),
+            reference::<sha2::Sha256>(&vec![0; 2 * bs + 100], bs)
+        );
+    }
+
+    #[test]
+    fn known_digest_of_an_empty_image() {
+        // No blocks: the digest of nothing, 32-byte blake2b.
+        let h = BlockHash::<Blake2b<U32>>::new(4096);
+        assert_eq!(
+            h.hexdigest(),
+            "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8"
+        );
+    }
+
+    #[test]
+    fn params_like_imageio() {
+        assert_eq!(Params::parse(None, None), Ok(Params::default()));
+        assert_eq!(
+            Params::parse(Some("sha256"), Some("1048576")),
+            Ok(Params {
+                algorithm: Algorithm::Sha256,
+                block_size: MIB
+            })
+        );
+        assert_eq!(
+            Params::parse(Some("shake_128"), None).unwrap_err(),
+            "Unsupported value \"shake_128\" for \"algorithm\", expecting one of \
+             [\"blake2b\", \"blake2s\", \"md5\", \"sha1\", \"sha224\", \"sha256\", \"sha384\", \
+             \"sha3_224\", \"sha3_256\", \"sha3_384\", \"sha3_512\", \"sha512\"]"
+        );
+        assert_eq!(
+            Params::parse(None, Some("4M")).unwrap_err(),
+            "Invalid block size: \"4M\""
+        );
+        for bad in ["0", "-4096", "1044480", "16781312", "99999999999999999"] {
+            let e = Params::parse(None, Some(bad));
+            assert_eq!(
+                e.as_ref().map_err(String::as_str),
+                Err("Block size out of allowed range: 1048576-16777216"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Params::parse(None, Some("1048577")).unwrap_err(),
+            "Block size is not aligned to 4096"
+        );
+        let mut names = Algorithm::names();
+        names.sort();
+        assert_eq!(names, Algorithm::names());
+        for a in Algorithm::ALL {
+            assert_eq!(Algorithm::from_name(a.name()), Some(a));
+        }
+    }
+}
