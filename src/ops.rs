@@ -35,12 +35,12 @@ use crate::stats::TransferStats;
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
-/// ones. The backend reads and writes a chunk as several NBD requests (see
-/// `backend::nbd::PIPELINE_REQUEST`).
+/// ones. The backend reads a chunk as several NBD requests (see
+/// `backend::nbd::PIPELINE_REQUEST`) and writes it as one.
 pub const CHUNK: usize = 512 * 1024;
-/// NBD requests in flight per transfer (2 MiB): hides qemu-nbd's
-/// per-request latency (it serves the requests of one connection
-/// concurrently).
+/// NBD requests in flight per transfer (2 MiB of reads, 4 MiB of writes):
+/// hides qemu-nbd's per-request latency (it serves the requests of one
+/// connection concurrently).
 const WINDOW: usize = 8;
 /// Chunks read ahead of the client (beyond those in flight).
 const DEPTH: usize = 2;
