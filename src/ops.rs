@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -402,17 +402,28 @@ enum Failure {
 }
 
 /// The request body as `CHUNK`-sized chunks (the last one shorter).
+///
+/// Each piece actix hands over is copied into the chunk being filled and
+/// dropped at once, before anything awaits: the piece is a view of actix's
+/// read buffer, and only once no view is left can actix reuse that buffer
+/// whole and read the next 128 KiB from the socket in one call. A piece kept
+/// alive (even an empty slice of it) makes actix start a fresh 8 KiB buffer
+/// and read in 8-64 KiB steps: five times the receive calls, each of which
+/// can send a window update that wakes the client (measured: 44k receive
+/// calls per 1.5 GiB upload against 26k, and less server CPU).
 struct BodyChunks<'a> {
     payload: &'a mut Payload,
     length: u64,
     /// Body bytes taken from the payload so far.
     received: u64,
     timeout: Duration,
-    /// What is left of the last piece the payload gave.
-    rest: Bytes,
+    /// Chunks filled and not yet returned (at most the few one piece ends).
+    ready: std::collections::VecDeque<Bytes>,
     filling: Vec<u8>,
     /// Size of the chunk being filled (0: none started).
     want: usize,
+    /// Body bytes copied into chunks so far.
+    copied: u64,
     buffers: Buffers,
 }
 
@@ -423,10 +434,32 @@ impl<'a> BodyChunks<'a> {
             length,
             received: 0,
             timeout,
-            rest: Bytes::new(),
+            ready: std::collections::VecDeque::new(),
             filling: Vec::new(),
             want: 0,
+            copied: 0,
             buffers: Buffers::new(CHUNK.min(usize::try_from(length).unwrap_or(usize::MAX))),
+        }
+    }
+
+    /// Copies all of `piece` into chunks, queueing the ones it completes.
+    fn absorb(&mut self, mut piece: &[u8]) {
+        while !piece.is_empty() {
+            if self.want == 0 {
+                let left = self.length - self.copied;
+                self.want = self.buffers.size.min(left as usize);
+                self.filling = self.buffers.get_empty();
+            }
+            let n = (self.want - self.filling.len()).min(piece.len());
+            self.filling.extend_from_slice(&piece[..n]);
+            piece = &piece[n..];
+            self.copied += n as u64;
+            if self.filling.len() == self.want {
+                self.want = 0;
+                let len = self.filling.len();
+                let full = std::mem::take(&mut self.filling);
+                self.ready.push_back(self.buffers.lend(full, len));
+            }
         }
     }
 
@@ -435,21 +468,8 @@ impl<'a> BodyChunks<'a> {
     /// is kept in `self`.
     async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
-            while !self.rest.is_empty() {
-                if self.want == 0 {
-                    let left = self.length - (self.received - self.rest.len() as u64);
-                    self.want = self.buffers.size.min(left as usize);
-                    self.filling = self.buffers.get_empty();
-                }
-                let n = (self.want - self.filling.len()).min(self.rest.len());
-                self.filling.extend_from_slice(&self.rest[..n]);
-                self.rest.advance(n);
-                if self.filling.len() == self.want {
-                    self.want = 0;
-                    let len = self.filling.len();
-                    let full = std::mem::take(&mut self.filling);
-                    return Ok(Some(self.buffers.lend(full, len)));
-                }
+            if let Some(chunk) = self.ready.pop_front() {
+                return Ok(Some(chunk));
             }
             if self.received == self.length {
                 return Ok(None);
@@ -477,7 +497,8 @@ impl<'a> BodyChunks<'a> {
             };
             let take = piece.len().min((self.length - self.received) as usize);
             self.received += take as u64;
-            self.rest = piece.slice(..take);
+            self.absorb(&piece[..take]);
+            // `piece` is dropped here, before the next await.
         }
     }
 }
