@@ -51,9 +51,11 @@ test-imageio: deps
 # Throughput and latency of the server against qemu-nbd's own client on the
 # same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
 # Results and how to read them: bench/RESULTS.md.
+FLOOR := $(or $(CARGO_TARGET_DIR),target)/release/examples/bench-floor
 bench: build
 	@scripts/deps.sh wrk
-	python3 bench/bench.py $(BIN)
+	$(CARGO) build --release --locked --example bench-floor
+	python3 bench/bench.py $(BIN) $(FLOOR)
 
 lint: deps
 	$(CARGO) fmt --all -- --check

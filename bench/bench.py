@@ -2,7 +2,11 @@
 """Benchmark: the server against qemu-nbd's own client (nbdcopy) on the same
 export, interleaved in one run so a loaded machine hurts both alike.
 
-Usage: bench/bench.py SERVER_BINARY [--quick]
+Usage: bench/bench.py SERVER_BINARY [FLOOR_BINARY]
+
+FLOOR_BINARY (bench/floor.rs, built by `make bench`) is a minimal libnbd to
+plain-TCP copier with no HTTP framework: measured beside the server, it shows
+how much of the gap to nbdcopy is the server's and how much is HTTP over TCP.
 
 Needs qemu-img, qemu-nbd, qemu-io, nbdcopy, curl and wrk. Python stdlib only.
 Prints markdown tables ready to paste into bench/RESULTS.md.
@@ -19,6 +23,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +51,12 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def minor_faults(pid):
+    """Minor page faults of a process so far (qemu-nbd's allocator churn)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def status_kib(pid, key):
@@ -132,15 +143,22 @@ class Measure:
     (curl or nbdcopy: the commands run, once reaped) spent meanwhile."""
 
     def __init__(self, pids):
-        self.pids = pids
+        self.pids = pids  # [server, qemu-nbd]
 
-    def __call__(self, fn):
-        cpu0 = [cpu_seconds(p) for p in self.pids] + [children_cpu()]
+    def __call__(self, fn, server_pid=None):
+        pids = [server_pid or self.pids[0]] + self.pids[1:]
+        cpu0 = [cpu_seconds(p) for p in pids] + [children_cpu()]
+        flt0 = minor_faults(self.nbd_pid)
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        cpu1 = [cpu_seconds(p) for p in self.pids] + [children_cpu()]
-        return dt, [b - a for a, b in zip(cpu0, cpu1)]
+        cpu1 = [cpu_seconds(p) for p in pids] + [children_cpu()]
+        cpu = [b - a for a, b in zip(cpu0, cpu1)]
+        return dt, cpu, minor_faults(self.nbd_pid) - flt0
+
+    @property
+    def nbd_pid(self):
+        return self.pids[1]
 
 
 def make_data(tmp):
@@ -245,6 +263,7 @@ def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     binary = os.path.abspath(sys.argv[1])
+    floor = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else None
     for tool in ["qemu-img", "qemu-nbd", "qemu-io", "nbdcopy", "curl", "wrk"]:
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found")
@@ -255,14 +274,38 @@ def main():
     tmp = tempfile.mkdtemp(prefix="csis-bench-", dir=base)
     procs = []
     try:
-        bench(binary, tmp, procs)
+        bench(binary, floor, tmp, procs)
     finally:
         for p in reversed(procs):
             p.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench(binary, tmp, procs):
+class Floor(Proc):
+    """bench/floor.rs serving the raw export."""
+
+    def __init__(self, binary, nbd):
+        super().__init__([binary, nbd.sock], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on (http://\S+)", line)
+        if not m:
+            raise RuntimeError(f"bench-floor did not start: {line!r}")
+        self.base = m.group(1)
+
+    def url(self, tid):
+        return f"{self.base}/images/{tid}"
+
+
+def reference(name):
+    """The nbdcopy run a transfer is compared with (None for nbdcopy's own)."""
+    if name.startswith("nbdcopy"):
+        return None
+    if name.endswith("PUT"):
+        return "nbdcopy FILE → nbd"
+    return "nbdcopy --no-extents → null:"
+
+
+def bench(binary, floor_binary, tmp, procs):
     cores = os.cpu_count()
     load0 = os.getloadavg()
     log(f"{cores} cores, load average {load0[0]:.2f}; server {binary}")
@@ -290,34 +333,61 @@ def bench(binary, tmp, procs):
     server.add_nbd("frag", nbd_frag, "b0")
     url = server.url("raw")
     measure = Measure([server.pid, nbd.pid])
+    floor = None
+    if floor_binary:
+        floor = Floor(floor_binary, nbd)
+        procs.append(floor)
 
     log("warming the page cache")
     run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
     run(curl_get(url))
 
     quarter = IMAGE_SIZE // 4
-    par_cmds = [curl_get(url, f"{i * quarter}-{(i + 1) * quarter - 1}") for i in range(4)]
+
+    def par_cmds(u):
+        return [curl_get(u, f"{i * quarter}-{(i + 1) * quarter - 1}") for i in range(4)]
+
+    def curl_put(u):
+        return ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", data, u]
+
     tests = {
         "nbdcopy --no-extents → null:": (IMAGE_SIZE, call(["nbdcopy", "--no-extents", nbd.uri, "null:"])),
         "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(url))),
         "nbdcopy → null: (skips holes)": (IMAGE_SIZE, call(["nbdcopy", nbd.uri, "null:"])),
-        "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds)),
+        "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(url))),
         "nbdcopy FILE → nbd": (DATA_SIZE, call(["nbdcopy", data, nbd.uri])),
-        "curl -T PUT": (DATA_SIZE, call(["curl", "-sS", "--fail", "-o", "/dev/null", "-T", data, url])),
+        "curl -T PUT": (DATA_SIZE, call(curl_put(url))),
     }
+    if floor:
+        furl = floor.url("raw")
+        tests.update({
+            "floor: curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(furl))),
+            "floor: curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(furl))),
+            "floor: curl -T PUT": (DATA_SIZE, call(curl_put(furl))),
+        })
+    ratios = {k: [] for k in tests}
+    faults = {k: [] for k in tests}
     best = {}
     rss_peak = 0
     for r in range(ROUNDS):
         log(f"round {r + 1}/{ROUNDS}")
+        times = {}
         for name, (size, fn) in tests.items():
+            pid = floor.pid if name.startswith("floor") else server.pid
             if name == "curl GET ×4 ranged":
                 with RssPoller(server.pid) as poll:
-                    dt, cpu = measure(fn)
+                    dt, cpu, flt = measure(fn, pid)
                 rss_peak = max(rss_peak, poll.peak)
             else:
-                dt, cpu = measure(fn)
+                dt, cpu, flt = measure(fn, pid)
+            times[name] = dt
+            faults[name].append(flt)
             if name not in best or dt < best[name][0]:
                 best[name] = (dt, cpu)
+        for name in tests:
+            ref = reference(name)
+            if ref:
+                ratios[name].append(times[ref] / times[name] * tests[name][0] / tests[ref][0])
     hwm = status_kib(server.pid, "VmHWM")
 
     log("extents")
@@ -345,12 +415,14 @@ def bench(binary, tmp, procs):
           f"{run(['nbdcopy', '--version']).stdout.splitlines()[0]}")
     print(f"- best of {ROUNDS} interleaved rounds; bench took {elapsed:.0f} s")
     print()
-    print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s | client CPU s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s | client CPU s "
+          "| ratio, median of rounds | qemu-nbd minor faults, median |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (size, _) in tests.items():
         dt, cpu = best[name]
+        med = f"{statistics.median(ratios[name]):.2f}" if ratios[name] else ""
         print(f"| {name} | {size} | {dt:.3f} | {mibs(name):.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} "
-              f"| {cpu[2]:.2f} |")
+              f"| {cpu[2]:.2f} | {med} | {statistics.median(faults[name]):.0f} |")
     print()
     print("| extents | count | best ms | median ms |")
     print("|---|---:|---:|---:|")
@@ -368,6 +440,11 @@ def bench(binary, tmp, procs):
     print(f"- download_ratio = {mibs('curl GET (1 stream)') / base:.2f}")
     print(f"- parallel_download_ratio = {mibs('curl GET ×4 ranged') / base:.2f}")
     print(f"- upload_ratio = {mibs('curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
+    if floor:
+        print(f"- floor (bench/floor.rs, no HTTP framework): download "
+              f"{mibs('floor: curl GET (1 stream)') / base:.2f}, parallel "
+              f"{mibs('floor: curl GET ×4 ranged') / base:.2f}, upload "
+              f"{mibs('floor: curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
 
 
 if __name__ == "__main__":
