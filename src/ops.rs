@@ -594,9 +594,18 @@ async fn pump_nbd(
         let Some(chunk) = next.map_err(Failure::Client)? else {
             break;
         };
-        while handle.queued() >= WINDOW {
-            let done = poll_fn(|cx| handle.poll_oldest(cx)).await;
-            written.retired(done.map_err(Failure::Backend)?);
+        // A full window is drained completely before the next chunk goes
+        // out: the worker then alternates between receiving a window's worth
+        // of body and handing it to qemu-nbd, which costs both of them less
+        // CPU than keeping the window topped up one request at a time
+        // (measured: server 0.67 -> 0.56 s, qemu-nbd 0.74 -> 0.70 s per
+        // 1.5 GiB upload; the client keeps sending into the socket buffer
+        // meanwhile).
+        if handle.queued() >= WINDOW {
+            while handle.queued() > 0 {
+                let done = poll_fn(|cx| handle.poll_oldest(cx)).await;
+                written.retired(done.map_err(Failure::Backend)?);
+            }
         }
         let len = chunk.len() as u64;
         if zero_ok {
