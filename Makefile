@@ -6,7 +6,7 @@ BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test test-imageio fuzz soak lint fmt clean package package-tools test-package bench
+.PHONY: all deps build run demo test test-clients fuzz soak lint fmt clean package package-tools test-package bench
 
 all: build
 
@@ -42,11 +42,14 @@ SOAK_SECS ?= 180
 soak: deps
 	CSIS_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --locked --test soak -- --ignored --nocapture
 
-# The real imageio client (ovirt-imageio, installed into a throw-away
-# virtualenv) uploads and downloads through the server over HTTP and HTTPS.
-test-imageio: deps
+# Real clients against the server with its default flags: ovirt-imageio's
+# (4 workers, HTTP and HTTPS; installed into a throw-away virtualenv), a
+# copy of two transfers at once with 4 workers each, nbdkit's curl plugin
+# under nbdcopy, aria2c -x4, wget -c and curl -C -. Under a minute.
+test-clients:
+	@scripts/deps.sh --clients
 	$(CARGO) build --locked
-	scripts/test-imageio.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
+	scripts/test-clients.sh $${CARGO_TARGET_DIR:-target}/debug/cloudstack-image-server
 
 # Throughput and latency of the server against qemu-nbd's own client on the
 # same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
