@@ -12,7 +12,10 @@ Needs qemu-img, qemu-nbd, qemu-io, nbdcopy, curl and wrk. Python stdlib only.
 Prints markdown tables ready to paste into bench/RESULTS.md.
 
 Environment: BENCH_TMP (default /var/tmp) holds the ~3.5 GiB of test files;
-BENCH_ROUNDS (default 3) is the number of interleaved rounds (best is kept).
+BENCH_ROUNDS (default 3) is the number of interleaved rounds (best is kept);
+BENCH_SIZE_MIB (default 2048, a multiple of 8) is the size of the raw image
+(three quarters of it random data, the upload source): small values make a
+quick check of the bench itself, not figures to compare.
 """
 
 import datetime
@@ -23,17 +26,19 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 GIB = 1024**3
 MIB = 1024**2
-IMAGE_SIZE = 2 * GIB
-DATA_SIZE = 3 * GIB // 2
+IMAGE_SIZE = int(os.environ.get("BENCH_SIZE_MIB", "2048")) * MIB
+DATA_SIZE = IMAGE_SIZE // 4 * 3
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -133,26 +138,28 @@ class Server(Proc):
         return f"http://{self.addr}/images/{tid}"
 
 
-def children_cpu():
+def client_cpu():
+    """CPU of the clients: the commands run (once reaped) and the bench's
+    own upload threads."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime + THREAD_CPU.total
 
 
 class Measure:
     """Times a command and the CPU the server, qemu-nbd and the client
-    (curl or nbdcopy: the commands run, once reaped) spent meanwhile."""
+    (curl or nbdcopy, or the bench's upload threads) spent meanwhile."""
 
     def __init__(self, pids):
         self.pids = pids  # [server, qemu-nbd]
 
     def __call__(self, fn, server_pid=None):
         pids = [server_pid or self.pids[0]] + self.pids[1:]
-        cpu0 = [cpu_seconds(p) for p in pids] + [children_cpu()]
+        cpu0 = [cpu_seconds(p) for p in pids] + [client_cpu()]
         flt0 = minor_faults(self.nbd_pid)
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        cpu1 = [cpu_seconds(p) for p in pids] + [children_cpu()]
+        cpu1 = [cpu_seconds(p) for p in pids] + [client_cpu()]
         cpu = [b - a for a, b in zip(cpu0, cpu1)]
         return dt, cpu, minor_faults(self.nbd_pid) - flt0
 
@@ -162,11 +169,11 @@ class Measure:
 
 
 def make_data(tmp):
-    """1.5 GiB of random data (the upload source) and a 2 GiB raw image whose
-    first 1.5 GiB are that data and the rest a hole."""
+    """DATA_SIZE of random data (the upload source) and a raw image of
+    IMAGE_SIZE whose first DATA_SIZE bytes are that data and the rest a hole."""
     data = os.path.join(tmp, "data.bin")
     image = os.path.join(tmp, "image.raw")
-    log("writing 1.5 GiB of random data")
+    log(f"writing {DATA_SIZE // MIB} MiB of random data")
     with open("/dev/urandom", "rb") as src, open(data, "wb") as dst:
         left = DATA_SIZE
         while left:
@@ -196,11 +203,83 @@ def curl_get(url, rng=None):
     return cmd
 
 
-def parallel(cmds):
+def parts(total, n):
+    """(offset, length) of n consecutive parts of total bytes; the last
+    takes the remainder."""
+    step = total // n
+    return [(i * step, step if i < n - 1 else total - i * step) for i in range(n)]
+
+
+class ThreadCpu:
+    """CPU seconds spent by client threads of the bench itself (the ranged
+    uploads), each measured with RUSAGE_THREAD: what a separate client
+    process would add to RUSAGE_CHILDREN."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def now():
+        r = resource.getrusage(resource.RUSAGE_THREAD)
+        return r.ru_utime + r.ru_stime
+
+    def add(self, seconds):
+        with self.lock:
+            self.total += seconds
+
+
+THREAD_CPU = ThreadCpu()
+
+
+def put_range(url, path, offset, length):
+    """One imageio upload worker's request: PUT `length` bytes of `path`
+    from `offset` to the same offset of the image, with Content-Range, on
+    its own connection. The body goes by sendfile(2) (the GIL released), so
+    the client costs no more than curl -T, and no interpreter starts."""
+    cpu0 = THREAD_CPU.now()
+    u = urllib.parse.urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=600) as sock, \
+            open(path, "rb") as f:
+        sock.sendall((f"PUT {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                      f"Content-Length: {length}\r\n"
+                      f"Content-Range: bytes {offset}-{offset + length - 1}/*\r\n\r\n").encode())
+        sent = sock.sendfile(f, offset, length)
+        r = http.client.HTTPResponse(sock)
+        r.begin()
+        body = r.read()
+    THREAD_CPU.add(THREAD_CPU.now() - cpu0)
+    if sent != length or r.status != 200:
+        raise RuntimeError(f"PUT {offset}+{length}: sent {sent}, {r.status} {body[:200]!r}")
+
+
+def put_ranges(url, path, n):
+    """n upload workers (callables for parallel()), one part of `path` each."""
+    return [lambda off=off, ln=ln: put_range(url, path, off, ln)
+            for off, ln in parts(os.path.getsize(path), n)]
+
+
+def parallel(cmds, jobs=()):
+    """Runs the commands and, in threads, the callables `jobs`, all at once."""
+    errors = []
+
+    def thread(job):
+        try:
+            job()
+        except Exception as e:
+            errors.append(e)
+
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in cmds]
+    threads = [threading.Thread(target=thread, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
     rcs = [p.wait() for p in procs]
+    for t in threads:
+        t.join()
     if any(rcs):
         raise RuntimeError(f"command failed: {cmds} -> {rcs}")
+    if errors:
+        raise errors[0]
 
 
 def call(cmd):
@@ -269,8 +348,9 @@ def main():
             sys.exit(f"bench: {tool} not found")
     base = os.environ.get("BENCH_TMP", "/var/tmp")
     free = shutil.disk_usage(base).free
-    if free < 4 * GIB:
-        sys.exit(f"bench: {base} has {free // MIB} MiB free; need 4 GiB (set BENCH_TMP)")
+    need = IMAGE_SIZE + DATA_SIZE + GIB // 2
+    if free < need:
+        sys.exit(f"bench: {base} has {free // MIB} MiB free; need {need // MIB} MiB (set BENCH_TMP)")
     tmp = tempfile.mkdtemp(prefix="csis-bench-", dir=base)
     procs = []
     try:
@@ -300,7 +380,7 @@ def reference(name):
     """The nbdcopy run a transfer is compared with (None for nbdcopy's own)."""
     if name.startswith("nbdcopy"):
         return None
-    if name.endswith("PUT"):
+    if "PUT" in name:
         return "nbdcopy FILE → nbd"
     return "nbdcopy --no-extents → null:"
 
@@ -342,10 +422,8 @@ def bench(binary, floor_binary, tmp, procs):
     run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
     run(curl_get(url))
 
-    quarter = IMAGE_SIZE // 4
-
-    def par_cmds(u):
-        return [curl_get(u, f"{i * quarter}-{(i + 1) * quarter - 1}") for i in range(4)]
+    def par_cmds(u, n=4):
+        return [curl_get(u, f"{off}-{off + ln - 1}") for off, ln in parts(IMAGE_SIZE, n)]
 
     def curl_put(u):
         return ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", data, u]
@@ -357,6 +435,7 @@ def bench(binary, floor_binary, tmp, procs):
         "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(url))),
         "nbdcopy FILE → nbd": (DATA_SIZE, call(["nbdcopy", data, nbd.uri])),
         "curl -T PUT": (DATA_SIZE, call(curl_put(url))),
+        "PUT ×4 ranged (imageio workers)": (DATA_SIZE, lambda: parallel([], put_ranges(url, data, 4))),
     }
     if floor:
         furl = floor.url("raw")
@@ -388,6 +467,11 @@ def bench(binary, floor_binary, tmp, procs):
             ref = reference(name)
             if ref:
                 ratios[name].append(times[ref] / times[name] * tests[name][0] / tests[ref][0])
+
+    log("peak RSS with 8 readers and 4 writers at once")
+    with RssPoller(server.pid) as poll:
+        parallel(par_cmds(url, 8), put_ranges(url, data, 4))
+    busy_rss = poll.peak
     hwm = status_kib(server.pid, "VmHWM")
 
     log("extents")
@@ -437,9 +521,12 @@ def bench(binary, floor_binary, tmp, procs):
     print(f"- server peak RSS during 4 parallel downloads: {rss_peak / 1024:.1f} MiB "
           f"(VmHWM over the whole run {hwm / 1024:.1f} MiB)")
     base = mibs("nbdcopy --no-extents → null:")
+    print(f"- server peak RSS with 8 readers and 4 writers busy at once: {busy_rss / 1024:.1f} MiB "
+          f"(target < 100 MiB)")
     print(f"- download_ratio = {mibs('curl GET (1 stream)') / base:.2f}")
     print(f"- parallel_download_ratio = {mibs('curl GET ×4 ranged') / base:.2f}")
     print(f"- upload_ratio = {mibs('curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
+    print(f"- parallel_upload_ratio = {mibs('PUT ×4 ranged (imageio workers)') / mibs('nbdcopy FILE → nbd'):.2f}")
     if floor:
         print(f"- floor (bench/floor.rs, no HTTP framework): download "
               f"{mibs('floor: curl GET (1 stream)') / base:.2f}, parallel "
