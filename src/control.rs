@@ -297,8 +297,8 @@ fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
 ///   (all-zero chunks stored sparsely count too)
 /// - `bytes_zeroed`: bytes zeroed by PATCH `{"op":"zero"}`
 /// - `requests_served` / `requests_failed`: requests on this transfer that
-///   ended, successfully or not (an error reply, including 409 busy and
-///   503 no slot, or a GET body cut short by a backend error or the client
+///   ended, successfully or not (an error reply, including 503 too many
+///   requests, or a GET body cut short by a backend error or the client
 ///   going away); `requests_in_flight`: those running now
 /// - `idle_seconds`: whole seconds since the last request started or ended
 ///   (0 while one is running)

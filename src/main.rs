@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 
 use cloudstack_image_server::control;
+use cloudstack_image_server::http::limits::MAX_REQUESTS_LIMIT;
 use cloudstack_image_server::server::{self, Settings, TlsFiles};
 
 /// imageio-compatible HTTP server for CloudStack KVM image transfers over NBD.
@@ -26,12 +28,24 @@ struct Cli {
     /// Directory of per-transfer JSON configs (`<config-dir>/<transferId>`).
     #[arg(long, default_value = "/tmp/imagetransfer")]
     config_dir: PathBuf,
-    /// Image reads (GET) served at once across the server; more get 503.
+    /// Reads one client may run in parallel on a transfer, as OPTIONS
+    /// advertises it (`max_readers`). Advertised only: nothing is refused
+    /// per transfer (see --max-requests).
     #[arg(long, default_value_t = 8)]
     max_readers: usize,
-    /// Writes (PUT, PATCH) served at once across the server; more get 503.
-    #[arg(long, default_value_t = 1)]
+    /// Writes one client may run in parallel on a writable transfer, as
+    /// OPTIONS advertises it (`max_writers`; 0 for a read-only export).
+    /// ovirt-imageio's client uploads with min(4, max_writers) workers.
+    /// Advertised only: nothing is refused per transfer.
+    #[arg(long, default_value_t = 4)]
     max_writers: usize,
+    /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
+    /// across the whole server; the next one gets
+    /// `503 {"error":"too many requests"}` at once. Bounds memory (each holds
+    /// at most a few MiB of buffers).
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
+    max_requests: u32,
     /// Seconds to wait for the next piece of a request body (or for a GET
     /// client to take more of its response) before failing the request and
     /// releasing its locks and slots.
@@ -51,33 +65,67 @@ struct Cli {
     /// turns it off.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     control_socket: String,
-    /// PEM certificate (chain) for HTTPS; needs --tls-key-file.
+    /// Serve HTTPS with --tls-cert-file and --tls-key-file (both required
+    /// then). As CloudStack's newer image server: without this flag the
+    /// server speaks plain HTTP even when a certificate and key are given
+    /// (a warning is logged).
+    #[arg(long)]
+    tls_enabled: bool,
+    /// PEM certificate (chain) for HTTPS; needs --tls-key-file, and is used
+    /// only with --tls-enabled.
     #[arg(long, requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
-    /// PEM private key (PKCS#8, RSA or EC) for HTTPS; needs --tls-cert-file.
+    /// PEM private key (PKCS#8, RSA or EC) for HTTPS; needs --tls-cert-file,
+    /// and is used only with --tls-enabled.
     #[arg(long, requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
 }
 
+/// HTTPS files when TLS is on; `--tls-enabled` without them is a usage error.
+fn tls_files(cli: &mut Cli) -> Option<TlsFiles> {
+    let files = match (cli.tls_cert_file.take(), cli.tls_key_file.take()) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    match (cli.tls_enabled, files) {
+        (true, None) => Cli::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "--tls-enabled needs --tls-cert-file and --tls-key-file",
+            )
+            .exit(),
+        (true, files) => files,
+        (false, Some(files)) => {
+            log::warn!(
+                "--tls-cert-file {} and --tls-key-file {} are ignored without --tls-enabled: \
+                 serving plain HTTP",
+                files.cert.display(),
+                files.key.display()
+            );
+            None
+        }
+        (false, None) => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let tls = tls_files(&mut cli);
     let settings = Settings {
         listen: cli.listen,
         port: cli.port,
         config_dir: cli.config_dir,
         max_readers: cli.max_readers,
         max_writers: cli.max_writers,
+        max_requests: cli.max_requests as usize,
         body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         workers: cli.workers,
         control_socket: Some(PathBuf::from(cli.control_socket))
             .filter(|p| !p.as_os_str().is_empty()),
-        tls: match (cli.tls_cert_file, cli.tls_key_file) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-            _ => None,
-        },
+        tls,
     };
     match actix_web::rt::System::new().block_on(server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,8 +28,13 @@ pub struct Settings {
     pub listen: String,
     pub port: u16,
     pub config_dir: PathBuf,
+    /// Advertised by OPTIONS per transfer (parallel reads for one client).
     pub max_readers: usize,
+    /// Advertised by OPTIONS per writable transfer (parallel writes).
     pub max_writers: usize,
+    /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
+    /// across the server; the next gets 503.
+    pub max_requests: usize,
     /// Longest wait for the next piece of a request body.
     pub body_timeout: Duration,
     /// Longest wait for a complete request head.
@@ -86,6 +91,7 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         ConfigDir::new(settings.config_dir.clone()),
         settings.max_readers,
         settings.max_writers,
+        settings.max_requests,
         settings.body_timeout,
     ));
     let app_state = state.clone();

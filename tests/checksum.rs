@@ -142,7 +142,7 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
     let nbd = QemuNbd::start(&img, &dir.join("disk.sock"), NbdOpts::raw());
     let cfg = dir.join("cfg");
     std::fs::create_dir(&cfg).unwrap();
-    let server = Server::start(&cfg, &["--max-readers", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1"]);
     server.add_nbd("r", &nbd);
 
     // The algorithms list needs no transfer (as in imageio).
@@ -194,8 +194,8 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
         .get("/images/r/checksum?algorithm=sha1&block_size=1048577")
         .assert_error(400, "Block size is not aligned to 4096");
 
-    // A checksum reads the whole image: it takes a reader slot. With the
-    // only one held by a stalled GET it is refused.
+    // A checksum reads the whole image: it is a data request. With the
+    // only request slot held by a stalled GET it is refused.
     let mut s = std::net::TcpStream::connect(server.addr).unwrap();
     use std::io::{Read, Write};
     write!(s, "GET /images/r HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
@@ -204,7 +204,7 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
     assert!(head[..n].starts_with(b"HTTP/1.1 200"));
     server
         .get("/images/r/checksum")
-        .assert_error(503, "too many parallel reads");
+        .assert_error(503, "too many requests");
     drop(s);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {

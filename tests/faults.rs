@@ -121,8 +121,7 @@ fn qemu_nbd_killed_mid_put_gives_a_json_5xx_and_others_unaffected() {
     let data_b = raw_image(&tmp.join("b.raw"), 8 * MIB, 64 * 1024, 2);
     let mut nbd_a = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
     let nbd_b = QemuNbd::start(&tmp.join("b.raw"), &tmp.join("b.sock"), NbdOpts::raw());
-    // Two writers: the PUT on b below must not be refused for a slot.
-    let server = Server::start(&cfg, &["--max-writers", "2"]);
+    let server = Server::start(&cfg, &[]);
     server.add_nbd("a", &nbd_a);
     server.add_nbd("b", &nbd_b);
 
@@ -225,11 +224,11 @@ fn qemu_nbd_restarted_on_the_same_socket_is_reconnected() {
 }
 
 #[test]
-fn client_gone_mid_get_releases_the_reader_slot() {
+fn client_gone_mid_get_releases_the_request_slot() {
     let (tmp, cfg) = setup("gone-get");
     let data = raw_image(&tmp.join("a.raw"), 64 * MIB, MIB as usize, 6);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
-    let server = Server::start(&cfg, &["--max-readers", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1"]);
     server.add_nbd("a", &nbd);
 
     let mut client = server.client();
@@ -238,17 +237,17 @@ fn client_gone_mid_get_releases_the_reader_slot() {
     assert_eq!(status, 200);
     let mut some = vec![0u8; 64 * 1024];
     client.reader().read_exact(&mut some).unwrap();
-    // The one reader slot is taken while this GET is open.
+    // The one request slot is taken while this GET is open.
     server
         .get("/images/a")
-        .assert_error(503, "too many parallel reads");
+        .assert_error(503, "too many requests");
     drop(client);
 
     let ok = poll(Duration::from_secs(20), || {
         let r = server.request("GET", "/images/a", &[("Range", "bytes=0-4095")], b"");
         (r.status == 206).then_some(r)
     })
-    .expect("reader slot never released after the client left");
+    .expect("request slot never released after the client left");
     assert!(ok.body == data[..4096]);
     assert!(
         server.wait_log("GET end image_id=a", Duration::from_secs(10)),
@@ -258,11 +257,11 @@ fn client_gone_mid_get_releases_the_reader_slot() {
 }
 
 #[test]
-fn client_gone_mid_put_releases_the_lock_and_writer_slot() {
+fn client_gone_mid_put_releases_the_lock_and_request_slot() {
     let (tmp, cfg) = setup("gone-put");
     raw_image(&tmp.join("a.raw"), 16 * MIB, 0, 1);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
-    let server = Server::start(&cfg, &[]);
+    let server = Server::start(&cfg, &["--max-requests", "1"]);
     server.add_nbd("a", &nbd);
 
     for ranged in [false, true] {
@@ -278,14 +277,18 @@ fn client_gone_mid_put_releases_the_lock_and_writer_slot() {
             .write_all(&pattern_bytes(3 * MIB as usize, 1))
             .unwrap();
         client.stream().flush().unwrap();
+        // The PUT holds the only request slot: another data request is
+        // refused, a flush (no data request) goes through meanwhile.
         assert!(poll(Duration::from_secs(10), || {
-            let r = server.request("POST", "/images/a/flush", &[], b"");
-            (r.status == 409).then_some(())
+            let r = server.request("GET", "/images/a", &[("Range", "bytes=0-0")], b"");
+            (r.status == 503).then_some(())
         })
         .is_some());
+        let r = server.request("POST", "/images/a/flush", &[], b"");
+        assert_eq!(r.json(), json!({"ok": true}));
         drop(client);
 
-        // Lock and slot come back: a zero (takes both) succeeds.
+        // The slot comes back: a zero succeeds.
         let r = poll(Duration::from_secs(20), || {
             let r = server.request(
                 "PATCH",
@@ -295,9 +298,10 @@ fn client_gone_mid_put_releases_the_lock_and_writer_slot() {
             );
             (r.status == 200).then_some(r)
         })
-        .expect("lock/slot never released after the client left");
+        .expect("slot never released after the client left");
         assert_eq!(r.json(), json!({"ok": true}));
     }
+    // The full-PUT lock came back too: a full PUT does not wait for ever.
     let data = pattern_bytes(MIB as usize, 9);
     let r = server.request("PUT", "/images/a", &[], &data);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -606,14 +610,14 @@ fn stalled_body_is_cut_off_and_releases_lock_and_writer_slot() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// A GET client that stops reading (but stays connected) loses its reader
+/// A GET client that stops reading (but stays connected) loses its request
 /// slot after `--body-timeout`; the server then serves others.
 #[test]
-fn stalled_get_reader_releases_the_reader_slot() {
+fn stalled_get_reader_releases_the_request_slot() {
     let (tmp, cfg) = setup("stall-get");
     let data = raw_image(&tmp.join("a.raw"), 256 * MIB, MIB as usize, 14);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
-    let server = Server::start(&cfg, &["--max-readers", "1", "--body-timeout", "2"]);
+    let server = Server::start(&cfg, &["--max-requests", "1", "--body-timeout", "2"]);
     server.add_nbd("a", &nbd);
     let mut client = server.client();
     client.send("GET", "/images/a", &[], b"");
@@ -624,7 +628,7 @@ fn stalled_get_reader_releases_the_reader_slot() {
         let r = server.request("GET", "/images/a", &[("Range", "bytes=0-4095")], b"");
         (r.status == 206).then_some(r)
     });
-    let r = freed.expect("reader slot still held by a client that stopped reading");
+    let r = freed.expect("request slot still held by a client that stopped reading");
     assert!(r.body == data[..4096]);
     assert!(
         server.wait_log(

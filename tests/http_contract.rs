@@ -103,7 +103,7 @@ fn options_writable_nbd_asks_the_export() {
     assert_imageio_headers(&r, WRITABLE_METHODS);
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":1}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
     );
 
     // The limits come from the command line.

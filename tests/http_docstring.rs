@@ -91,7 +91,7 @@ fn docstring_examples_on_the_50mib_demo_disk() {
     assert!(head.contains("\r\ncontent-type: application/json"));
     assert_eq!(
         body,
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":1}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
     );
 
     // curl -v http://127.0.0.1:54323/images/demo -o demo.img

@@ -1,17 +1,19 @@
-//! Limits and locks (seed semantics): reader and writer slots refused at once
-//! with 503, the per-image lock (PUT waits, the rest get 409), and clients
-//! that go away mid-request releasing everything they held.
+//! Limits and locks (the newest upstream server's model): requests of one
+//! transfer run concurrently (no 409), full-image PUTs of one image take
+//! turns, one server-wide bound (`--max-requests`) refused at once with 503,
+//! and clients that go away mid-request releasing everything they held.
 //!
 //! "In flight" is made real without timing: a GET whose client does not read
 //! the body of a large image cannot finish, and a PUT whose client sent only
 //! part of the body cannot finish; the server's "PUT start" log line (written
-//! once the lock and slot are held) says when the PUT holds them.
+//! once the PUT holds its request slot) says when the PUT holds it.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -32,10 +34,10 @@ fn patch_json(server: &Server, id: &str, body: &str) -> Response {
 }
 
 /// Starts a GET of `id` and reads its head and the first bytes of the body,
-/// leaving the rest unread: the GET holds its reader slot. (A reader that
+/// leaving the rest unread: the GET holds its request slot. (A request that
 /// just finished may hold its slot a moment longer: 503s are retried.)
 fn get_in_flight(server: &Server, id: &str) -> Client {
-    let (mut c, head) = poll_until(WAIT, "a reader slot", || {
+    let (mut c, head) = poll_until(WAIT, "a request slot", || {
         let mut c = server.client();
         c.send("GET", &format!("/images/{id}"), &[], b"");
         let head = c.read_response(true);
@@ -47,22 +49,32 @@ fn get_in_flight(server: &Server, id: &str) -> Client {
     c
 }
 
-/// Starts a PUT of `len` bytes to `id`, sends the first `sent` bytes of
-/// `data`, and waits until the server logs that the PUT holds the image lock
-/// and a write slot (the `n`-th "PUT start" of that image).
-fn put_in_flight(server: &Server, id: &str, data: &[u8], sent: usize, n: usize) -> Client {
+/// Starts a PUT of `len` bytes to `id` (`headers` besides Content-Length),
+/// sends the first `sent` bytes of `data`, and waits until the server logs
+/// that the PUT holds its request slot (the `n`-th "PUT start" of that image).
+fn put_in_flight_with(
+    server: &Server,
+    id: &str,
+    headers: &[(&str, &str)],
+    data: &[u8],
+    sent: usize,
+    n: usize,
+) -> Client {
     let mut c = server.client();
-    c.send(
-        "PUT",
-        &format!("/images/{id}"),
-        &[("Content-Length", &data.len().to_string())],
-        &data[..sent],
-    );
+    let len = data.len().to_string();
+    let mut all = vec![("Content-Length", len.as_str())];
+    all.extend_from_slice(headers);
+    c.send("PUT", &format!("/images/{id}"), &all, &data[..sent]);
     let needle = format!("PUT start image_id={id} ");
     poll_until(WAIT, "the PUT to start", || {
         (server.log_count(&needle) >= n).then_some(())
     });
     c
+}
+
+/// A full-image PUT in flight (see [`put_in_flight_with`]).
+fn put_in_flight(server: &Server, id: &str, data: &[u8], sent: usize, n: usize) -> Client {
+    put_in_flight_with(server, id, &[], data, sent, n)
 }
 
 /// Sends the rest of an in-flight PUT and returns its response.
@@ -71,138 +83,358 @@ fn finish_put(mut c: Client, rest: &[u8]) -> Response {
     c.read_response(false)
 }
 
+/// `Content-Range` of `len` bytes at `at`, with an unknown total.
+fn content_range(at: u64, len: usize) -> String {
+    format!("bytes {}-{}/*", at, at + len as u64 - 1)
+}
+
+/// Waits until `path` holds `want` at `at` (qemu-nbd writes through the
+/// host page cache, so a write that reached the export shows in the file).
+fn wait_on_disk(path: &std::path::Path, at: u64, want: &[u8]) {
+    poll_until(WAIT, "the write to reach the image", || {
+        (read_file_at(path, at, want.len()) == want).then_some(())
+    });
+}
+
 #[test]
-fn max_readers_refuses_the_next_get_at_once() {
-    let mut env = Env::new("readers", &["--max-readers", "1"]);
+fn max_requests_refuses_the_next_data_request_at_once() {
+    let mut env = Env::new("maxreq", &["--max-requests", "2"]);
     let big = env.dir.join("big.img");
     raw_image(&big, BIG, 0, b"big");
     env.export("big", &big, NbdOpts::raw());
     let (_, small) = env.raw_export("small", 64 * KIB, 1);
+    let size = MIB;
+    env.raw_export("a", size, 2);
     let s = &env.server;
 
+    // Two data requests in flight: a GET of one image, a PUT of another.
     let c1 = get_in_flight(s, "big");
-    assert_err(&s.get("/images/small"), 503, "too many parallel reads");
-    let r = s.request("GET", "/images/big", &[("Range", "bytes=0-9")], b"");
-    assert_err(&r, 503, "too many parallel reads");
-    // Only image GETs take a reader slot.
+    let new_a = pattern_bytes(size as usize, 3);
+    let c2 = put_in_flight(s, "a", &new_a, 100 * KIB as usize, 1);
+
+    // Every other data request, on any image, is refused at once.
+    let busy = |r: Response| assert_err(&r, 503, "too many requests");
+    busy(s.get("/images/small"));
+    busy(s.request("GET", "/images/big", &[("Range", "bytes=0-9")], b""));
+    busy(s.get("/images/small/checksum"));
+    busy(patch_json(s, "small", r#"{"op":"zero","size":4096}"#));
+    busy(patch_json(s, "small", r#"{"op":"flush"}"#));
+    // Refused from the head alone, before the body.
+    let mut c = s.client();
+    c.send("PUT", "/images/small", &[("Content-Length", "65536")], b"");
+    busy(c.read_response(false));
+    let mut c = s.client();
+    c.send(
+        "PATCH",
+        "/images/small",
+        &[("Range", "bytes=0-9"), ("Content-Length", "10")],
+        b"",
+    );
+    busy(c.read_response(false));
+    // What is not a data request goes through.
     let r = s.get("/images/small/extents");
     assert_eq!(r.status, 200, "{}", r.text());
     let r = s.request("OPTIONS", "/images/small", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = s.request("PUT", "/images/small", &[], &small);
-    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.request("POST", "/images/small/flush", &[], b"");
+    assert_json_ok(&r, r#"{"ok":true}"#);
+    let r = s.request("HEAD", "/images/small", &[], b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-length"), Some("65536"));
 
     // The reader goes away mid-body: its slot comes back.
     drop(c1);
-    let r = poll_until(WAIT, "the reader slot to be released", || {
+    let r = poll_until(WAIT, "the request slot to be released", || {
         let r = s.get("/images/small");
         (r.status != 503).then_some(r)
     });
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.body == small);
     assert!(s.wait_log("GET end image_id=big ", WAIT), "{}", s.log());
-}
-
-#[test]
-fn max_writers_refuses_the_next_write_at_once() {
-    let mut env = Env::new("writers", &[]);
-    let size = MIB;
-    env.raw_export("a", size, 2);
-    let (_, b_data) = env.raw_export("b", 64 * KIB, 3);
-    let s = &env.server;
-
-    let new_a = pattern_bytes(size as usize, 4);
-    let c1 = put_in_flight(s, "a", &new_a, 100 * KIB as usize, 1);
-
-    // Another image: refused for the slot (head only: refused before the body).
-    let mut c = s.client();
-    c.send("PUT", "/images/b", &[("Content-Length", "65536")], b"");
-    assert_err(&c.read_response(false), 503, "too many parallel writes");
-    let r = patch_json(s, "b", r#"{"op":"zero","size":4096}"#);
-    assert_err(&r, 503, "too many parallel writes");
-    let mut c = s.client();
-    c.send(
-        "PATCH",
-        "/images/b",
-        &[("Range", "bytes=0-9"), ("Content-Length", "10")],
-        b"",
-    );
-    assert_err(&c.read_response(false), 503, "too many parallel writes");
-    // Reads and flushes of the other image are not writes.
-    assert!(s.get("/images/b").body == b_data);
-    let r = s.request("POST", "/images/b/flush", &[], b"");
-    assert_json_ok(&r, r#"{"ok":true}"#);
-
-    let r = finish_put(c1, &new_a[100 * KIB as usize..]);
+    // The PUT still holds the other slot and ends well.
+    let r = finish_put(c2, &new_a[100 * KIB as usize..]);
     assert_json_ok(
         &r,
         &format!(r#"{{"ok":true,"bytes_written":{size},"flushed":false}}"#),
     );
     assert!(s.get("/images/a").body == new_a);
-    let r = patch_json(s, "b", r#"{"op":"zero","size":4096}"#);
-    assert_json_ok(&r, r#"{"ok":true}"#);
 }
 
+/// What the concurrent requests of `concurrent_requests_of_one_transfer`
+/// do to an image of 8 MiB: two ranged PUTs of 2 MiB (at 0 and 2 MiB), a
+/// zero of 1 MiB at 4 MiB, a PATCH write of 10 bytes at 5 MiB; the rest
+/// keeps its pattern. Returns the expected image.
+fn expected_after(initial: &[u8], put1: &[u8], put2: &[u8]) -> Vec<u8> {
+    let mut want = initial.to_vec();
+    want[..2 * MIB as usize].copy_from_slice(put1);
+    want[2 * MIB as usize..4 * MIB as usize].copy_from_slice(put2);
+    want[4 * MIB as usize..5 * MIB as usize].fill(0);
+    want[5 * MIB as usize..5 * MIB as usize + 10].copy_from_slice(b"0123456789");
+    want
+}
+
+/// Runs `f` on a thread, for requests sent at once.
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    std::thread::spawn(f)
+}
+
+/// The other requests of one transfer, each on its own connection, at once:
+/// a PATCH zero, a PATCH range write, flushes (POST and PATCH), extents (both
+/// contexts), a ranged GET of bytes nobody writes, OPTIONS. Each thread
+/// returns its request's name and response.
+fn others_at_once(server: &Server) -> Vec<JoinHandle<(String, Response)>> {
+    let addr = server.addr;
+    let req =
+        move |name: &str, method: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+            let name = name.to_string();
+            let method = method.to_string();
+            spawn(move || {
+                let mut c = Client::connect(addr);
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let r = c.request(&method, "/images/a", &h, &body);
+                (name, r)
+            })
+        };
+    let json = || vec![("Content-Type", "application/json".to_string())];
+    vec![
+        req(
+            "zero",
+            "PATCH",
+            json(),
+            format!(r#"{{"op":"zero","offset":{},"size":{}}}"#, 4 * MIB, MIB).into_bytes(),
+        ),
+        req(
+            "patch range",
+            "PATCH",
+            vec![("Range", format!("bytes={}-{}", 5 * MIB, 5 * MIB + 9))],
+            b"0123456789".to_vec(),
+        ),
+        req(
+            "patch flush",
+            "PATCH",
+            json(),
+            br#"{"op":"flush"}"#.to_vec(),
+        ),
+        spawn(move || {
+            let mut c = Client::connect(addr);
+            (
+                "post flush".into(),
+                c.request("POST", "/images/a/flush", &[], b""),
+            )
+        }),
+        spawn(move || {
+            let mut c = Client::connect(addr);
+            (
+                "extents".into(),
+                c.request("GET", "/images/a/extents", &[], b""),
+            )
+        }),
+        spawn(move || {
+            let mut c = Client::connect(addr);
+            (
+                "dirty extents".into(),
+                c.request("GET", "/images/a/extents?context=dirty", &[], b""),
+            )
+        }),
+        req(
+            "get range",
+            "GET",
+            vec![("Range", format!("bytes={}-{}", 6 * MIB, 7 * MIB - 1))],
+            Vec::new(),
+        ),
+        req("options", "OPTIONS", Vec::new(), Vec::new()),
+    ]
+}
+
+/// Checks the responses of [`others_at_once`].
+fn check_others(done: Vec<(String, Response)>, initial: &[u8]) {
+    assert_eq!(done.len(), 8);
+    for (name, r) in done {
+        match name.as_str() {
+            "zero" | "patch flush" | "post flush" => assert_json_ok(&r, r#"{"ok":true}"#),
+            "patch range" => assert_json_ok(&r, r#"{"ok":true,"bytes_written":10}"#),
+            "extents" | "dirty extents" => {
+                assert_eq!(r.status, 200, "{name}: {}", r.text());
+                let list = r.json();
+                let end: u64 = list
+                    .as_array()
+                    .expect("extents list")
+                    .iter()
+                    .map(|e| e["length"].as_u64().expect("length"))
+                    .sum();
+                assert_eq!(end, 8 * MIB, "{name}: {list}");
+            }
+            "get range" => {
+                assert_eq!(r.status, 206, "{name}: {}", r.text());
+                assert!(r.body == initial[6 * MIB as usize..7 * MIB as usize]);
+            }
+            "options" => {
+                assert_eq!(r.status, 200, "{name}: {}", r.text());
+                assert_eq!(
+                    r.text(),
+                    r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+                );
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+}
+
+/// Joins request threads, failing if they take longer than a generous
+/// hang guard.
+fn join_all(threads: Vec<JoinHandle<(String, Response)>>) -> Vec<(String, Response)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut out = Vec::new();
+    for t in threads {
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "requests hang");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out.push(t.join().expect("request thread"));
+    }
+    out
+}
+
+/// ovirt-imageio's client and CloudStack's stress test send ranged PUTs,
+/// PATCH zero, flush and extents of one transfer at once: none is refused,
+/// and the image ends up with every write.
 #[test]
-fn image_lock_refuses_other_operations_on_that_image_only() {
-    // Two writers, so that only the image lock can refuse.
-    let mut env = Env::new("lock", &["--max-writers", "2"]);
-    let size = MIB;
-    env.raw_export("a", size, 5);
-    let (_, mut b_data) = env.raw_export("b", size, 6);
+fn concurrent_requests_of_one_transfer_all_succeed() {
+    let mut env = Env::new("concurrent", &[]);
+    let (path, initial) = env.raw_export("a", 8 * MIB, 4);
     let s = &env.server;
+    let put1 = pattern_bytes(2 * MIB as usize, 5);
+    let put2 = pattern_bytes(2 * MIB as usize, 6);
+    let half = MIB as usize;
 
-    let new_a = pattern_bytes(size as usize, 7);
-    let c1 = put_in_flight(s, "a", &new_a, 200 * KIB as usize, 1);
-
-    let busy = |r: Response| assert_err(&r, 409, "image busy");
-    busy(s.get("/images/a/extents"));
-    busy(s.get("/images/a/extents?context=dirty"));
-    busy(s.request("POST", "/images/a/flush", &[], b""));
-    busy(patch_json(s, "a", r#"{"op":"zero","size":4096}"#));
-    busy(patch_json(s, "a", r#"{"op":"flush"}"#));
-    let mut c = s.client();
-    c.send(
-        "PATCH",
-        "/images/a",
-        &[("Range", "bytes=0-9"), ("Content-Length", "10")],
-        b"",
+    // Two ranged PUTs in flight at once, each with half its body written.
+    let p1 = put_in_flight_with(
+        s,
+        "a",
+        &[("Content-Range", &content_range(0, put1.len()))],
+        &put1,
+        half,
+        1,
     );
-    busy(c.read_response(false));
-    // Data GETs and OPTIONS do not take the lock.
-    let r = s.request("GET", "/images/a", &[("Range", "bytes=0-9")], b"");
-    assert_eq!(r.status, 206, "{}", r.text());
-    let r = s.request("OPTIONS", "/images/a", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-
-    // The same operations on another image go through.
-    let r = s.get("/images/b/extents");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = s.request("POST", "/images/b/flush", &[], b"");
-    assert_json_ok(&r, r#"{"ok":true}"#);
-    let r = patch_json(s, "b", r#"{"op":"zero","offset":0,"size":4096}"#);
-    assert_json_ok(&r, r#"{"ok":true}"#);
-    b_data[..4096].fill(0);
-    let r = s.request(
-        "PATCH",
-        "/images/b",
-        &[("Range", "bytes=4096-4105")],
-        b"0123456789",
+    let p2 = put_in_flight_with(
+        s,
+        "a",
+        &[("Content-Range", &content_range(2 * MIB, put2.len()))],
+        &put2,
+        half,
+        2,
     );
-    assert_json_ok(&r, r#"{"ok":true,"bytes_written":10}"#);
-    b_data[4096..4106].copy_from_slice(b"0123456789");
+    wait_on_disk(&path, 0, &put1[..64 * KIB as usize]);
+    wait_on_disk(&path, 2 * MIB, &put2[..64 * KIB as usize]);
 
-    let r = finish_put(c1, &new_a[200 * KIB as usize..]);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = s.get("/images/a/extents");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(s.get("/images/a").body == new_a);
-    assert!(s.get("/images/b").body == b_data);
+    // Everything else at once, while both PUTs are mid-body.
+    check_others(join_all(others_at_once(s)), &initial);
+
+    let ok = format!(
+        r#"{{"ok":true,"bytes_written":{},"flushed":false}}"#,
+        2 * MIB
+    );
+    assert_json_ok(&finish_put(p1, &put1[half..]), &ok);
+    assert_json_ok(&finish_put(p2, &put2[half..]), &ok);
+    let want = expected_after(&initial, &put1, &put2);
+    assert!(s.get("/images/a").body == want, "read back over HTTP");
+    // Flushed, the image file itself holds the same bytes.
+    assert_json_ok(
+        &s.request("POST", "/images/a/flush", &[], b""),
+        r#"{"ok":true}"#,
+    );
+    assert!(
+        std::fs::read(&path).expect("read image") == want,
+        "image file"
+    );
+    assert!(!s.log().contains(" 409 "), "{}", s.log());
+}
+
+/// A not-multi-conn export (qemu-nbd's default `--shared=1`) accepts one
+/// connection at a time: the requests of its transfer take turns instead of
+/// waiting in the socket's backlog. A request that holds the connection for
+/// longer than the connect timeout (10 s) makes the others wait, not fail,
+/// and nothing deadlocks.
+#[test]
+fn requests_of_a_single_connection_export_take_turns() {
+    let mut env = Env::new("turns", &[]);
+    let path = env.dir.join("a.img");
+    let initial = pattern_bytes(8 * MIB as usize, 7);
+    raw_image(&path, 8 * MIB, 0, &initial);
+    env.export(
+        "a",
+        &path,
+        NbdOpts {
+            shared: 1,
+            ..NbdOpts::raw()
+        },
+    );
+    let s = &env.server;
+    let put1 = pattern_bytes(2 * MIB as usize, 8);
+    let put2 = pattern_bytes(2 * MIB as usize, 9);
+    let half = MIB as usize;
+
+    // The first PUT holds the export's one connection, mid-body.
+    let p1 = put_in_flight_with(
+        s,
+        "a",
+        &[("Content-Range", &content_range(0, put1.len()))],
+        &put1,
+        half,
+        1,
+    );
+    wait_on_disk(&path, 0, &put1[..64 * KIB as usize]);
+
+    // The rest at once: they wait for their turn.
+    let addr = s.addr;
+    let put2_body = put2.clone();
+    let (tx, rx) = mpsc::channel();
+    let mut threads = others_at_once(s);
+    threads.push(spawn(move || {
+        let mut c = Client::connect(addr);
+        let r = c.request(
+            "PUT",
+            "/images/a",
+            &[("Content-Range", &content_range(2 * MIB, put2_body.len()))],
+            &put2_body,
+        );
+        let _ = tx.send(());
+        ("put2".to_string(), r)
+    }));
+    // Longer than the NBD connect timeout: a connect queued behind the
+    // first PUT's connection would have failed by now.
+    std::thread::sleep(Duration::from_secs(11));
+    assert!(
+        rx.try_recv().is_err(),
+        "a request ran while another held the export's only connection"
+    );
+    assert!(threads.iter().all(|t| !t.is_finished()));
+
+    let ok = format!(
+        r#"{{"ok":true,"bytes_written":{},"flushed":false}}"#,
+        2 * MIB
+    );
+    assert_json_ok(&finish_put(p1, &put1[half..]), &ok);
+    let mut done = join_all(threads);
+    let (name, r) = done.pop().expect("put2");
+    assert_eq!(name, "put2");
+    assert_json_ok(&r, &ok);
+    check_others(done, &initial);
+    let want = expected_after(&initial, &put1, &put2);
+    assert!(s.get("/images/a").body == want, "read back over HTTP");
+    assert_json_ok(
+        &s.request("POST", "/images/a/flush", &[], b""),
+        r#"{"ok":true}"#,
+    );
+    assert!(
+        std::fs::read(&path).expect("read image") == want,
+        "image file"
+    );
 }
 
 #[test]
 fn a_second_put_to_the_same_image_waits_for_the_first() {
-    let mut env = Env::new("putwait", &["--max-writers", "2"]);
+    let mut env = Env::new("putwait", &[]);
     let size = MIB;
     env.raw_export("a", size, 8);
     let s = &env.server;
@@ -259,7 +491,7 @@ fn a_second_put_to_the_same_image_waits_for_the_first() {
 
 #[test]
 fn a_client_gone_mid_put_releases_lock_and_slot() {
-    let mut env = Env::new("putgone", &[]);
+    let mut env = Env::new("putgone", &["--max-requests", "1"]);
     let size = MIB;
     let (_, a_data) = env.raw_export("a", size, 11);
     env.raw_export("b", 64 * KIB, 12);
@@ -272,25 +504,31 @@ fn a_client_gone_mid_put_releases_lock_and_slot() {
         64 * KIB as usize,
         1,
     );
-    assert_err(&patch_json(s, "a", r#"{"op":"flush"}"#), 409, "image busy");
+    assert_err(
+        &patch_json(s, "a", r#"{"op":"flush"}"#),
+        503,
+        "too many requests",
+    );
     drop(c1);
-    // The lock of `a` and the only write slot come back.
-    let r = poll_until(WAIT, "the image lock to be released", || {
-        let r = patch_json(s, "a", r#"{"op":"zero","offset":0,"size":4096}"#);
-        (r.status != 409 && r.status != 503).then_some(r)
+    // The only request slot comes back.
+    let r = poll_until(WAIT, "the request slot to be released", || {
+        let r = patch_json(s, "b", r#"{"op":"zero","offset":0,"size":4096}"#);
+        (r.status != 503).then_some(r)
     });
     assert_json_ok(&r, r#"{"ok":true}"#);
-    let r = s.request("PUT", "/images/b", &[], &vec![3u8; 64 * KIB as usize]);
-    assert_eq!(r.status, 200, "{}", r.text());
     assert!(s.wait_log("PUT end image_id=a ", WAIT));
     // What did arrive may have been written; the rest is untouched.
     let now = s.get("/images/a").body;
     assert!(now[64 * KIB as usize..] == a_data[64 * KIB as usize..]);
+    // The full-PUT lock of `a` came back too: the next full PUT does not wait.
+    let r = s.request("PUT", "/images/a", &[], &vec![3u8; size as usize]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(s.get("/images/a").body == vec![3u8; size as usize]);
 }
 
 #[test]
 fn a_client_gone_mid_get_releases_its_slot() {
-    let mut env = Env::new("getgone", &["--max-readers", "1"]);
+    let mut env = Env::new("getgone", &["--max-requests", "1"]);
     let big = env.dir.join("big.img");
     raw_image(&big, BIG, BIG - 3, b"end");
     env.export("big", &big, NbdOpts::raw());
@@ -298,7 +536,7 @@ fn a_client_gone_mid_get_releases_its_slot() {
     for _ in 0..3 {
         let c = get_in_flight(s, "big");
         drop(c);
-        let r = poll_until(WAIT, "the reader slot to be released", || {
+        let r = poll_until(WAIT, "the request slot to be released", || {
             let r = s.request("GET", "/images/big", &[("Range", "bytes=-3")], b"");
             (r.status != 503).then_some(r)
         });

@@ -1,5 +1,8 @@
-//! HTTPS with `--tls-cert-file` / `--tls-key-file`: a self-signed
-//! certificate made by openssl, curl with `--cacert` as the client.
+//! HTTPS with `--tls-enabled --tls-cert-file … --tls-key-file …`: a
+//! self-signed certificate made by openssl, curl with `--cacert` as the
+//! client. As CloudStack's newer image server, a certificate and key without
+//! `--tls-enabled` mean plain HTTP (with a warning), and `--tls-enabled`
+//! without them does not start.
 
 mod common;
 
@@ -31,6 +34,7 @@ fn make_cert(dir: &TempDir, name: &str, newkey: &[&str]) -> (PathBuf, PathBuf) {
 
 fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
     vec![
+        "--tls-enabled",
         "--tls-cert-file",
         cert.to_str().unwrap(),
         "--tls-key-file",
@@ -73,7 +77,7 @@ fn https_serves_reads_and_writes() {
     assert!(ok);
     assert_eq!(
         String::from_utf8_lossy(&body),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":1}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
     );
 
     // A ranged PUT over TLS, read back.
@@ -276,6 +280,7 @@ fn bad_certificate_or_key_files_stop_the_start() {
     let cases: Vec<(Vec<String>, String)> = vec![
         (
             vec![
+                "--tls-enabled".into(),
                 "--tls-cert-file".into(),
                 c(&missing),
                 "--tls-key-file".into(),
@@ -285,6 +290,7 @@ fn bad_certificate_or_key_files_stop_the_start() {
         ),
         (
             vec![
+                "--tls-enabled".into(),
                 "--tls-cert-file".into(),
                 c(&cert),
                 "--tls-key-file".into(),
@@ -294,6 +300,7 @@ fn bad_certificate_or_key_files_stop_the_start() {
         ),
         (
             vec![
+                "--tls-enabled".into(),
                 "--tls-cert-file".into(),
                 c(&garbage),
                 "--tls-key-file".into(),
@@ -303,6 +310,7 @@ fn bad_certificate_or_key_files_stop_the_start() {
         ),
         (
             vec![
+                "--tls-enabled".into(),
                 "--tls-cert-file".into(),
                 c(&cert),
                 "--tls-key-file".into(),
@@ -315,6 +323,7 @@ fn bad_certificate_or_key_files_stop_the_start() {
         ),
         (
             vec![
+                "--tls-enabled".into(),
                 "--tls-cert-file".into(),
                 c(&other_cert),
                 "--tls-key-file".into(),
@@ -330,10 +339,60 @@ fn bad_certificate_or_key_files_stop_the_start() {
             vec!["--tls-cert-file".into(), c(&cert)],
             "--tls-key-file".into(),
         ),
+        (
+            vec!["--tls-enabled".into()],
+            "--tls-enabled needs --tls-cert-file and --tls-key-file".into(),
+        ),
+        (
+            vec!["--tls-enabled".into(), "--tls-key-file".into(), c(&key)],
+            "--tls-cert-file".into(),
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let stderr = start_fails(&cfg, &args);
         assert!(stderr.contains(&needle), "{args:?}: {stderr}");
+    }
+}
+
+/// The newer agent passes `--tls-enabled` to turn HTTPS on; without it a
+/// certificate and key are not used (not even read): plain HTTP, and the
+/// log says why.
+#[test]
+fn cert_and_key_without_tls_enabled_mean_plain_http_with_a_warning() {
+    let dir = TempDir::new("tls-off");
+    let cfg = TempDir::new("tls-off-cfg");
+    let (cert, key) = make_cert(&dir, "rsa", &["rsa:2048"]);
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file\n").unwrap();
+    for (i, (cert, key)) in [(&cert, &key), (&garbage, &garbage)]
+        .into_iter()
+        .enumerate()
+    {
+        let sock = cfg.join(&format!(".ctl{i}.sock"));
+        let server = Server::start(
+            cfg.path(),
+            &[
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--control-socket",
+                sock.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(server.scheme, "http");
+        let r = server.get("/info/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            format!(r#"{{"version":"{}"}}"#, env!("CARGO_PKG_VERSION"))
+        );
+        let warning = format!(
+            "--tls-cert-file {} and --tls-key-file {} are ignored without --tls-enabled: serving plain HTTP",
+            cert.display(),
+            key.display()
+        );
+        assert!(server.log().contains(&warning), "{}", server.log());
     }
 }

@@ -10,7 +10,7 @@ pub mod nbd;
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,9 +69,16 @@ pub struct Transfer {
     activity: Mutex<Activity>,
     /// Woken whenever the last lease is returned.
     drained: Notify,
-    /// Set by every write or zero, cleared by a successful flush: what a
-    /// shutdown (or retiring the transfer) must still flush.
-    unflushed: AtomicBool,
+    /// Writes (or zeroes) completed, counted per request once none of its
+    /// writes is in flight (see [`Transfer::mark_written`]).
+    writes_completed: AtomicU64,
+    /// The most `writes_completed` a successful flush covers: a flush covers
+    /// the writes completed before it started. Behind `writes_completed`,
+    /// a shutdown (or retiring the transfer) must still flush. Counts rather
+    /// than a flag because requests run concurrently: a flush that ends
+    /// while another request's write is still in flight must not count as
+    /// covering it.
+    flushed_upto: AtomicU64,
     /// Bytes moved and requests ended, for the control socket's `status`.
     stats: Arc<TransferStats>,
 }
@@ -96,7 +103,8 @@ impl Transfer {
                 last_active: Instant::now(),
             }),
             drained: Notify::new(),
-            unflushed: AtomicBool::new(false),
+            writes_completed: AtomicU64::new(0),
+            flushed_upto: AtomicU64::new(0),
             stats: Arc::new(TransferStats::new()),
         }
     }
@@ -106,17 +114,27 @@ impl Transfer {
         &self.stats
     }
 
-    /// Whether data was written since the last flush.
+    /// Whether a completed write is not covered by a flush yet.
     pub fn is_unflushed(&self) -> bool {
-        self.unflushed.load(Ordering::Acquire)
+        self.writes_completed.load(Ordering::Acquire) > self.flushed_upto.load(Ordering::Acquire)
     }
 
+    /// Counts a request's writes as completed: call once none of them is in
+    /// flight any more.
     pub(crate) fn mark_written(&self) {
-        self.unflushed.store(true, Ordering::Release);
+        self.writes_completed.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(crate) fn mark_flushed(&self) {
-        self.unflushed.store(false, Ordering::Release);
+    /// What a flush starting now covers: pass it to
+    /// [`Transfer::mark_flushed`] once the flush succeeded.
+    pub(crate) fn writes_completed(&self) -> u64 {
+        self.writes_completed.load(Ordering::Acquire)
+    }
+
+    /// A flush that started when [`Transfer::writes_completed`] was `covers`
+    /// succeeded.
+    pub(crate) fn mark_flushed(&self, covers: u64) {
+        self.flushed_upto.fetch_max(covers, Ordering::AcqRel);
     }
 
     /// Flushes the transfer if anything was written since the last flush
@@ -125,9 +143,10 @@ impl Transfer {
         if !self.is_unflushed() {
             return Ok(false);
         }
+        let covers = self.writes_completed();
         let mut h = self.open()?;
         h.flush()?;
-        self.mark_flushed();
+        self.mark_flushed(covers);
         Ok(true)
     }
 
@@ -243,9 +262,30 @@ impl Transfer {
         self.close_connections();
     }
 
-    /// Opens the storage (an NBD connection, from the pool when one is idle,
-    /// or the file). Blocking.
+    /// Waits (without blocking a thread) for a request's turn to open the
+    /// storage: only a not-multi-conn NBD export makes requests take turns
+    /// (see [`nbd::Pool::turn`]). Pass it to [`Transfer::open_in_turn`].
+    pub async fn turn(&self) -> nbd::Turn {
+        if self.is_file() {
+            return None;
+        }
+        self.pool.turn().await
+    }
+
+    /// Opens the storage without waiting for a turn: for the blocking paths
+    /// that run once no request is in flight. Blocking.
     pub fn open(self: &Arc<Self>) -> Result<Handle> {
+        let turn = if self.is_file() {
+            None
+        } else {
+            self.pool.try_turn()
+        };
+        self.open_in_turn(turn)
+    }
+
+    /// Opens the storage (an NBD connection, from the pool when one is idle,
+    /// or the file) in the request's `turn`. Blocking.
+    pub fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
         match &self.config.backend {
             BackendConfig::Nbd {
                 socket,
@@ -256,6 +296,7 @@ impl Transfer {
                 socket,
                 export.as_deref(),
                 export_bitmap.as_deref(),
+                turn,
             )
             .map(Handle::Nbd),
             BackendConfig::File { path } => file::FileHandle::open(path).map(Handle::File),
@@ -408,5 +449,31 @@ impl Handle {
         if let Handle::Nbd(h) = self {
             h.discard();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_covers_only_writes_completed_before_it_started() {
+        let cfg = TransferConfig::from_value(&serde_json::json!({"socket": "/s"})).unwrap();
+        let t = Transfer::new("t".into(), cfg);
+        assert!(!t.is_unflushed());
+        t.mark_written();
+        assert!(t.is_unflushed());
+        // A flush starts; another request's write completes meanwhile.
+        let covers = t.writes_completed();
+        t.mark_written();
+        t.mark_flushed(covers);
+        assert!(t.is_unflushed(), "the later write is not covered");
+        // A flush that started after it covers it; an older flush ending
+        // last does not undo that.
+        let old = covers;
+        let covers = t.writes_completed();
+        t.mark_flushed(covers);
+        t.mark_flushed(old);
+        assert!(!t.is_unflushed());
     }
 }

@@ -4,14 +4,44 @@
 //! server advertises multi-conn (qemu-nbd does with `--shared` other than 1):
 //! a server that takes one client at a time must see each connection closed
 //! after its request, as the seed did, or a second client would wait forever.
+//!
+//! Requests of one transfer run concurrently, each on a connection of its
+//! own. What that means depends on the export:
+//!
+//! - **Multi-conn** (the server says its connections share one cache): as
+//!   many connections as requests, pooled. A flush on any of them covers
+//!   every write the server completed on any connection before it received
+//!   the flush (`NBD_FLAG_CAN_MULTI_CONN`'s promise), so a flush covers the
+//!   writes of this transfer that completed before the flush request
+//!   started, whichever pooled connection carried them. A connection coming
+//!   back while another request of the transfer is still connecting is
+//!   closed rather than pooled: a server with a client limit (qemu-nbd
+//!   `--shared=N`) would otherwise keep that connect waiting behind an idle
+//!   connection of our own.
+//! - **Not multi-conn** (e.g. qemu-nbd's default `--shared=1`): the NBD
+//!   spec asks clients not to use several connections at once, and qemu-nbd
+//!   does not even accept a second one until the first is closed. The
+//!   transfer's requests then take turns ([`Pool::turn`], asynchronous: no
+//!   thread waits, no connect timeout runs out behind a long request), each
+//!   closing its connection before the next connects. There is one
+//!   connection at a time, so a flush follows every completed write of the
+//!   export and covers it (qemu flushes the whole image for any client).
+//!   A turn is given back when its request ends, fails or its client goes
+//!   away (it lives in the [`NbdHandle`]); no request waits for a turn while
+//!   holding one, so turns cannot deadlock.
+//!
+//! Until the first connection tells, a transfer is treated as not
+//! multi-conn; a request that then learns it is gives its turn back at once.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, Caps, Result, Transfer};
 use crate::extents::{self, DirtyExtent, Extent};
@@ -35,15 +65,27 @@ pub const PIPELINE_REQUEST: usize = 256 * 1024;
 /// an upload has one writer, so the page faults above do not show).
 pub const WRITE_REQUEST: usize = 512 * 1024;
 
-/// Idle connections of one transfer.
+/// A request's turn to hold the one connection of a transfer whose export
+/// is not multi-conn (`None`: no turn needed or held). Given back when dropped.
+pub type Turn = Option<OwnedSemaphorePermit>;
+
+/// Idle connections of one transfer, and the turns of a transfer whose
+/// export takes one connection at a time (see the module documentation).
 pub struct Pool {
     inner: Mutex<PoolInner>,
+    /// One permit: the turn to hold a connection to a not-multi-conn export.
+    turns: Arc<Semaphore>,
+    /// What the last connection said: the export is multi-conn, so requests
+    /// need no turn.
+    multi_conn: AtomicBool,
 }
 
 struct PoolInner {
     idle: Vec<Connection>,
     /// Set when the transfer goes away: returned connections are closed.
     closed: bool,
+    /// Requests of this transfer connecting right now.
+    connecting: usize,
 }
 
 impl Pool {
@@ -52,8 +94,31 @@ impl Pool {
             inner: Mutex::new(PoolInner {
                 idle: Vec::new(),
                 closed: false,
+                connecting: 0,
             }),
+            turns: Arc::new(Semaphore::new(1)),
+            multi_conn: AtomicBool::new(false),
         }
+    }
+
+    /// Waits for this request's turn to connect: at once on a multi-conn
+    /// export, else once no other request of the transfer holds a
+    /// connection (first come, first served).
+    pub async fn turn(&self) -> Turn {
+        if self.multi_conn.load(Ordering::Acquire) {
+            return None;
+        }
+        self.turns.clone().acquire_owned().await.ok()
+    }
+
+    /// The turn if it is free now (for the blocking paths that run once no
+    /// request is in flight: a turn still held is about to come back, and
+    /// the connect then simply waits for the server to accept it).
+    pub fn try_turn(&self) -> Turn {
+        if self.multi_conn.load(Ordering::Acquire) {
+            return None;
+        }
+        self.turns.clone().try_acquire_owned().ok()
     }
 
     fn take(&self) -> Option<Connection> {
@@ -68,7 +133,7 @@ impl Pool {
 
     fn put(&self, conn: Connection) {
         let mut inner = self.inner.lock();
-        if !inner.closed && inner.idle.len() < MAX_IDLE {
+        if !inner.closed && inner.connecting == 0 && inner.idle.len() < MAX_IDLE {
             inner.idle.push(conn);
             return;
         }
@@ -102,26 +167,56 @@ fn io_err(e: nbd::Error) -> BackendError {
     BackendError::Io(e.to_string())
 }
 
+/// Counts a connect in progress on its pool while alive.
+struct Connecting<'a>(&'a Pool);
+
+impl<'a> Connecting<'a> {
+    fn start(pool: &'a Pool) -> Connecting<'a> {
+        pool.inner.lock().connecting += 1;
+        Connecting(pool)
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.inner.lock().connecting -= 1;
+    }
+}
+
 /// One NBD connection lent to one request.
 pub struct NbdHandle {
     transfer: Arc<Transfer>,
     conn: Option<Connection>,
     bitmap_context: Option<String>,
     reusable: bool,
+    /// Wrote or zeroed since the last flush of this handle: the transfer
+    /// counts the writes as completed when the handle is dropped or flushes.
+    wrote: bool,
+    /// What the flush started on this handle covers (see
+    /// [`Transfer::writes_completed`]).
+    flush_covers: u64,
+    /// The turn of a not-multi-conn export, given back after the connection
+    /// is closed (fields drop after `Drop::drop`). Only held, never read.
+    _turn: Turn,
 }
 
 impl NbdHandle {
+    /// Opens a connection: a pooled one, or a new one. `turn` is the
+    /// request's turn (see [`Pool::turn`]); kept while the connection turns
+    /// out not to be multi-conn.
     pub fn open(
         transfer: Arc<Transfer>,
         socket: &Path,
         export: Option<&str>,
         export_bitmap: Option<&str>,
+        turn: Turn,
     ) -> Result<NbdHandle> {
         let bitmap_context =
             export_bitmap.map(|b| format!("{}{b}", nbd::CONTEXT_DIRTY_BITMAP_PREFIX));
         let conn = match transfer.pool().take() {
             Some(c) => c,
             None => {
+                let _connecting = Connecting::start(transfer.pool());
                 // qemu:allocation-depth tells holes (unallocated in every
                 // layer); a server without it simply does not agree to it.
                 let mut contexts =
@@ -145,12 +240,30 @@ impl NbdHandle {
                 })?
             }
         };
+        let multi_conn = conn.can_multi_conn().unwrap_or(false);
+        transfer
+            .pool()
+            .multi_conn
+            .store(multi_conn, Ordering::Release);
         Ok(NbdHandle {
             transfer,
             conn: Some(conn),
             bitmap_context,
             reusable: true,
+            wrote: false,
+            flush_covers: 0,
+            // On a multi-conn export the turn goes back at once, so that
+            // requests that queued for it before that was known go ahead.
+            _turn: if multi_conn { None } else { turn },
         })
+    }
+
+    /// Counts this handle's writes as completed on the transfer: call once
+    /// none is in flight.
+    fn writes_done(&mut self) {
+        if std::mem::take(&mut self.wrote) {
+            self.transfer.mark_written();
+        }
     }
 
     fn conn(&mut self) -> &mut Connection {
@@ -202,7 +315,7 @@ impl NbdHandle {
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        self.transfer.mark_written();
+        self.wrote = true;
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
         } else {
@@ -212,7 +325,7 @@ impl NbdHandle {
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        self.transfer.mark_written();
+        self.wrote = true;
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.zero(offset, len));
         }
@@ -251,7 +364,7 @@ impl NbdHandle {
     /// disjoint ranges.
     pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
         self.check(offset, data.len() as u64)?;
-        self.transfer.mark_written();
+        self.wrote = true;
         self.with(|c| c.queue_write(data, offset, WRITE_REQUEST))
     }
 
@@ -259,7 +372,7 @@ impl NbdHandle {
     /// when the server can, else writes of zeroes.
     pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        self.transfer.mark_written();
+        self.wrote = true;
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.queue_zero(offset, len));
         }
@@ -275,8 +388,10 @@ impl NbdHandle {
     }
 
     /// Starts a flush; start it only once the writes it must cover have
-    /// retired. Its retirement marks the transfer flushed.
+    /// retired. Once it retired, call [`NbdHandle::flushed`].
     pub fn start_flush(&mut self) -> Result<()> {
+        self.writes_done();
+        self.flush_covers = self.transfer.writes_completed();
         self.with(|c| c.queue_flush())
     }
 
@@ -294,14 +409,19 @@ impl NbdHandle {
         Poll::Ready(r.map_err(io_err))
     }
 
-    /// Marks the transfer flushed (a started flush retired).
+    /// Marks the transfer flushed up to what the flush started by
+    /// [`NbdHandle::start_flush`] covers (it retired).
     pub fn flushed(&self) {
-        self.transfer.mark_flushed();
+        self.transfer.mark_flushed(self.flush_covers);
     }
 
+    /// Flushes: covers the writes of this handle and every write of the
+    /// transfer that completed before (see the module documentation).
     pub fn flush(&mut self) -> Result<()> {
+        self.writes_done();
+        let covers = self.transfer.writes_completed();
         self.with(|c| c.flush())?;
-        self.transfer.mark_flushed();
+        self.transfer.mark_flushed(covers);
         Ok(())
     }
 
@@ -387,6 +507,9 @@ impl NbdHandle {
 
 impl Drop for NbdHandle {
     fn drop(&mut self) {
+        // Every write of this handle has completed or failed by now (an
+        // error discards the connection with what is in flight).
+        self.writes_done();
         if let Some(mut conn) = self.conn.take() {
             conn.deregister();
             if self.reusable

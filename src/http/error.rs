@@ -35,9 +35,6 @@ impl ApiError {
     pub fn unknown_image() -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "unknown image_id")
     }
-    pub fn busy() -> ApiError {
-        Self::new(StatusCode::CONFLICT, "image busy")
-    }
     pub fn range_not_satisfiable(size: u64) -> ApiError {
         ApiError {
             status: StatusCode::RANGE_NOT_SATISFIABLE,

@@ -1,12 +1,15 @@
 //! Request handlers: route, parse and validate, take the limits and locks,
 //! then let `ops` move the bytes. Every failure is an [`ApiError`].
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use actix_web::body::SizedStream;
+use actix_web::body::{BodySize, MessageBody, SizedStream};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -110,9 +113,13 @@ where
         .map_err(|_| ApiError::internal("internal error"))?
 }
 
+/// Opens the transfer's storage for one request, once it is the request's
+/// turn (only a not-multi-conn NBD export makes requests of a transfer take
+/// turns; see `crate::backend::nbd`).
 async fn open(t: &Arc<Transfer>) -> Result<Handle, ApiError> {
+    let turn = t.turn().await;
     let t = t.clone();
-    blocking(move || t.open().map_err(ApiError::from)).await
+    blocking(move || t.open_in_turn(turn).map_err(ApiError::from)).await
 }
 
 /// The transfer `id` for one request (see `AppState::lookup`), or 404.
@@ -161,10 +168,17 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         return match tail {
             // The body counts the request when it ends.
             None => get_image(&req, &state, t).await,
-            Some("extents") => finish(get_extents(&req, &state, &t).await, t),
+            Some("extents") => finish(get_extents(&req, &t).await, t),
             Some("checksum") => finish(get_checksum(&req, &state, &t).await, t),
             Some(_) => finish(Err(ApiError::not_found()), t),
         };
+    }
+    if method == Method::HEAD {
+        if tail.is_some() {
+            return Err(ApiError::not_found());
+        }
+        let t = lookup(&state, &id).await?;
+        return finish(head_image(&t).await, t);
     }
     if method == Method::PUT {
         if tail.is_some() {
@@ -183,7 +197,7 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
     if method == Method::POST {
         let t = lookup(&state, &id).await?;
         return match tail {
-            Some("flush") => finish(flush(&state, &t).await, t),
+            Some("flush") => finish(flush(&t).await, t),
             _ => finish(Err(ApiError::not_found()), t),
         };
     }
@@ -203,12 +217,14 @@ fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
 }
 
-/// The OPTIONS reply body.
+/// The OPTIONS reply body: `max_readers`/`max_writers` are what one client
+/// may run in parallel on the transfer (nothing refuses more; see
+/// `super::limits`).
 fn options_body(state: &AppState, features: &[&str], max_writers: usize) -> String {
     json!({
         "unix_socket": null,
         "features": features,
-        "max_readers": state.readers.max(),
+        "max_readers": state.max_readers,
         "max_writers": max_writers,
     })
     .to_string()
@@ -223,17 +239,13 @@ fn options_all(state: &AppState) -> HttpResponse {
         .body(options_body(
             state,
             &["extents", "zero", "flush"],
-            state.writers.max(),
+            state.max_writers,
         ))
 }
 
 async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
     let (methods, features, max_writers) = if t.is_file() {
-        (
-            "GET, PUT, POST, OPTIONS",
-            vec!["flush"],
-            state.writers.max(),
-        )
+        ("GET, PUT, POST, OPTIONS", vec!["flush"], state.max_writers)
     } else {
         let h = open(t.transfer()).await?;
         let caps = h.caps()?;
@@ -247,7 +259,7 @@ async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
             if caps.can_flush {
                 f.push("flush");
             }
-            ("GET, PUT, PATCH, OPTIONS", f, state.writers.max())
+            ("GET, PUT, PATCH, OPTIONS", f, state.max_writers)
         }
     };
     Ok(HttpResponse::Ok()
@@ -257,7 +269,7 @@ async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
-    let slot = state.readers.try_acquire()?;
+    let slot = state.requests.try_acquire()?;
     let range = header_str(req, header::RANGE)?;
     let spec = match range.map(parse_range).transpose() {
         Ok(s) => s,
@@ -288,12 +300,44 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
             format!("bytes {}-{}/{}", start, start + len - 1, size),
         ));
     }
-    // The body keeps the reader slot and the lease until it is dropped.
+    // The body keeps the request slot and the lease until it is dropped.
     let body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
     Ok(resp.body(SizedStream::new(len, body)))
 }
 
-async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
+/// The body of a HEAD reply: declares the size a GET would send (actix
+/// writes it as Content-Length and never sends a body for HEAD) and has no
+/// bytes.
+struct HeadBody(u64);
+
+impl MessageBody for HeadBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.0)
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Poll::Ready(None)
+    }
+}
+
+/// `HEAD /images/{id}`: the headers of a full GET (200, Content-Length = the
+/// image size, Content-Type, Accept-Ranges, Access-Control-Allow-Methods),
+/// no body. nbdkit's curl plugin and qemu's curl driver learn the size this
+/// way. Takes no request slot and reads no data (the NBD handshake gives
+/// the size). A Range header is ignored, as HTTP allows for HEAD.
+async fn head_image(t: &Lease) -> Res {
+    let size = open(t.transfer()).await?.size();
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(HeadBody(size)))
+}
+
+async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
     if t.is_file() {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -305,7 +349,6 @@ async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) 
         Some("dirty") => true,
         Some(_) => return Err(ApiError::bad_request("unsupported extents context")),
     };
-    let _lock = state.locks.try_lock(t.id())?;
     let _log = OpLog::start(
         "EXTENTS",
         t.id(),
@@ -330,7 +373,7 @@ async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) 
 }
 
 /// `GET /images/{id}/checksum[?algorithm=…&block_size=…]`: imageio's
-/// whole-image checksum (see `crate::checksum`). Takes a reader slot, like
+/// whole-image checksum (see `crate::checksum`). Takes a request slot, like
 /// a GET of the whole image.
 async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
     let params = checksum::Params::parse(
@@ -338,7 +381,7 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
         query_param(req, "block_size")?.as_deref(),
     )
     .map_err(ApiError::bad_request)?;
-    let _slot = state.readers.try_acquire()?;
+    let _slot = state.requests.try_acquire()?;
     let mut log = OpLog::start(
         "CHECKSUM",
         t.id(),
@@ -402,8 +445,13 @@ async fn put(
                 .map_err(|e| ApiError::bad_request(format!("invalid Content-Range header: {e}")))?,
         ),
     };
-    let _lock = state.locks.lock(t.id()).await;
-    let _slot = state.writers.try_acquire()?;
+    // Full-image PUTs of one image run one at a time (the next waits here,
+    // holding no slot); ranged PUTs run concurrently with everything.
+    let _lock = match content_range {
+        None => Some(state.locks.lock(t.id()).await),
+        Some(_) => None,
+    };
+    let _slot = state.requests.try_acquire()?;
     let mut log = OpLog::start(
         "PUT",
         t.id(),
@@ -475,6 +523,7 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
+    let _slot = state.requests.try_acquire()?;
     if let (Some(range), false) = (range, content_type == "application/json") {
         return patch_range(req, payload, state, t, range).await;
     }
@@ -490,12 +539,12 @@ async fn patch(
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
     match parse_patch_json(&body)? {
-        PatchOp::Flush => flush(state, t).await,
+        PatchOp::Flush => flush(t).await,
         PatchOp::Zero {
             offset,
             size,
             flush,
-        } => zero(state, t, offset, size, flush).await,
+        } => zero(t, offset, size, flush).await,
     }
 }
 
@@ -539,8 +588,6 @@ async fn patch_range(
         return Err(ApiError::bad_request("Content-Length must be positive"));
     }
     let spec = parse_range(range).map_err(|e| ApiError::from_range(e, "Range", 0))?;
-    let _lock = state.locks.try_lock(t.id())?;
-    let _slot = state.writers.try_acquire()?;
     let mut log = OpLog::start(
         "PATCH range",
         t.id(),
@@ -579,9 +626,7 @@ async fn patch_range(
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 
-async fn zero(state: &web::Data<AppState>, t: &Lease, offset: u64, size: u64, flush: bool) -> Res {
-    let _lock = state.locks.try_lock(t.id())?;
-    let _slot = state.writers.try_acquire()?;
+async fn zero(t: &Lease, offset: u64, size: u64, flush: bool) -> Res {
     let mut log = OpLog::start(
         "PATCH zero",
         t.id(),
@@ -611,8 +656,7 @@ async fn zero(state: &web::Data<AppState>, t: &Lease, offset: u64, size: u64, fl
     Ok(json_ok(&json!({"ok": true})))
 }
 
-async fn flush(state: &web::Data<AppState>, t: &Lease) -> Res {
-    let _lock = state.locks.try_lock(t.id())?;
+async fn flush(t: &Lease) -> Res {
     let _log = OpLog::start("FLUSH", t.id(), format_args!(""));
     let mut h = open(t.transfer()).await?;
     blocking(move || {

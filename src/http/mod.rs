@@ -18,7 +18,7 @@ use actix_web::web;
 use crate::backend::{Lease, Transfer};
 use crate::config::{valid_transfer_id, ConfigDir};
 use crate::registry::Registry;
-use limits::{ImageLocks, Slots};
+use limits::{ImageLocks, RequestSlots};
 
 /// `Access-Control-Allow-Methods` on every response that does not set its own.
 pub const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
@@ -29,8 +29,15 @@ pub struct AppState {
     pub registry: Registry,
     /// Transfers configured as files in the config dir.
     pub configs: ConfigDir,
-    pub readers: Slots,
-    pub writers: Slots,
+    /// What OPTIONS advertises per transfer: reads one client may run in
+    /// parallel on it.
+    pub max_readers: usize,
+    /// What OPTIONS advertises per writable transfer: writes one client may
+    /// run in parallel on it.
+    pub max_writers: usize,
+    /// The server-wide bound on data requests in flight.
+    pub requests: RequestSlots,
+    /// Full-image PUTs of one image run one at a time.
     pub locks: ImageLocks,
     /// Longest wait for the next piece of a request body.
     pub body_timeout: Duration,
@@ -41,13 +48,15 @@ impl AppState {
         configs: ConfigDir,
         max_readers: usize,
         max_writers: usize,
+        max_requests: usize,
         body_timeout: Duration,
     ) -> AppState {
         AppState {
             registry: Registry::new(),
             configs,
-            readers: Slots::new(max_readers, "reads"),
-            writers: Slots::new(max_writers, "writes"),
+            max_readers,
+            max_writers,
+            requests: RequestSlots::new(max_requests),
             locks: ImageLocks::new(),
             body_timeout,
         }
