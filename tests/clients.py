@@ -100,6 +100,7 @@ failed = 0
 
 def check(name, fn):
     global passed, failed
+    t0 = time.monotonic()
     try:
         fn()
     except Exception:
@@ -108,7 +109,7 @@ def check(name, fn):
         traceback.print_exc()
     else:
         passed += 1
-        print("PASS", name)
+        print("PASS {} ({:.1f} s)".format(name, time.monotonic() - t0))
     sys.stdout.flush()
 
 
