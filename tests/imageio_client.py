@@ -147,7 +147,8 @@ class Server:
                "--config-dir", self.cfg,
                "--control-socket", self.control_socket]
         if tls:
-            cmd += ["--tls-cert-file", tls[0], "--tls-key-file", tls[1]]
+            cmd += ["--tls-enabled",
+                    "--tls-cert-file", tls[0], "--tls-key-file", tls[1]]
         self.log_path = os.path.join(workdir, "server.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
