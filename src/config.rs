@@ -16,8 +16,33 @@ use crate::backend::Transfer;
 pub const MAX_CONFIG_BYTES: u64 = 4096;
 /// Longest accepted transfer id (one file name component).
 pub const MAX_ID_LEN: usize = 255;
-/// `idle_timeout_seconds` below 1 (or absent) means this.
+/// `idle_timeout_seconds` below 1 means this; so does its absence from a
+/// config file (the seed had no idle timeout).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(86400);
+/// A transfer registered over the control socket without
+/// `idle_timeout_seconds` is dropped after this long without a request, as
+/// CloudStack's newer image server does: an agent that forgets to
+/// unregister (or dies) leaves no transfer behind for a day.
+pub const REGISTERED_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where a config comes from: decides the idle timeout when it sets none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Registered over the control socket.
+    Registered,
+    /// A file in the config dir.
+    ConfigDir,
+}
+
+impl Source {
+    /// The idle timeout of a config without `idle_timeout_seconds`.
+    pub fn default_idle_timeout(self) -> Duration {
+        match self {
+            Source::Registered => REGISTERED_IDLE_TIMEOUT,
+            Source::ConfigDir => DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
 
 /// Where a transfer's bytes live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +69,15 @@ impl TransferConfig {
         matches!(self.backend, BackendConfig::File { .. })
     }
 
-    /// Parses and validates a config from raw JSON bytes.
+    /// Parses and validates a config file's raw JSON bytes.
     pub fn parse(raw: &[u8]) -> Result<TransferConfig, String> {
         let value: Value = serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
-        Self::from_value(&value)
+        Self::from_value(&value, Source::ConfigDir)
     }
 
-    /// Validates a config given as a JSON value (control socket or file).
-    pub fn from_value(value: &Value) -> Result<TransferConfig, String> {
+    /// Validates a config given as a JSON value. Keys the server does not
+    /// use (such as the `token` newer agents send) are accepted and ignored.
+    pub fn from_value(value: &Value, source: Source) -> Result<TransferConfig, String> {
         let obj = value
             .as_object()
             .ok_or_else(|| "config must be a JSON object".to_string())?;
@@ -61,7 +87,7 @@ impl TransferConfig {
             Some(_) => return Err("\"backend\" must be a string".into()),
         };
         let idle_timeout = match obj.get("idle_timeout_seconds") {
-            None | Some(Value::Null) => DEFAULT_IDLE_TIMEOUT,
+            None | Some(Value::Null) => source.default_idle_timeout(),
             Some(v) => {
                 let secs = v
                     .as_f64()
@@ -274,7 +300,7 @@ mod tests {
     use serde_json::json;
 
     fn parse(v: Value) -> Result<TransferConfig, String> {
-        TransferConfig::from_value(&v)
+        TransferConfig::from_value(&v, Source::ConfigDir)
     }
 
     #[test]
@@ -313,6 +339,53 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         let c = parse(json!({"socket": "/s", "idle_timeout_seconds": 0})).unwrap();
         assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn idle_timeout_defaults_by_source() {
+        let reg = |v: Value| TransferConfig::from_value(&v, Source::Registered).unwrap();
+        assert_eq!(
+            reg(json!({"socket": "/s"})).idle_timeout,
+            REGISTERED_IDLE_TIMEOUT
+        );
+        assert_eq!(REGISTERED_IDLE_TIMEOUT, Duration::from_secs(600));
+        assert_eq!(
+            reg(json!({"socket": "/s", "idle_timeout_seconds": null})).idle_timeout,
+            REGISTERED_IDLE_TIMEOUT
+        );
+        // Below 1 means a day, wherever the config comes from.
+        for v in [0.0, 0.5, -3.0] {
+            assert_eq!(
+                reg(json!({"socket": "/s", "idle_timeout_seconds": v})).idle_timeout,
+                DEFAULT_IDLE_TIMEOUT
+            );
+        }
+        assert_eq!(
+            reg(json!({"socket": "/s", "idle_timeout_seconds": 42})).idle_timeout,
+            Duration::from_secs(42)
+        );
+        let file = TransferConfig::parse(br#"{"socket": "/s"}"#).unwrap();
+        assert_eq!(file.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+
+    #[test]
+    fn unknown_keys_are_accepted() {
+        for source in [Source::Registered, Source::ConfigDir] {
+            let c = TransferConfig::from_value(
+                &json!({"backend": "nbd", "socket": "/s", "token": "abc.def",
+                        "transfer_id": "x", "extra": {"nested": [1, 2]}}),
+                source,
+            )
+            .unwrap();
+            assert_eq!(
+                c.backend,
+                BackendConfig::Nbd {
+                    socket: "/s".into(),
+                    export: None,
+                    export_bitmap: None
+                }
+            );
+        }
     }
 
     #[test]

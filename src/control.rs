@@ -33,7 +33,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::backend::Transfer;
-use crate::config::{valid_transfer_id, BackendConfig, TransferConfig};
+use crate::config::{valid_transfer_id, BackendConfig, Source, TransferConfig};
 use crate::http::AppState;
 
 /// Where the agent expects the control socket.
@@ -302,6 +302,8 @@ fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
 ///   going away); `requests_in_flight`: those running now
 /// - `idle_seconds`: whole seconds since the last request started or ended
 ///   (0 while one is running)
+/// - `idle_timeout_seconds`: after how many idle seconds it is dropped
+///   (from its config; absent there: 600 registered, 86400 config dir)
 /// - `started_at`: when the server made the transfer, Unix time in seconds
 /// - `closed`: refuses new requests (being unregistered, or idle)
 pub fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value {
@@ -317,6 +319,7 @@ pub fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value {
         "requests_failed": s.requests_failed,
         "requests_in_flight": t.in_flight(),
         "idle_seconds": t.idle_for(now).as_secs(),
+        "idle_timeout_seconds": t.config().idle_timeout.as_secs(),
         "started_at": s.started_at,
     })
 }
@@ -347,7 +350,7 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
     };
     // The same validation as config files: absolute, normalised paths,
     // nothing under /etc, /proc, /sys or /dev.
-    let config = match TransferConfig::from_value(raw) {
+    let config = match TransferConfig::from_value(raw, Source::Registered) {
         Ok(c) => c,
         Err(e) => {
             log::error!("control: register refused transfer_id={id} err={e}");

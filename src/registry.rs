@@ -113,8 +113,11 @@ mod tests {
     use std::time::Duration;
 
     fn cfg(socket: &str, idle: u64) -> TransferConfig {
-        TransferConfig::from_value(&json!({"socket": socket, "idle_timeout_seconds": idle}))
-            .unwrap()
+        TransferConfig::from_value(
+            &json!({"socket": socket, "idle_timeout_seconds": idle}),
+            crate::config::Source::Registered,
+        )
+        .unwrap()
     }
 
     #[test]

@@ -435,7 +435,8 @@ fn idle_timeout_drops_transfers_but_never_while_a_request_is_in_flight() {
     };
     assert_eq!(short("busy")["status"], "ok");
     assert_eq!(short("reg")["status"], "ok");
-    // The default (86400 s) and values below 1 (which mean the default).
+    // The default (600 s for a registered transfer) and values below 1
+    // (which mean 86400 s): not dropped within this test.
     server.register_nbd("long", &nbd);
     assert_eq!(
         server.control(&json!({
@@ -618,4 +619,85 @@ fn an_idle_config_dir_transfer_closes_its_connections() {
     server
         .get("/images/t")
         .assert_error(404, "unknown image_id");
+}
+
+/// The idle timeout a transfer gets, as the control socket's status shows
+/// it: a registered config without `idle_timeout_seconds` idles out after
+/// 600 s (as CloudStack's newer image server), a config file after 86400 s
+/// (the seed had none), and below 1 means 86400 s either way. Fields the
+/// server does not use, such as the `token` newer agents send, are accepted
+/// in both.
+#[test]
+fn idle_timeout_defaults_and_unknown_config_fields() {
+    let dir = TempDir::new("ctl-defaults");
+    let cfg = TempDir::new("ctl-defaults-cfg");
+    let (nbd, data) = export_pattern(&dir, "a", 1 << 20, 3);
+    let server = Server::start(cfg.path(), &[]);
+    let idle_timeout = |id: &str| {
+        let r = server.control(&json!({"action": "status", "transfer_id": id}));
+        assert_eq!(r["status"], "ok", "{r}");
+        r["transfer"]["idle_timeout_seconds"].clone()
+    };
+    let register = |id: &str, config: serde_json::Value| {
+        let r = server.control(&json!({"action": "register", "transfer_id": id, "config": config}));
+        assert_eq!(r["status"], "ok", "{id}: {r}");
+    };
+    let socket = nbd.socket.to_str().unwrap();
+    register(
+        "plain",
+        json!({"backend": "nbd", "socket": socket, "token": "eyJhbGciOi.J9.sig"}),
+    );
+    register(
+        "null",
+        json!({"socket": socket, "idle_timeout_seconds": null}),
+    );
+    register("zero", json!({"socket": socket, "idle_timeout_seconds": 0}));
+    register(
+        "half",
+        json!({"socket": socket, "idle_timeout_seconds": 0.5}),
+    );
+    register("set", json!({"socket": socket, "idle_timeout_seconds": 42}));
+    register(
+        "odd",
+        json!({"socket": socket, "token": 17, "extra": {"a": [1, 2]}, "transfer_id": "x"}),
+    );
+    assert_eq!(idle_timeout("plain"), 600);
+    assert_eq!(idle_timeout("null"), 600);
+    assert_eq!(idle_timeout("zero"), 86400);
+    assert_eq!(idle_timeout("half"), 86400);
+    assert_eq!(idle_timeout("set"), 42);
+    assert_eq!(idle_timeout("odd"), 600);
+    assert!(
+        server.wait_log(
+            "control: registered transfer_id=plain backend=nbd",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        server.log()
+    );
+    assert!(server.log().contains(&format!(
+        "control: registered transfer_id=plain backend=nbd socket={socket} export=- export_bitmap=- idle_timeout_s=600"
+    )));
+
+    // Config files: 86400 s without the field; a token is accepted there too.
+    server.add_transfer("file", &json!({"socket": socket, "token": "abc"}));
+    server.add_transfer(
+        "file-zero",
+        &json!({"socket": socket, "idle_timeout_seconds": 0}),
+    );
+    server.add_transfer(
+        "file-set",
+        &json!({"socket": socket, "idle_timeout_seconds": 7}),
+    );
+    for (id, want) in [("file", 86400), ("file-zero", 86400), ("file-set", 7)] {
+        let r = server.get(&format!("/images/{id}"));
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        assert!(r.body == data, "{id}");
+        assert_eq!(idle_timeout(id), want, "{id}");
+    }
+    for id in ["plain", "odd"] {
+        let r = server.get(&format!("/images/{id}"));
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        assert!(r.body == data, "{id}");
+    }
 }

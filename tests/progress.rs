@@ -38,8 +38,11 @@ fn figures(server: &Server, id: &str) -> Value {
     t
 }
 
+/// The figures expected of a transfer whose config sets no idle timeout
+/// (600 s when registered, 86400 s from the config dir).
 fn expect(id: &str, source: &str, counts: [u64; 6]) -> Value {
     let [read, written, zeroed, served, failed, in_flight] = counts;
+    let idle_timeout = if source == "registered" { 600 } else { 86400 };
     json!({
         "transfer_id": id,
         "source": source,
@@ -50,6 +53,7 @@ fn expect(id: &str, source: &str, counts: [u64; 6]) -> Value {
         "requests_served": served,
         "requests_failed": failed,
         "requests_in_flight": in_flight,
+        "idle_timeout_seconds": idle_timeout,
     })
 }
 
@@ -197,7 +201,9 @@ fn status_counts_exact_bytes_and_requests() {
     // A different config replaces the transfer: its figures start anew.
     server.control(&json!({"action": "register", "transfer_id": "t",
         "config": {"backend": "nbd", "socket": nbd.socket, "idle_timeout_seconds": 77}}));
-    assert_eq!(figures(&server, "t"), expect("t", "registered", [0; 6]));
+    let mut want = expect("t", "registered", [0; 6]);
+    want["idle_timeout_seconds"] = json!(77);
+    assert_eq!(figures(&server, "t"), want);
 }
 
 /// A GET whose client reads the head and some of the body, then stops.

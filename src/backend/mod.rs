@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn a_flush_covers_only_writes_completed_before_it_started() {
-        let cfg = TransferConfig::from_value(&serde_json::json!({"socket": "/s"})).unwrap();
+        let cfg = TransferConfig::parse(br#"{"socket": "/s"}"#).unwrap();
         let t = Transfer::new("t".into(), cfg);
         assert!(!t.is_unflushed());
         t.mark_written();
