@@ -41,8 +41,8 @@ struct Cli {
     max_writers: usize,
     /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
     /// across the whole server; the next one gets
-    /// `503 {"error":"too many requests"}` at once. Bounds memory (each holds
-    /// at most a few MiB of buffers).
+    /// `503 {"error":"too many requests"}` at once. Bounds memory (a GET or
+    /// PUT holds about 5 MiB of buffers, a checksum two blocks).
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
     max_requests: u32,

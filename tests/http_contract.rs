@@ -1345,3 +1345,154 @@ fn many_dirty_extents_match_the_reference_merge() {
         nbdinfo_zero_extents(nbd)
     });
 }
+
+/// Reads one response head byte by byte, exactly up to its blank line, so
+/// that nothing after it is consumed: (status, headers as sent, lower-cased
+/// names in order).
+fn read_exact_head(stream: &mut std::net::TcpStream) -> (u16, Vec<(String, String)>) {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("read head"), 1, "EOF in head");
+        head.push(byte[0]);
+        assert!(head.len() < 16 * 1024, "head too long");
+    }
+    let text = String::from_utf8(head).expect("ASCII head");
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once(':').expect("header line");
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    (status, headers)
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    let mut found = headers.iter().filter(|(k, _)| k == name);
+    let first = found.next().map(|(_, v)| v.as_str());
+    assert!(found.next().is_none(), "{name} sent twice: {headers:?}");
+    first
+}
+
+/// `HEAD /images/{id}` answers with the headers of a full GET (nbdkit's
+/// curl plugin and qemu's curl driver learn the size that way) and no body:
+/// on a keep-alive connection the next response follows the head at once.
+#[test]
+fn head_gives_the_headers_of_a_full_get_and_no_body() {
+    let mut env = Env::new("head", &[]);
+    let size = 3 * MIB + 4096;
+    let (_, data) = env.raw_export("demo", size, 21);
+    let file = env.dir.join("disk.img");
+    std::fs::write(&file, b"file backend bytes").unwrap();
+    env.file_transfer("f", &file);
+    let s = &env.server;
+    let full = s.get("/images/demo");
+    assert_eq!(full.status, 200);
+
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut ask = |req: String| {
+        c.write_all(req.as_bytes()).unwrap();
+        read_exact_head(&mut c)
+    };
+    for range in ["", "Range: bytes=0-9\r\n"] {
+        let (status, headers) = ask(format!(
+            "HEAD /images/demo HTTP/1.1\r\nHost: t\r\n{range}\r\n"
+        ));
+        // A Range is ignored: HTTP defines ranges for GET only.
+        assert_eq!(status, 200, "{headers:?}");
+        let size_text = size.to_string();
+        assert_eq!(
+            header_of(&headers, "content-length"),
+            Some(size_text.as_str())
+        );
+        for name in [
+            "content-length",
+            "content-type",
+            "accept-ranges",
+            "access-control-allow-methods",
+        ] {
+            assert_eq!(header_of(&headers, name), full.header(name), "{name}");
+        }
+        assert_eq!(
+            header_of(&headers, "content-type"),
+            Some("application/octet-stream")
+        );
+        assert_eq!(header_of(&headers, "content-range"), None);
+        // Same header names as the GET (its date aside).
+        let mut names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        let mut get_names: Vec<&str> = full.headers.keys().map(String::as_str).collect();
+        get_names.sort_unstable();
+        assert_eq!(names, get_names);
+    }
+    // The same connection goes on: no body bytes came after the head.
+    let (status, headers) =
+        ask("GET /images/demo HTTP/1.1\r\nHost: t\r\nRange: bytes=0-9\r\n\r\n".into());
+    assert_eq!(status, 206, "{headers:?}");
+    let mut body = [0u8; 10];
+    std::io::Read::read_exact(&mut c, &mut body).unwrap();
+    assert_eq!(body, data[..10]);
+
+    // Unknown id and other paths: the JSON error's headers, no body.
+    let mut c = s.client();
+    for (path, status, message) in [
+        ("/images/nope", 404, "unknown image_id"),
+        ("/images/demo/extents", 404, "not found"),
+        ("/images/..", 404, "unknown image_id"),
+    ] {
+        let head = c.request("HEAD", path, &[], b"");
+        assert_eq!(head.status, status, "{path}");
+        assert!(head.body.is_empty());
+        let json = json!({ "error": message }).to_string();
+        assert_eq!(
+            head.header("content-length"),
+            Some(json.len().to_string().as_str())
+        );
+        assert_eq!(head.header("content-type"), Some("application/json"));
+        assert_imageio_headers(&head, DEFAULT_METHODS);
+    }
+    // ... and the connection still serves after each.
+    let r = c.request("GET", "/images/demo", &[("Range", "bytes=-3")], b"");
+    assert_eq!((r.status, &r.body[..]), (206, &data[data.len() - 3..]));
+
+    // The file backend: its size.
+    let head = c.request("HEAD", "/images/f", &[], b"");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("18"));
+    assert_eq!(
+        head.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_imageio_headers(&head, DEFAULT_METHODS);
+}
+
+/// HEAD reads no image data: a registered transfer's status counts it as a
+/// request served with no bytes read.
+#[test]
+fn head_reads_no_image_data() {
+    let mut env = Env::new("head-stats", &[]);
+    let path = env.dir.join("a.img");
+    raw_image(&path, 4 * MIB, 0, &pattern_bytes(4 * MIB as usize, 22));
+    let nbd = QemuNbd::start(&path, &env.dir.join("reg.sock"), NbdOpts::raw());
+    let s = &env.server;
+    assert_eq!(s.register_nbd("reg", &nbd)["status"], "ok");
+    for _ in 0..3 {
+        let r = s.request("HEAD", "/images/reg", &[], b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some("4194304"));
+    }
+    let st = s.control(&json!({"action": "status", "transfer_id": "reg"}));
+    assert_eq!(st["transfer"]["bytes_read"], 0, "{st}");
+    assert_eq!(st["transfer"]["requests_served"], 3, "{st}");
+    assert!(!s.log().contains("GET start image_id=reg"));
+    env.nbd.push(nbd);
+}
