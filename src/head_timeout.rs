@@ -15,10 +15,11 @@
 //!   response body means the response is done (the next byte starts a new
 //!   head).
 //!
-//! Between requests nothing is armed, so an idle keep-alive connection lives
-//! until actix's keep-alive timeout; while a request runs (a body streaming
-//! in or out for hours) reads pass straight through: one `Cell` read per
-//! poll, no timer per chunk.
+//! Between requests only a backstop is armed, longer than actix's keep-alive
+//! timeout (see [`HeadDeadline`]), so an idle keep-alive connection lives
+//! until that timeout closes it; while a request runs (a body streaming in
+//! or out for hours) reads pass straight through: one `Cell` read per poll,
+//! no timer per chunk. A deadline is reset at most twice per request.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -38,9 +39,13 @@ use tokio::time::{Instant, Sleep};
 /// Where a connection is between requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the first byte of a request head (nothing armed).
+    /// Waiting for the first byte of a request head. Armed with the idle
+    /// deadline once a response has been sent; not armed before the first
+    /// request (actix-http times the first head from the connection's start).
     Idle,
-    /// A head has started arriving: the deadline is armed.
+    /// A response has just been sent: the idle deadline is to be armed.
+    Done,
+    /// A head has started arriving: the head deadline is armed.
     Head,
     /// A request is being served: its body and response are not timed here.
     Busy,
@@ -65,22 +70,32 @@ impl HeadClock {
     }
 }
 
-/// A stream whose request heads must each be complete within `limit` of
+/// A stream whose request heads must each be complete within `head` of
 /// their first byte.
+///
+/// After a response, a next head must also have started within `idle`.
+/// actix-http's keep-alive timer does that already, and `idle` is meant to
+/// be longer (keep-alive plus the head timeout, so that a head begun at the
+/// last moment still has its full time): it is the backstop for what that
+/// timer misses. actix stops its keep-alive timer whenever its read buffer
+/// holds bytes, and the start of a head pipelined behind a request stays in
+/// that buffer, unseen here (it was read while the request was busy).
 pub struct HeadDeadline<T> {
     io: T,
     clock: HeadClock,
-    limit: Duration,
-    /// Allocated at the first head and reset for each later one.
+    head: Duration,
+    idle: Duration,
+    /// Allocated at the first deadline and reset for each later one.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> HeadDeadline<T> {
-    pub fn new(io: T, limit: Duration) -> Self {
+    pub fn new(io: T, head: Duration, idle: Duration) -> Self {
         HeadDeadline {
             io,
             clock: HeadClock::new(),
-            limit,
+            head,
+            idle,
             timer: None,
         }
     }
@@ -91,17 +106,18 @@ impl<T> HeadDeadline<T> {
         self.clock.clone()
     }
 
-    fn arm(&mut self) {
-        let deadline = Instant::now() + self.limit;
+    /// Arms the deadline `limit` from now and enters `phase`.
+    fn arm(&mut self, limit: Duration, phase: Phase) {
+        let deadline = Instant::now() + limit;
         match &mut self.timer {
             Some(timer) => timer.as_mut().reset(deadline),
             None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
-        self.clock.set(Phase::Head);
+        self.clock.set(phase);
     }
 
     /// Whether the armed deadline has passed; registers the task's waker
-    /// for it otherwise, so that a head that stops arriving is still cut.
+    /// for it otherwise, so that a connection that goes quiet is still cut.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         self.timer
             .as_mut()
@@ -109,13 +125,15 @@ impl<T> HeadDeadline<T> {
     }
 
     /// The error that ends the connection (actix drops it, unanswered).
-    fn timed_out(&self) -> io::Error {
+    fn timed_out(&self, phase: Phase) -> io::Error {
         let e = io::Error::new(
             io::ErrorKind::TimedOut,
-            format!(
-                "request head not complete within {} s",
-                self.limit.as_secs()
-            ),
+            match phase {
+                Phase::Head => {
+                    format!("request head not complete within {} s", self.head.as_secs())
+                }
+                _ => format!("no request head within {} s", self.idle.as_secs()),
+            },
         );
         log::debug!("closing a connection: {e}");
         e
@@ -129,26 +147,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.clock.get() {
-            Phase::Busy => Pin::new(&mut this.io).poll_read(cx, buf),
-            Phase::Idle => {
-                let before = buf.filled().len();
-                ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-                if buf.filled().len() > before {
-                    this.arm();
-                    if this.expired(cx) {
-                        return Poll::Ready(Err(this.timed_out()));
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
-            Phase::Head => {
-                if this.expired(cx) {
-                    return Poll::Ready(Err(this.timed_out()));
-                }
-                Pin::new(&mut this.io).poll_read(cx, buf)
+        let mut phase = this.clock.get();
+        if phase == Phase::Busy {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        if phase == Phase::Done {
+            this.arm(this.idle, Phase::Idle);
+            phase = Phase::Idle;
+        }
+        if this.expired(cx) {
+            return Poll::Ready(Err(this.timed_out(phase)));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if phase == Phase::Idle && buf.filled().len() > before {
+            this.arm(this.head, Phase::Head);
+            // Registers the waker for the new deadline (which cannot have
+            // passed yet: the head limit is at least a second).
+            if this.expired(cx) {
+                return Poll::Ready(Err(this.timed_out(Phase::Head)));
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -182,14 +202,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
     }
 }
 
-/// Sets its connection back to [`Phase::Idle`] when dropped, which actix
-/// does with a response body once the response is complete.
-struct IdleOnDrop(Option<HeadClock>);
+/// Sets its connection to [`Phase::Done`] when dropped, which actix does
+/// with a response body once the response is complete.
+struct DoneOnDrop(Option<HeadClock>);
 
-impl Drop for IdleOnDrop {
+impl Drop for DoneOnDrop {
     fn drop(&mut self) {
         if let Some(clock) = &self.0 {
-            clock.set(Phase::Idle);
+            clock.set(Phase::Done);
         }
     }
 }
@@ -199,7 +219,7 @@ pin_project_lite::pin_project! {
     pub struct TrackedBody<B> {
         #[pin]
         body: B,
-        done: IdleOnDrop,
+        done: DoneOnDrop,
     }
 }
 
@@ -223,7 +243,7 @@ impl<B: MessageBody> MessageBody for TrackedBody<B> {
 pub type TrackedResponse<B> = Response<TrackedBody<EitherBody<B, BoxBody>>>;
 
 /// Wraps the application so that each request marks its connection busy
-/// when it arrives and idle when its response is done.
+/// when it arrives and done when its response is.
 pub fn track_heads<SF, B>(
     app: SF,
 ) -> impl ServiceFactory<
@@ -255,8 +275,101 @@ where
             };
             Ok::<_, SF::Error>(response.map_body(|_, body| TrackedBody {
                 body,
-                done: IdleOnDrop(clock),
+                done: DoneOnDrop(clock),
             }))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const HEAD: Duration = Duration::from_secs(1);
+    const IDLE: Duration = Duration::from_secs(2);
+
+    fn pair() -> (DuplexStream, HeadDeadline<DuplexStream>) {
+        let (client, server) = duplex(1024);
+        (client, HeadDeadline::new(server, HEAD, IDLE))
+    }
+
+    /// One read, under a hang guard far beyond any deadline here.
+    async fn read(s: &mut HeadDeadline<DuplexStream>) -> io::Result<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("read hangs")?;
+        Ok(buf[..n].to_vec())
+    }
+
+    #[track_caller]
+    fn assert_timed_out(r: io::Result<Vec<u8>>, message: &str) {
+        let e = r.expect_err("the connection must be cut off");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), message);
+    }
+
+    /// Ends a response as actix does: by dropping its body.
+    fn respond(clock: HeadClock) {
+        drop(DoneOnDrop(Some(clock)));
+    }
+
+    #[tokio::test]
+    async fn a_head_that_stops_arriving_is_cut_off() {
+        let (mut client, mut server) = pair();
+        client.write_all(b"GET /ima").await.unwrap();
+        assert_eq!(read(&mut server).await.unwrap(), b"GET /ima");
+        assert_timed_out(
+            read(&mut server).await,
+            "request head not complete within 1 s",
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_timed_before_the_first_byte_or_while_busy() {
+        let (mut client, mut server) = pair();
+        let margin = Duration::from_millis(500);
+        // Before the first request actix-http times the head, not this.
+        tokio::time::sleep(IDLE + margin).await;
+        client.write_all(b"PUT / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(!read(&mut server).await.unwrap().is_empty());
+        server.clock().set(Phase::Busy);
+        // Past the deadline armed by the head's first byte.
+        tokio::time::sleep(HEAD + margin).await;
+        client.write_all(b"body").await.unwrap();
+        assert_eq!(read(&mut server).await.unwrap(), b"body");
+    }
+
+    #[tokio::test]
+    async fn after_a_response_each_head_has_its_own_deadline() {
+        let (mut client, mut server) = pair();
+        for _ in 0..3 {
+            client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            assert!(!read(&mut server).await.unwrap().is_empty());
+            client.write_all(b"\r\n").await.unwrap();
+            assert_eq!(read(&mut server).await.unwrap(), b"\r\n");
+            server.clock().set(Phase::Busy);
+            respond(server.clock());
+        }
+        client.write_all(b"G").await.unwrap();
+        assert_eq!(read(&mut server).await.unwrap(), b"G");
+        assert_timed_out(
+            read(&mut server).await,
+            "request head not complete within 1 s",
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_response_a_silent_connection_is_cut_off_as_a_backstop() {
+        let (mut client, mut server) = pair();
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET /nex")
+            .await
+            .unwrap();
+        assert!(!read(&mut server).await.unwrap().is_empty());
+        server.clock().set(Phase::Busy);
+        respond(server.clock());
+        assert_timed_out(read(&mut server).await, "no request head within 2 s");
+    }
 }

@@ -166,17 +166,14 @@ fn http_server(
             None => {
                 addrs.push((addr, "http"));
                 builder.listen(format!("http-{addr}"), lst, move || {
+                    let http = conn.http_service(addr);
                     let conn = conn.clone();
                     fn_service(move |io: TcpStream| {
                         let peer = io.peer_addr().ok();
                         set_nodelay(&io);
-                        ready(Ok((
-                            HeadDeadline::new(io, conn.header_timeout),
-                            Protocol::Http1,
-                            peer,
-                        )))
+                        ready(conn.wrap(io, peer))
                     })
-                    .and_then(conn.http_service(addr))
+                    .and_then(http)
                 })?
             }
             Some(config) => {
@@ -185,6 +182,7 @@ fn http_server(
                 // What actix-web's rustls listener offers (no HTTP/2 here).
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
                 builder.listen(format!("https-{addr}"), lst, move || {
+                    let http = conn.http_service(addr);
                     let conn = conn.clone();
                     fn_service(|io: TcpStream| {
                         set_nodelay(&io);
@@ -193,13 +191,9 @@ fn http_server(
                     .and_then(Acceptor::new(config.clone()).map_err(TlsError::into_service_error))
                     .and_then(fn_service(move |io: TlsStream<TcpStream>| {
                         let peer = io.get_ref().0.peer_addr().ok();
-                        ready(Ok((
-                            HeadDeadline::new(io, conn.header_timeout),
-                            Protocol::Http1,
-                            peer,
-                        )))
+                        ready(conn.wrap(io, peer).map_err(TlsError::Service))
                     }))
-                    .and_then(conn.http_service(addr).map_err(TlsError::Service))
+                    .and_then(http.map_err(TlsError::Service))
                 })?
             }
         };
@@ -254,6 +248,21 @@ struct ConnSettings {
 }
 
 impl ConnSettings {
+    /// An accepted stream, its request heads bounded (see `head_timeout`),
+    /// as actix-http takes it.
+    fn wrap<T>(
+        &self,
+        io: T,
+        peer: Option<SocketAddr>,
+    ) -> Result<(HeadDeadline<T>, Protocol, Option<SocketAddr>), DispatchError> {
+        let idle = KEEP_ALIVE + self.header_timeout;
+        Ok((
+            HeadDeadline::new(io, self.header_timeout, idle),
+            Protocol::Http1,
+            peer,
+        ))
+    }
+
     /// actix-http's HTTP/1 service for streams of type `T`, serving the
     /// application, with the connection timeouts.
     fn http_service<T>(
