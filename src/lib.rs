@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod extents;
+pub mod head_timeout;
 pub mod http;
 pub mod nbd;
 pub mod ops;

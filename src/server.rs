@@ -2,15 +2,35 @@
 //! or SIGINT (then in-flight requests get `shutdown_timeout` to finish).
 //! Next to it, on the same runtime: the control socket and the idle sweeper.
 
-use std::io::Write;
+use std::future::ready;
+use std::io::{self, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpServer};
+use actix_http::{error::DispatchError, HttpService, Protocol};
+use actix_server::{GracefulShutdownSignal, ServerBuilder};
+use actix_service::{
+    fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
+};
+use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
+use actix_tls::accept::TlsError;
+use actix_web::dev::AppConfig;
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App};
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::ConfigDir;
 use crate::control::ControlSocket;
+use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+
+/// An idle keep-alive connection is closed after this.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+/// Pending connections the kernel queues for `accept` (actix-web's default).
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// How often transfers are checked against their idle timeout.
 pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,29 +114,8 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         settings.max_requests,
         settings.body_timeout,
     ));
-    let app_state = state.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .wrap(http::default_headers())
-            .configure(http::configure(app_state.clone()))
-    })
-    .client_request_timeout(settings.header_timeout)
-    .client_disconnect_timeout(Duration::from_secs(2))
-    .keep_alive(Duration::from_secs(60))
-    // A response head and its body are separate writes: without NODELAY,
-    // Nagle holds the body until the client's delayed ACK (~40 ms per small
-    // request on a keep-alive connection).
-    .tcp_nodelay(true)
-    .shutdown_timeout(settings.shutdown_timeout.as_secs());
-    if settings.workers > 0 {
-        server = server.workers(settings.workers);
-    }
-    let addr = (settings.listen.as_str(), settings.port);
-    let server = match tls {
-        Some(config) => server.bind_rustls_0_23(addr, config)?,
-        None => server.bind(addr)?,
-    };
-    for (addr, scheme) in server.addrs_with_scheme() {
+    let (server, addrs) = http_server(&settings, tls, state.clone())?;
+    for (addr, scheme) in addrs {
         log::info!("listening on {scheme}://{addr}");
         println!("listening on {scheme}://{addr}");
     }
@@ -142,6 +141,176 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     }
     log::info!("server stopped");
     Ok(())
+}
+
+/// Binds `settings.listen:settings.port` (every address it resolves to, as
+/// actix-web's `HttpServer::bind` does) and builds the HTTP(S) server on it.
+///
+/// Not `HttpServer`: it hands actix-http the accepted stream as is, and
+/// every request head must be bounded (see `head_timeout`), so each stream
+/// is wrapped in a [`HeadDeadline`] first.
+fn http_server(
+    settings: &Settings,
+    tls: Option<rustls::ServerConfig>,
+    state: web::Data<AppState>,
+) -> io::Result<(ServerBuilder, Vec<(SocketAddr, &'static str)>)> {
+    let mut builder =
+        actix_server::Server::build().shutdown_timeout(settings.shutdown_timeout.as_secs());
+    if settings.workers > 0 {
+        builder = builder.workers(settings.workers);
+    }
+    let conn = ConnSettings {
+        header_timeout: settings.header_timeout,
+        shutdown: builder.graceful_shutdown_signal(),
+        state,
+    };
+    let mut addrs = Vec::new();
+    for lst in bind_all((settings.listen.as_str(), settings.port))? {
+        let addr = lst.local_addr()?;
+        let conn = conn.clone();
+        builder = match &tls {
+            None => {
+                addrs.push((addr, "http"));
+                builder.listen(format!("http-{addr}"), lst, move || {
+                    let http = conn.http_service(addr);
+                    let conn = conn.clone();
+                    fn_service(move |io: TcpStream| {
+                        let peer = io.peer_addr().ok();
+                        set_nodelay(&io);
+                        ready(conn.wrap(io, peer))
+                    })
+                    .and_then(http)
+                })?
+            }
+            Some(config) => {
+                addrs.push((addr, "https"));
+                let mut config = config.clone();
+                // What actix-web's rustls listener offers (no HTTP/2 here).
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                builder.listen(format!("https-{addr}"), lst, move || {
+                    let http = conn.http_service(addr);
+                    let conn = conn.clone();
+                    fn_service(|io: TcpStream| {
+                        set_nodelay(&io);
+                        ready(Ok(io))
+                    })
+                    .and_then(Acceptor::new(config.clone()).map_err(TlsError::into_service_error))
+                    .and_then(fn_service(move |io: TlsStream<TcpStream>| {
+                        let peer = io.get_ref().0.peer_addr().ok();
+                        ready(conn.wrap(io, peer).map_err(TlsError::Service))
+                    }))
+                    .and_then(http.map_err(TlsError::Service))
+                })?
+            }
+        };
+    }
+    Ok((builder, addrs))
+}
+
+/// A response head and its body are separate writes: without NODELAY, Nagle
+/// holds the body until the client's delayed ACK (~40 ms per small request
+/// on a keep-alive connection).
+fn set_nodelay(io: &TcpStream) {
+    if let Err(e) = io.set_nodelay(true) {
+        log::debug!("TCP_NODELAY: {e}");
+    }
+}
+
+/// Binds every address `addr` resolves to (SO_REUSEADDR, a backlog of 1024,
+/// as actix-web does); fails only if none binds.
+fn bind_all(addr: impl ToSocketAddrs) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::new();
+    let mut last_err = None;
+    for addr in addr.to_socket_addrs()? {
+        let bound = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(SockProtocol::TCP),
+        )
+        .and_then(|s| {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(LISTEN_BACKLOG)?;
+            Ok(s)
+        });
+        match bound {
+            Ok(s) => listeners.push(s.into()),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match (listeners.is_empty(), last_err) {
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(io::Error::other("the listen address resolves to nothing")),
+        (false, _) => Ok(listeners),
+    }
+}
+
+/// What every worker's HTTP service is built from.
+#[derive(Clone)]
+struct ConnSettings {
+    header_timeout: Duration,
+    shutdown: GracefulShutdownSignal,
+    state: web::Data<AppState>,
+}
+
+impl ConnSettings {
+    /// An accepted stream, its request heads bounded (see `head_timeout`),
+    /// as actix-http takes it.
+    fn wrap<T>(
+        &self,
+        io: T,
+        peer: Option<SocketAddr>,
+    ) -> Result<(HeadDeadline<T>, Protocol, Option<SocketAddr>), DispatchError> {
+        let idle = KEEP_ALIVE + self.header_timeout;
+        Ok((
+            HeadDeadline::new(io, self.header_timeout, idle),
+            Protocol::Http1,
+            peer,
+        ))
+    }
+
+    /// actix-http's HTTP/1 service for streams of type `T`, serving the
+    /// application, with the connection timeouts.
+    fn http_service<T>(
+        &self,
+        local: SocketAddr,
+    ) -> impl ServiceFactory<
+        (HeadDeadline<T>, Protocol, Option<SocketAddr>),
+        Config = (),
+        Response = (),
+        Error = DispatchError,
+        InitError = (),
+    >
+    where
+        T: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let state = self.state.clone();
+        let app = App::new()
+            .wrap(http::default_headers())
+            .configure(http::configure(state))
+            .into_factory()
+            .map_err(|e| e.error_response());
+        // actix-web keeps `AppConfig`'s constructor to itself; the default
+        // (host "localhost:8080", not secure) only feeds `ConnectionInfo`
+        // and `url_for`, which the handlers do not use.
+        let app = map_config(app, |()| AppConfig::default());
+        let shutdown = self.shutdown.clone();
+        HttpService::build()
+            .graceful_shutdown_signal(move || {
+                let shutdown = shutdown.clone();
+                async move { shutdown.notified().await }
+            })
+            .keep_alive(KEEP_ALIVE)
+            // actix's own deadline for a connection's first head (answered
+            // with a bare 408); `HeadDeadline` covers every head.
+            .client_request_timeout(self.header_timeout)
+            .client_disconnect_timeout(Duration::from_secs(2))
+            .local_addr(local)
+            .on_connect_ext(|io: &HeadDeadline<T>, data| {
+                data.insert(io.clock());
+            })
+            .finish(track_heads(app))
+    }
 }
 
 /// Flushes every transfer written since its last flush, then closes its

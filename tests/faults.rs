@@ -538,11 +538,9 @@ fn slow_loris_headers_are_cut_off_and_others_are_served() {
     slow_loris_case("loris", &[false, false]);
 }
 
-/// Known gap (SECURITY.md): actix-http arms its request-head timer only for
-/// the first request of a connection; a later request head on a keep-alive
-/// connection can trickle in for as long as the client likes.
+/// actix-http arms its request-head timer only for the first request of a
+/// connection; `head_timeout` bounds every later head too.
 #[test]
-#[ignore = "known gap: actix-http bounds only the first request head of a connection"]
 fn slow_loris_on_a_keep_alive_connection_is_cut_off() {
     slow_loris_case("loris-ka", &[true]);
 }

@@ -8,39 +8,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tls::{make_cert, tls_args};
 use common::*;
-
-/// A self-signed certificate for 127.0.0.1 and its key (`newkey`: an
-/// openssl -newkey argument such as `rsa:2048` or `ec`).
-fn make_cert(dir: &TempDir, name: &str, newkey: &[&str]) -> (PathBuf, PathBuf) {
-    let cert = dir.join(&format!("{name}.crt"));
-    let key = dir.join(&format!("{name}.key"));
-    run(Command::new("openssl")
-        .args(["req", "-x509", "-newkey"])
-        .args(newkey)
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null()));
-    (cert, key)
-}
-
-fn tls_args<'a>(cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
-    vec![
-        "--tls-enabled",
-        "--tls-cert-file",
-        cert.to_str().unwrap(),
-        "--tls-key-file",
-        key.to_str().unwrap(),
-    ]
-}
 
 /// curl with the certificate as the only trusted CA; returns (exit ok, stdout).
 fn curl(cacert: &Path, args: &[&str]) -> (bool, Vec<u8>) {

@@ -863,3 +863,5 @@ pub fn assert_err(resp: &Response, status: u16, message: &str) {
     resp.assert_error(status, message);
     assert_imageio_headers(resp, DEFAULT_METHODS);
 }
+
+pub mod tls;
