@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::storm::{fd_kinds, get, rss_kib, Got, Pace};
+use common::storm::{client_connections, fd_kinds, get, rss_kib, Got, Pace};
 use common::*;
 
 const LIVE_SIZE: usize = 16 * MIB as usize;
@@ -278,7 +278,8 @@ fn quiet_fds(pid: u32) -> BTreeMap<String, usize> {
         assert!(
             Instant::now() < until,
             "the server still holds {clients} client connections 10 s after the clients \
-             closed them: {fds:?}"
+             closed them: {:?}",
+            client_connections(pid)
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -209,3 +209,47 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/PID/status")
 }
+
+/// The server's TCP connections (not listeners) as `fd N: STATE, watched by
+/// epoll fd E` or `…, in no epoll set` (from /proc/PID/fdinfo): a socket in
+/// no epoll set can never wake its task again.
+pub fn client_connections(pid: u32) -> Vec<String> {
+    let sockets = socket_kinds(pid);
+    let mut fds = Vec::new();
+    let mut epolls = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        if target == "anon_inode:[eventpoll]" {
+            epolls.push(fd);
+        } else if let Some(inode) = target.strip_prefix("socket:[") {
+            match sockets.get(inode.trim_end_matches(']')) {
+                Some(kind) if kind.starts_with("tcp ") && kind != "tcp LISTEN" => {
+                    fds.push((fd, kind.clone()))
+                }
+                _ => {}
+            }
+        }
+    }
+    let watched_by = |fd: &str| {
+        epolls.iter().find(|e| {
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{e}"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(fd) && l.starts_with("tfd:"))
+        })
+    };
+    fds.iter()
+        .map(|(fd, kind)| match watched_by(fd) {
+            Some(e) => format!("fd {fd}: {kind}, watched by epoll fd {e}"),
+            None => format!("fd {fd}: {kind}, in no epoll set"),
+        })
+        .collect()
+}
