@@ -8,8 +8,8 @@
 //!
 //! - [`HeadDeadline`] wraps the connection's stream (the TLS stream, for
 //!   HTTPS: it sees plaintext). While the connection waits for a head, the
-//!   first byte that arrives arms a deadline; a read after it fails the
-//!   stream with `TimedOut`, and actix drops the connection.
+//!   first byte that arrives arms a deadline; once it has passed, a read
+//!   fails the stream with `TimedOut`, and actix drops the connection.
 //! - [`track_heads`] wraps the application: a request reaching it means its
 //!   head is complete (the deadline no longer matters), and dropping the
 //!   response body means the response is done (the next byte starts a new

@@ -864,4 +864,5 @@ pub fn assert_err(resp: &Response, status: u16, message: &str) {
     assert_imageio_headers(resp, DEFAULT_METHODS);
 }
 
+pub mod storm;
 pub mod tls;
