@@ -6,6 +6,7 @@
 //! after its request, as the seed did, or a second client would wait forever.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use parking_lot::Mutex;
 
 use super::{BackendError, Caps, Result, Transfer};
 use crate::extents::{self, DirtyExtent, Extent};
-use crate::nbd::{self, ConnectOptions, Connection};
+use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
 
 /// Idle connections kept per transfer.
 const MAX_IDLE: usize = 4;
@@ -34,6 +35,30 @@ pub const PIPELINE_REQUEST: usize = 256 * 1024;
 /// about a fifth less CPU on an upload than at 256 KiB (half the requests;
 /// an upload has one writer, so the page faults above do not show).
 pub const WRITE_REQUEST: usize = 512 * 1024;
+
+/// `--nbd-timeout`'s default: seconds an NBD command may go without a reply.
+pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 120;
+
+/// The command timeout of new connections, in seconds (0: none). A setting
+/// of the whole server (`--nbd-timeout`), set once at start by
+/// [`set_command_timeout`].
+static COMMAND_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(DEFAULT_COMMAND_TIMEOUT_SECS);
+
+/// Sets how long an NBD command of a new connection may go without a reply
+/// before its request fails and the connection is discarded (`None`: no
+/// limit).
+pub fn set_command_timeout(timeout: Option<Duration>) {
+    let secs = timeout.map_or(0, |t| t.as_secs().max(1));
+    COMMAND_TIMEOUT_SECS.store(secs, Ordering::Relaxed);
+}
+
+/// See [`set_command_timeout`].
+pub fn command_timeout() -> Option<Duration> {
+    match COMMAND_TIMEOUT_SECS.load(Ordering::Relaxed) {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    }
+}
 
 /// Idle connections of one transfer.
 pub struct Pool {
@@ -99,15 +124,55 @@ impl Default for Pool {
 }
 
 fn io_err(e: nbd::Error) -> BackendError {
-    BackendError::Io(e.to_string())
+    if e.is_timeout() {
+        BackendError::Timeout(e.to_string())
+    } else {
+        BackendError::Io(e.to_string())
+    }
 }
 
-/// One NBD connection lent to one request.
-pub struct NbdHandle {
+/// What a request's connection carries besides the connection itself.
+struct Lent {
     transfer: Arc<Transfer>,
+    /// Cleared by a fatal error (or `discard`): the connection is closed
+    /// when the request ends instead of going back to the pool.
+    reusable: bool,
+    /// A timeout was logged already (one line per request).
+    timeout_logged: bool,
+}
+
+impl Lent {
+    /// Maps an NBD error for the request. A fatal one makes the connection
+    /// unreusable; the first timeout logs the one line that names the
+    /// transfer.
+    fn error(&mut self, e: nbd::Error) -> BackendError {
+        if e.is_fatal() {
+            self.reusable = false;
+        }
+        if e.is_timeout() && !self.timeout_logged {
+            self.timeout_logged = true;
+            log::error!(
+                "NBD timeout image_id={} err={e}: request failed, connection discarded",
+                self.transfer.id()
+            );
+        }
+        io_err(e)
+    }
+
+    /// Returns an idle connection to the pool when it can serve another
+    /// request; else it is closed here.
+    fn give_back(&self, conn: Connection) {
+        if self.reusable && !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
+            self.transfer.pool().put(conn);
+        }
+    }
+}
+
+/// One NBD connection lent to one request, for blocking calls.
+pub struct NbdHandle {
+    lent: Lent,
     conn: Option<Connection>,
     bitmap_context: Option<String>,
-    reusable: bool,
 }
 
 impl NbdHandle {
@@ -134,6 +199,7 @@ impl NbdHandle {
                     export,
                     meta_contexts: &contexts,
                     timeout: CONNECT_TIMEOUT,
+                    command_timeout: command_timeout(),
                 })
                 .map_err(|e| {
                     log::error!(
@@ -146,11 +212,31 @@ impl NbdHandle {
             }
         };
         Ok(NbdHandle {
-            transfer,
+            lent: Lent {
+                transfer,
+                reusable: true,
+                timeout_logged: false,
+            },
             conn: Some(conn),
             bitmap_context,
-            reusable: true,
         })
+    }
+
+    /// Turns the handle into a queue of commands driven from the calling
+    /// thread's tokio reactor (call it on the async worker that polls).
+    pub fn into_queue(mut self) -> Result<NbdQueue> {
+        let conn = self.conn.take().expect("connection present until drop");
+        let lent = Lent {
+            transfer: self.lent.transfer.clone(),
+            reusable: self.lent.reusable,
+            timeout_logged: false,
+        };
+        let mut queue = NbdQueue { lent, pipe: None };
+        match Pipeline::new(conn) {
+            Ok(p) => queue.pipe = Some(p),
+            Err(e) => return Err(queue.lent.error(e)),
+        }
+        Ok(queue)
     }
 
     fn conn(&mut self) -> &mut Connection {
@@ -161,13 +247,10 @@ impl NbdHandle {
         self.conn.as_ref().expect("connection present until drop")
     }
 
-    /// Runs `f` on the connection; an error makes the connection unreusable.
+    /// Runs `f` on the connection; a fatal error makes it unreusable.
     fn with<T>(&mut self, f: impl FnOnce(&mut Connection) -> nbd::Result<T>) -> Result<T> {
         let r = f(self.conn());
-        if r.is_err() {
-            self.reusable = false;
-        }
-        r.map_err(io_err)
+        r.map_err(|e| self.lent.error(e))
     }
 
     pub fn size(&self) -> u64 {
@@ -202,7 +285,7 @@ impl NbdHandle {
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        self.transfer.mark_written();
+        self.lent.transfer.mark_written();
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
         } else {
@@ -212,7 +295,7 @@ impl NbdHandle {
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        self.transfer.mark_written();
+        self.lent.transfer.mark_written();
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.zero(offset, len));
         }
@@ -228,80 +311,9 @@ impl NbdHandle {
         Ok(())
     }
 
-    /// Commands started and not yet retired by `poll_oldest`.
-    pub fn queued(&self) -> usize {
-        self.conn_ref().queued()
-    }
-
-    /// Lets `poll_oldest` wait on the calling thread's tokio reactor (call
-    /// from the async worker that will poll).
-    pub fn register(&mut self) -> Result<()> {
-        self.with(|c| c.register())
-    }
-
-    /// Starts reading `len` bytes at `offset` into the start of `buf`,
-    /// without blocking, as requests of `PIPELINE_REQUEST` bytes.
-    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
-        self.check(offset, len as u64)?;
-        self.with(|c| c.queue_read(buf, len, offset, PIPELINE_REQUEST))
-    }
-
-    /// Starts writing `data` at `offset`, without blocking. Commands in
-    /// flight together may complete in any order: callers keep them to
-    /// disjoint ranges.
-    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
-        self.check(offset, data.len() as u64)?;
-        self.transfer.mark_written();
-        self.with(|c| c.queue_write(data, offset, WRITE_REQUEST))
-    }
-
-    /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
-    /// when the server can, else writes of zeroes.
-    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
-        self.transfer.mark_written();
-        if self.conn_ref().can_zero().unwrap_or(false) {
-            return self.with(|c| c.queue_zero(offset, len));
-        }
-        let zeroes = Bytes::from_static(&ZEROES);
-        let mut off = offset;
-        let end = offset + len;
-        while off < end {
-            let n = (end - off).min(ZEROES.len() as u64) as usize;
-            self.with(|c| c.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
-            off += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Starts a flush; start it only once the writes it must cover have
-    /// retired. Its retirement marks the transfer flushed.
-    pub fn start_flush(&mut self) -> Result<()> {
-        self.with(|c| c.queue_flush())
-    }
-
-    /// Retires the oldest started request once complete (see
-    /// [`nbd::Connection::poll_oldest`]): the last request of a read gives
-    /// back its buffer, a write or zero the bytes it covered.
-    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
-        let r = match self.conn().poll_oldest(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
-        };
-        if r.is_err() {
-            self.reusable = false;
-        }
-        Poll::Ready(r.map_err(io_err))
-    }
-
-    /// Marks the transfer flushed (a started flush retired).
-    pub fn flushed(&self) {
-        self.transfer.mark_flushed();
-    }
-
     pub fn flush(&mut self) -> Result<()> {
         self.with(|c| c.flush())?;
-        self.transfer.mark_flushed();
+        self.lent.transfer.mark_flushed();
         Ok(())
     }
 
@@ -358,7 +370,7 @@ impl NbdHandle {
         if !self.conn_ref().can_meta_context(&ctx).unwrap_or(false) {
             log::warn!(
                 "dirty bitmap context {ctx:?} not negotiated image_id={}",
-                self.transfer.id()
+                self.lent.transfer.id()
             );
             return Ok(None);
         }
@@ -381,21 +393,124 @@ impl NbdHandle {
     }
 
     pub fn discard(&mut self) {
-        self.reusable = false;
+        self.lent.reusable = false;
     }
 }
 
 impl Drop for NbdHandle {
     fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.deregister();
-            if self.reusable
-                && conn.queued() == 0
-                && !conn.is_dead()
-                && conn.can_multi_conn().unwrap_or(false)
-            {
-                self.transfer.pool().put(conn);
-            }
+        if let Some(conn) = self.conn.take() {
+            self.lent.give_back(conn);
+        }
+    }
+}
+
+/// One NBD connection lent to one request, with commands queued on it and
+/// retired from the async worker (see [`nbd::Pipeline`]). Goes back to the
+/// pool only when no command is in flight.
+pub struct NbdQueue {
+    lent: Lent,
+    pipe: Option<Pipeline>,
+}
+
+impl NbdQueue {
+    fn pipe(&mut self) -> &mut Pipeline {
+        self.pipe.as_mut().expect("pipeline present until drop")
+    }
+
+    fn conn_ref(&self) -> &Connection {
+        self.pipe
+            .as_ref()
+            .expect("pipeline present until drop")
+            .connection()
+    }
+
+    /// Runs `f` on the pipeline; a fatal error makes it unreusable.
+    fn with<T>(&mut self, f: impl FnOnce(&mut Pipeline) -> nbd::Result<T>) -> Result<T> {
+        let r = f(self.pipe());
+        r.map_err(|e| self.lent.error(e))
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.conn_ref().size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BackendError::OutOfRange { size }),
+        }
+    }
+
+    /// Commands started and not yet retired by `poll_oldest`.
+    pub fn queued(&self) -> usize {
+        self.pipe.as_ref().map_or(0, |p| p.queued())
+    }
+
+    /// Starts reading `len` bytes at `offset` into the start of `buf`,
+    /// without blocking, as requests of `PIPELINE_REQUEST` bytes.
+    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+        self.check(offset, len as u64)?;
+        self.with(|p| p.queue_read(buf, len, offset, PIPELINE_REQUEST))
+    }
+
+    /// Starts writing `data` at `offset`, without blocking. Commands in
+    /// flight together may complete in any order: callers keep them to
+    /// disjoint ranges.
+    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        self.lent.transfer.mark_written();
+        self.with(|p| p.queue_write(data, offset, WRITE_REQUEST))
+    }
+
+    /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
+    /// when the server can, else writes of zeroes.
+    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.lent.transfer.mark_written();
+        if self.conn_ref().can_zero().unwrap_or(false) {
+            return self.with(|p| p.queue_zero(offset, len));
+        }
+        let zeroes = Bytes::from_static(&ZEROES);
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let n = (end - off).min(ZEROES.len() as u64) as usize;
+            self.with(|p| p.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts a flush; start it only once the writes it must cover have
+    /// retired. Its retirement marks the transfer flushed.
+    pub fn start_flush(&mut self) -> Result<()> {
+        self.with(|p| p.queue_flush())
+    }
+
+    /// Retires the oldest started request once complete (see
+    /// [`nbd::Pipeline::poll_oldest`]): the last request of a read gives
+    /// back its buffer, a write or zero the bytes it covered.
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
+        match self.pipe().poll_oldest(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.lent.error(e))),
+        }
+    }
+
+    /// Marks the transfer flushed (a started flush retired).
+    pub fn flushed(&self) {
+        self.lent.transfer.mark_flushed();
+    }
+
+    pub fn discard(&mut self) {
+        self.lent.reusable = false;
+    }
+}
+
+impl Drop for NbdQueue {
+    fn drop(&mut self) {
+        // With commands in flight the pipeline (and its connection) is
+        // closed here; an idle one may serve another request.
+        if let Some(Ok(conn)) = self.pipe.take().map(Pipeline::into_connection) {
+            self.lent.give_back(conn);
         }
     }
 }
