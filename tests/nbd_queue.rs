@@ -6,7 +6,6 @@
 mod common;
 
 use std::future::poll_fn;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -462,22 +461,48 @@ fn a_new_socket_after_a_dead_connection_still_wakes_up() {
         let mut ex = Export::raw("q-reuse", 16 * MIB, &[]);
         let (p, e) = kill_mid_queue(&rt, &mut ex);
         assert!(e.is_fatal(), "{e}");
-        // The lowest free numbers: libnbd's old fd among them, if it closed it.
-        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // The lowest free numbers: libnbd's old fd is one of them (it
+        // closed it when the connection died). Both ends are registered.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
+        let a = tokio::net::UnixStream::from_std(a).unwrap();
         let b = tokio::net::UnixStream::from_std(b).unwrap();
-        // The dead pipeline's registration goes now, after the new one.
+        // The dead pipeline's registration goes now, after the new ones.
         drop(p);
-        a.write_all(b"x").unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), b.readable())
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        from.writable().await.unwrap();
+                        match from.try_write(b"x") {
+                            Ok(n) => break assert_eq!(n, 1),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
                 .await
-                .expect("the new socket never became readable")
-                .unwrap();
-        });
-        let mut byte = [0u8; 1];
-        assert_eq!(b.try_read(&mut byte).unwrap(), 1);
-        assert_eq!(&byte, b"x");
+                .expect("a new socket never became writable")
+            });
+            // Readiness may be reported spuriously: read until a byte comes.
+            let byte = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        to.readable().await.unwrap();
+                        let mut byte = [0u8; 1];
+                        match to.try_read(&mut byte) {
+                            Ok(n) => break (n, byte),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+                .await
+                .expect("a new socket never became readable")
+            });
+            assert_eq!(byte, (1, *b"x"));
+        }
     }
 }
 
