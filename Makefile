@@ -6,7 +6,7 @@ BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54323
 
-.PHONY: all deps build run demo test test-clients fuzz soak lint fmt clean package package-tools test-package bench
+.PHONY: all deps build run demo test test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench
 
 all: build
 
@@ -35,6 +35,11 @@ test: deps
 FUZZ_SECS ?= 30
 fuzz: deps
 	scripts/fuzz.sh $(FUZZ_SECS)
+
+# The NBD wrapper's tests (tests/nbd_connection.rs, tests/nbd_queue.rs)
+# under AddressSanitizer; needs a nightly toolchain, else says it is skipped.
+sanitize: deps
+	scripts/sanitize.sh
 
 # 32 clients against 4 transfers for SOAK_SECS seconds, checked against a
 # model of every image, RSS/fd/NBD-connection growth; loopback only.

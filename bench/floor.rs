@@ -133,6 +133,7 @@ fn serve(mut s: TcpStream, socket: &Path) -> io::Result<()> {
         export: None,
         meta_contexts: &[],
         timeout: Duration::from_secs(10),
+        command_timeout: None,
     })
     .map_err(|e| other(e.to_string()))?;
     let mut buf = vec![0u8; BUFFER];

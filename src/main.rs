@@ -54,6 +54,12 @@ struct Cli {
     /// Seconds a client has to send a complete request head.
     #[arg(long, default_value_t = 10)]
     header_timeout: u64,
+    /// Seconds an NBD command may go without a reply (qemu-nbd stopped or
+    /// stuck) before its request fails (504 before the response head, a
+    /// truncated body after it) and the NBD connection is discarded. 0
+    /// waits for ever.
+    #[arg(long, default_value_t = cloudstack_image_server::backend::nbd::DEFAULT_COMMAND_TIMEOUT_SECS)]
+    nbd_timeout: u64,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -122,6 +128,7 @@ fn main() -> ExitCode {
         body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
+        nbd_timeout: (cli.nbd_timeout > 0).then(|| Duration::from_secs(cli.nbd_timeout)),
         workers: cli.workers,
         control_socket: Some(PathBuf::from(cli.control_socket))
             .filter(|p| !p.as_os_str().is_empty()),

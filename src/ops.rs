@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
-use crate::backend::nbd::NbdHandle;
+use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Handle, Lease, Transfer};
 use crate::http::error::ApiError;
 use crate::nbd::Retired;
@@ -141,7 +141,9 @@ impl Buffers {
 /// the lease and guard early when the client stops reading (see
 /// `read_stream`).
 pub struct ReadBody<G> {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    rx: mpsc::Receiver<Result<Bytes, BackendError>>,
+    /// The first chunk, taken early by [`ReadBody::first_chunk`].
+    first: Option<Bytes>,
     log: OpLog,
     /// For the byte counters (atomics; no lock per chunk).
     transfer: Arc<Transfer>,
@@ -153,12 +155,39 @@ pub struct ReadBody<G> {
 /// The lease and guard of a GET, shared with its reader.
 type Held<G> = Arc<Mutex<Option<(Lease, G)>>>;
 
+impl<G> ReadBody<G> {
+    /// Waits until the reader has the first chunk (or ended), so that a
+    /// backend that fails or times out before any byte was read is a JSON
+    /// error (its status from the error) instead of a response head
+    /// followed by a truncated body. The chunk stays first in the body.
+    pub async fn first_chunk(&mut self) -> Result<(), ApiError> {
+        if self.remaining == 0 || self.first.is_some() {
+            return Ok(());
+        }
+        match self.rx.recv().await {
+            Some(Ok(b)) => {
+                self.first = Some(b);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e.into()),
+            // The reader stopped without a word (it only does so once the
+            // body is gone): nothing to send.
+            None => Err(ApiError::internal("backend error")),
+        }
+    }
+}
+
 impl<G> Stream for ReadBody<G> {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match ready!(this.rx.poll_recv(cx)) {
+        let next = match this.first.take() {
+            Some(b) => Some(Ok(b)),
+            None => ready!(this.rx.poll_recv(cx)),
+        };
+        match next {
+            Some(Err(e)) => Poll::Ready(Some(Err(io::Error::other(e.to_string())))),
             Some(Ok(b)) => {
                 let n = b.len() as u64;
                 this.log.bytes += n;
@@ -177,7 +206,7 @@ impl<G> Stream for ReadBody<G> {
                 this.remaining = 0;
                 Poll::Ready(Some(Err(io::Error::other("response body ended early"))))
             }
-            other => Poll::Ready(other),
+            None => Poll::Ready(None),
         }
     }
 }
@@ -220,6 +249,7 @@ pub fn read_stream<G: Send + 'static>(
     }
     ReadBody {
         rx,
+        first: None,
         log,
         transfer,
         remaining: len,
@@ -229,7 +259,7 @@ pub fn read_stream<G: Send + 'static>(
 
 /// Where a GET reader sends its chunks.
 struct Sender {
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    tx: mpsc::Sender<Result<Bytes, BackendError>>,
     id: String,
     stall_timeout: Duration,
 }
@@ -246,33 +276,52 @@ impl Sender {
                 false
             }
             Err(_) => {
-                log::warn!(
-                    "GET client stopped reading image_id={} at={offset}: released after {}s",
-                    self.id,
-                    self.stall_timeout.as_secs()
-                );
-                drop(held.lock().take());
+                self.stalled(offset, held);
                 false
             }
         }
     }
 
-    async fn fail(&self, offset: u64, e: BackendError) {
-        log::error!("GET error image_id={} offset={offset} err={e}", self.id);
-        let _ = self.tx.send(Err(io::Error::other(e.to_string()))).await;
+    /// The client took nothing for `stall_timeout`: releases the lease and
+    /// guard now, not when actix gives up.
+    fn stalled<G>(&self, offset: u64, held: &Held<G>) {
+        log::warn!(
+            "GET client stopped reading image_id={} at={offset}: released after {}s",
+            self.id,
+            self.stall_timeout.as_secs()
+        );
+        drop(held.lock().take());
+    }
+
+    /// Ends the body with `e`, read at `offset`; waits for the client at
+    /// most `stall_timeout`, like [`Sender::send`]. A timeout was logged by
+    /// the backend already.
+    async fn fail<G>(&self, offset: u64, e: BackendError, held: &Held<G>) {
+        if !matches!(e, BackendError::Timeout(_)) {
+            log::error!("GET error image_id={} offset={offset} err={e}", self.id);
+        }
+        if tokio::time::timeout(self.stall_timeout, self.tx.send(Err(e)))
+            .await
+            .is_err()
+        {
+            self.stalled(offset, held);
+        }
     }
 }
 
 /// Reads an NBD export with up to `WINDOW` requests in flight, sending the
 /// chunks in order; stops when the body is dropped or stalls.
-async fn read_nbd<G>(mut handle: NbdHandle, start: u64, len: u64, out: Sender, held: Held<G>) {
+async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held: Held<G>) {
+    let mut handle = match handle.into_queue() {
+        Ok(q) => q,
+        Err(e) => return out.fail(start, e, &held).await,
+    };
     let size = CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)).max(1);
     let buffers = Buffers::new(size);
     let end = start + len;
     let mut next = start;
     let mut sent = start;
     let result: Result<(), BackendError> = async {
-        handle.register()?;
         loop {
             while handle.queued() < WINDOW && next < end {
                 let n = (end - next).min(size as u64) as usize;
@@ -298,7 +347,7 @@ async fn read_nbd<G>(mut handle: NbdHandle, start: u64, len: u64, out: Sender, h
     .await;
     if let Err(e) = result {
         handle.discard();
-        out.fail(sent, e).await;
+        out.fail(sent, e, &held).await;
     }
 }
 
@@ -320,7 +369,7 @@ fn read_in_thread<G: Send + 'static>(
             let mut buf = buffers.get();
             if let Err(e) = handle.read_at(&mut buf[..n], off) {
                 handle.discard();
-                rt.block_on(out.fail(off, e));
+                rt.block_on(out.fail(off, e, &held));
                 return;
             }
             if !rt.block_on(out.send(buffers.lend(buf, n), off, &held)) {
@@ -539,7 +588,10 @@ pub async fn write_body(
         Ok(()) => Ok(written.bytes),
         Err(Failure::Client(e)) => Err(e),
         Err(Failure::Backend(e)) => {
-            log::error!("write error image_id={} err={e}", log.id);
+            // A timeout was logged by the backend already.
+            if !matches!(e, BackendError::Timeout(_)) {
+                log::error!("write error image_id={} err={e}", log.id);
+            }
             Err(e.into())
         }
     }
@@ -550,12 +602,13 @@ pub async fn write_body(
 /// while the next chunk arrives. On failure, waits for what is in flight.
 async fn write_nbd(
     body: &mut BodyChunks<'_>,
-    mut handle: NbdHandle,
+    handle: NbdHandle,
     offset: u64,
     zero_ok: bool,
     flush: bool,
     written: &mut Written,
 ) -> Result<(), Failure> {
+    let mut handle = handle.into_queue().map_err(Failure::Backend)?;
     let r = pump_nbd(body, &mut handle, offset, zero_ok, flush, written).await;
     if r.is_err() {
         handle.discard();
@@ -571,13 +624,12 @@ async fn write_nbd(
 
 async fn pump_nbd(
     body: &mut BodyChunks<'_>,
-    handle: &mut NbdHandle,
+    handle: &mut NbdQueue,
     mut offset: u64,
     zero_ok: bool,
     flush: bool,
     written: &mut Written,
 ) -> Result<(), Failure> {
-    handle.register().map_err(Failure::Backend)?;
     loop {
         let next = if handle.queued() > 0 {
             tokio::select! {

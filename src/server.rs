@@ -61,6 +61,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// Longest wait for a reply to an NBD command (`None`: no limit).
+    pub nbd_timeout: Option<Duration>,
     /// actix worker threads (0 = one per core).
     pub workers: usize,
     /// The control socket (`None`: no control socket).
@@ -89,6 +91,7 @@ async fn sweep_idle(state: web::Data<AppState>) {
 
 /// Runs the server; returns when it has stopped.
 pub async fn run(settings: Settings) -> std::io::Result<()> {
+    crate::backend::nbd::set_command_timeout(settings.nbd_timeout);
     // Everything that can fail at start fails before the server is up.
     let tls = match &settings.tls {
         Some(files) => Some(

@@ -66,6 +66,7 @@ impl Export {
             export: self.nbd.opts.export_name.as_deref(),
             meta_contexts: contexts,
             timeout: CONNECT_TIMEOUT,
+            command_timeout: None,
         })
         .unwrap_or_else(|e| panic!("connect to {}: {e}", self.nbd.uri()))
     }
@@ -90,6 +91,7 @@ fn connect_to(socket: &Path, export: Option<&str>, timeout: Duration) -> Result<
         export,
         meta_contexts: &[],
         timeout,
+        command_timeout: None,
     })
 }
 

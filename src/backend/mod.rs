@@ -29,6 +29,9 @@ pub enum BackendError {
     Unavailable(String),
     /// An I/O error while working on the storage.
     Io(String),
+    /// The storage did not answer within the NBD command timeout
+    /// (`--nbd-timeout`); its connection was discarded.
+    Timeout(String),
     /// The request lies (partly) beyond the end of the image.
     OutOfRange { size: u64 },
 }
@@ -38,6 +41,7 @@ impl fmt::Display for BackendError {
         match self {
             BackendError::Unavailable(m) => write!(f, "backend unavailable: {m}"),
             BackendError::Io(m) => write!(f, "backend I/O error: {m}"),
+            BackendError::Timeout(m) => write!(f, "backend timed out: {m}"),
             BackendError::OutOfRange { size } => write!(f, "beyond the end of the image ({size})"),
         }
     }

@@ -34,7 +34,7 @@
 //! multi-conn; a request that then learns it is gives its turn back at once.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,7 +45,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, Caps, Result, Transfer};
 use crate::extents::{self, DirtyExtent, Extent};
-use crate::nbd::{self, ConnectOptions, Connection};
+use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
 
 /// Idle connections kept per transfer.
 const MAX_IDLE: usize = 4;
@@ -64,6 +64,30 @@ pub const PIPELINE_REQUEST: usize = 256 * 1024;
 /// about a fifth less CPU on an upload than at 256 KiB (half the requests;
 /// an upload has one writer, so the page faults above do not show).
 pub const WRITE_REQUEST: usize = 512 * 1024;
+
+/// `--nbd-timeout`'s default: seconds an NBD command may go without a reply.
+pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 120;
+
+/// The command timeout of new connections, in seconds (0: none). A setting
+/// of the whole server (`--nbd-timeout`), set once at start by
+/// [`set_command_timeout`].
+static COMMAND_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(DEFAULT_COMMAND_TIMEOUT_SECS);
+
+/// Sets how long an NBD command of a new connection may go without a reply
+/// before its request fails and the connection is discarded (`None`: no
+/// limit).
+pub fn set_command_timeout(timeout: Option<Duration>) {
+    let secs = timeout.map_or(0, |t| t.as_secs().max(1));
+    COMMAND_TIMEOUT_SECS.store(secs, Ordering::Relaxed);
+}
+
+/// See [`set_command_timeout`].
+pub fn command_timeout() -> Option<Duration> {
+    match COMMAND_TIMEOUT_SECS.load(Ordering::Relaxed) {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    }
+}
 
 /// A request's turn to hold the one connection of a transfer whose export
 /// is not multi-conn (`None`: no turn needed or held). Given back when dropped.
@@ -164,7 +188,11 @@ impl Default for Pool {
 }
 
 fn io_err(e: nbd::Error) -> BackendError {
-    BackendError::Io(e.to_string())
+    if e.is_timeout() {
+        BackendError::Timeout(e.to_string())
+    } else {
+        BackendError::Io(e.to_string())
+    }
 }
 
 /// Counts a connect in progress on its pool while alive.
@@ -183,21 +211,111 @@ impl Drop for Connecting<'_> {
     }
 }
 
-/// One NBD connection lent to one request.
-pub struct NbdHandle {
+/// What a request's connection carries besides the connection itself.
+struct Lent {
     transfer: Arc<Transfer>,
-    conn: Option<Connection>,
-    bitmap_context: Option<String>,
+    /// Cleared by a fatal error (or `discard`): the connection is closed
+    /// when the request ends instead of going back to the pool.
     reusable: bool,
-    /// Wrote or zeroed since the last flush of this handle: the transfer
-    /// counts the writes as completed when the handle is dropped or flushes.
+    /// A timeout was logged already (one line per request).
+    timeout_logged: bool,
+    /// Wrote or zeroed since the last flush of this request: the transfer
+    /// counts the writes as completed when the request's connection goes
+    /// back or flushes.
     wrote: bool,
-    /// What the flush started on this handle covers (see
+    /// What the flush started by this request covers (see
     /// [`Transfer::writes_completed`]).
     flush_covers: u64,
     /// The turn of a not-multi-conn export, given back after the connection
-    /// is closed (fields drop after `Drop::drop`). Only held, never read.
-    _turn: Turn,
+    /// is closed (the owner's `Drop` closes or pools the connection; fields
+    /// drop after it). Only held, never read.
+    turn: Turn,
+}
+
+impl Lent {
+    fn new(transfer: Arc<Transfer>, turn: Turn) -> Lent {
+        Lent {
+            transfer,
+            reusable: true,
+            timeout_logged: false,
+            wrote: false,
+            flush_covers: 0,
+            turn,
+        }
+    }
+
+    /// Moves what the request holds to a new owner (the queue a handle
+    /// becomes), leaving nothing to count or give back here.
+    fn take(&mut self) -> Lent {
+        Lent {
+            transfer: self.transfer.clone(),
+            reusable: self.reusable,
+            timeout_logged: self.timeout_logged,
+            wrote: std::mem::take(&mut self.wrote),
+            flush_covers: self.flush_covers,
+            turn: self.turn.take(),
+        }
+    }
+
+    /// Counts this request's writes as completed on the transfer: call once
+    /// none is in flight.
+    fn writes_done(&mut self) {
+        if std::mem::take(&mut self.wrote) {
+            self.transfer.mark_written();
+        }
+    }
+
+    /// What a flush starting now covers (this request's writes included).
+    fn start_flush(&mut self) -> u64 {
+        self.writes_done();
+        self.flush_covers = self.transfer.writes_completed();
+        self.flush_covers
+    }
+
+    /// The flush started by [`Lent::start_flush`] succeeded.
+    fn flushed(&self) {
+        self.transfer.mark_flushed(self.flush_covers);
+    }
+
+    /// Maps an NBD error for the request. A fatal one makes the connection
+    /// unreusable; the first timeout logs the one line that names the
+    /// transfer.
+    fn error(&mut self, e: nbd::Error) -> BackendError {
+        if e.is_fatal() {
+            self.reusable = false;
+        }
+        if e.is_timeout() && !self.timeout_logged {
+            self.timeout_logged = true;
+            log::error!(
+                "NBD timeout image_id={} err={e}: request failed, connection discarded",
+                self.transfer.id()
+            );
+        }
+        io_err(e)
+    }
+
+    /// Returns an idle connection to the pool when it can serve another
+    /// request; else it is closed here.
+    fn give_back(&self, conn: Connection) {
+        if self.reusable && !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
+            self.transfer.pool().put(conn);
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // The request is over: every write of it has completed or failed
+        // (an error discards the connection with what is in flight).
+        self.writes_done();
+    }
+}
+
+/// One NBD connection lent to one request, for blocking calls.
+pub struct NbdHandle {
+    lent: Lent,
+    conn: Option<Connection>,
+    bitmap_context: Option<String>,
 }
 
 impl NbdHandle {
@@ -213,10 +331,15 @@ impl NbdHandle {
     ) -> Result<NbdHandle> {
         let bitmap_context =
             export_bitmap.map(|b| format!("{}{b}", nbd::CONTEXT_DIRTY_BITMAP_PREFIX));
-        let conn = match transfer.pool().take() {
+        let pool = transfer.pool();
+        // Counted as connecting before the second look into the pool: a
+        // connection returned in between is found there, one returned
+        // after is closed rather than pooled (see `Pool::put`).
+        let pooled = pool.take();
+        let connecting = pooled.is_none().then(|| Connecting::start(pool));
+        let conn = match pooled.or_else(|| pool.take()) {
             Some(c) => c,
             None => {
-                let _connecting = Connecting::start(transfer.pool());
                 // qemu:allocation-depth tells holes (unallocated in every
                 // layer); a server without it simply does not agree to it.
                 let mut contexts =
@@ -229,6 +352,7 @@ impl NbdHandle {
                     export,
                     meta_contexts: &contexts,
                     timeout: CONNECT_TIMEOUT,
+                    command_timeout: command_timeout(),
                 })
                 .map_err(|e| {
                     log::error!(
@@ -240,30 +364,30 @@ impl NbdHandle {
                 })?
             }
         };
+        drop(connecting);
         let multi_conn = conn.can_multi_conn().unwrap_or(false);
-        transfer
-            .pool()
-            .multi_conn
-            .store(multi_conn, Ordering::Release);
+        pool.multi_conn.store(multi_conn, Ordering::Release);
         Ok(NbdHandle {
-            transfer,
-            conn: Some(conn),
-            bitmap_context,
-            reusable: true,
-            wrote: false,
-            flush_covers: 0,
             // On a multi-conn export the turn goes back at once, so that
             // requests that queued for it before that was known go ahead.
-            _turn: if multi_conn { None } else { turn },
+            lent: Lent::new(transfer, if multi_conn { None } else { turn }),
+            conn: Some(conn),
+            bitmap_context,
         })
     }
 
-    /// Counts this handle's writes as completed on the transfer: call once
-    /// none is in flight.
-    fn writes_done(&mut self) {
-        if std::mem::take(&mut self.wrote) {
-            self.transfer.mark_written();
+
+    /// Turns the handle into a queue of commands driven from the calling
+    /// thread's tokio reactor (call it on the async worker that polls).
+    pub fn into_queue(mut self) -> Result<NbdQueue> {
+        let conn = self.conn.take().expect("connection present until drop");
+        let lent = self.lent.take();
+        let mut queue = NbdQueue { lent, pipe: None };
+        match Pipeline::new(conn) {
+            Ok(p) => queue.pipe = Some(p),
+            Err(e) => return Err(queue.lent.error(e)),
         }
+        Ok(queue)
     }
 
     fn conn(&mut self) -> &mut Connection {
@@ -274,13 +398,10 @@ impl NbdHandle {
         self.conn.as_ref().expect("connection present until drop")
     }
 
-    /// Runs `f` on the connection; an error makes the connection unreusable.
+    /// Runs `f` on the connection; a fatal error makes it unreusable.
     fn with<T>(&mut self, f: impl FnOnce(&mut Connection) -> nbd::Result<T>) -> Result<T> {
         let r = f(self.conn());
-        if r.is_err() {
-            self.reusable = false;
-        }
-        r.map_err(io_err)
+        r.map_err(|e| self.lent.error(e))
     }
 
     pub fn size(&self) -> u64 {
@@ -315,7 +436,7 @@ impl NbdHandle {
 
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        self.wrote = true;
+        self.lent.wrote = true;
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
         } else {
@@ -325,7 +446,7 @@ impl NbdHandle {
 
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        self.wrote = true;
+        self.lent.wrote = true;
         if self.conn_ref().can_zero().unwrap_or(false) {
             return self.with(|c| c.zero(offset, len));
         }
@@ -341,87 +462,12 @@ impl NbdHandle {
         Ok(())
     }
 
-    /// Commands started and not yet retired by `poll_oldest`.
-    pub fn queued(&self) -> usize {
-        self.conn_ref().queued()
-    }
-
-    /// Lets `poll_oldest` wait on the calling thread's tokio reactor (call
-    /// from the async worker that will poll).
-    pub fn register(&mut self) -> Result<()> {
-        self.with(|c| c.register())
-    }
-
-    /// Starts reading `len` bytes at `offset` into the start of `buf`,
-    /// without blocking, as requests of `PIPELINE_REQUEST` bytes.
-    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
-        self.check(offset, len as u64)?;
-        self.with(|c| c.queue_read(buf, len, offset, PIPELINE_REQUEST))
-    }
-
-    /// Starts writing `data` at `offset`, without blocking. Commands in
-    /// flight together may complete in any order: callers keep them to
-    /// disjoint ranges.
-    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
-        self.check(offset, data.len() as u64)?;
-        self.wrote = true;
-        self.with(|c| c.queue_write(data, offset, WRITE_REQUEST))
-    }
-
-    /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
-    /// when the server can, else writes of zeroes.
-    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
-        self.wrote = true;
-        if self.conn_ref().can_zero().unwrap_or(false) {
-            return self.with(|c| c.queue_zero(offset, len));
-        }
-        let zeroes = Bytes::from_static(&ZEROES);
-        let mut off = offset;
-        let end = offset + len;
-        while off < end {
-            let n = (end - off).min(ZEROES.len() as u64) as usize;
-            self.with(|c| c.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
-            off += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Starts a flush; start it only once the writes it must cover have
-    /// retired. Once it retired, call [`NbdHandle::flushed`].
-    pub fn start_flush(&mut self) -> Result<()> {
-        self.writes_done();
-        self.flush_covers = self.transfer.writes_completed();
-        self.with(|c| c.queue_flush())
-    }
-
-    /// Retires the oldest started request once complete (see
-    /// [`nbd::Connection::poll_oldest`]): the last request of a read gives
-    /// back its buffer, a write or zero the bytes it covered.
-    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
-        let r = match self.conn().poll_oldest(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
-        };
-        if r.is_err() {
-            self.reusable = false;
-        }
-        Poll::Ready(r.map_err(io_err))
-    }
-
-    /// Marks the transfer flushed up to what the flush started by
-    /// [`NbdHandle::start_flush`] covers (it retired).
-    pub fn flushed(&self) {
-        self.transfer.mark_flushed(self.flush_covers);
-    }
-
-    /// Flushes: covers the writes of this handle and every write of the
+    /// Flushes: covers the writes of this request and every write of the
     /// transfer that completed before (see the module documentation).
     pub fn flush(&mut self) -> Result<()> {
-        self.writes_done();
-        let covers = self.transfer.writes_completed();
+        self.lent.start_flush();
         self.with(|c| c.flush())?;
-        self.transfer.mark_flushed(covers);
+        self.lent.flushed();
         Ok(())
     }
 
@@ -478,7 +524,7 @@ impl NbdHandle {
         if !self.conn_ref().can_meta_context(&ctx).unwrap_or(false) {
             log::warn!(
                 "dirty bitmap context {ctx:?} not negotiated image_id={}",
-                self.transfer.id()
+                self.lent.transfer.id()
             );
             return Ok(None);
         }
@@ -501,24 +547,126 @@ impl NbdHandle {
     }
 
     pub fn discard(&mut self) {
-        self.reusable = false;
+        self.lent.reusable = false;
     }
 }
 
 impl Drop for NbdHandle {
     fn drop(&mut self) {
-        // Every write of this handle has completed or failed by now (an
-        // error discards the connection with what is in flight).
-        self.writes_done();
-        if let Some(mut conn) = self.conn.take() {
-            conn.deregister();
-            if self.reusable
-                && conn.queued() == 0
-                && !conn.is_dead()
-                && conn.can_multi_conn().unwrap_or(false)
-            {
-                self.transfer.pool().put(conn);
-            }
+        if let Some(conn) = self.conn.take() {
+            self.lent.give_back(conn);
+        }
+    }
+}
+
+/// One NBD connection lent to one request, with commands queued on it and
+/// retired from the async worker (see [`nbd::Pipeline`]). Goes back to the
+/// pool only when no command is in flight.
+pub struct NbdQueue {
+    lent: Lent,
+    pipe: Option<Pipeline>,
+}
+
+impl NbdQueue {
+    fn pipe(&mut self) -> &mut Pipeline {
+        self.pipe.as_mut().expect("pipeline present until drop")
+    }
+
+    fn conn_ref(&self) -> &Connection {
+        self.pipe
+            .as_ref()
+            .expect("pipeline present until drop")
+            .connection()
+    }
+
+    /// Runs `f` on the pipeline; a fatal error makes it unreusable.
+    fn with<T>(&mut self, f: impl FnOnce(&mut Pipeline) -> nbd::Result<T>) -> Result<T> {
+        let r = f(self.pipe());
+        r.map_err(|e| self.lent.error(e))
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.conn_ref().size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BackendError::OutOfRange { size }),
+        }
+    }
+
+    /// Commands started and not yet retired by `poll_oldest`.
+    pub fn queued(&self) -> usize {
+        self.pipe.as_ref().map_or(0, |p| p.queued())
+    }
+
+    /// Starts reading `len` bytes at `offset` into the start of `buf`,
+    /// without blocking, as requests of `PIPELINE_REQUEST` bytes.
+    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+        self.check(offset, len as u64)?;
+        self.with(|p| p.queue_read(buf, len, offset, PIPELINE_REQUEST))
+    }
+
+    /// Starts writing `data` at `offset`, without blocking. Commands in
+    /// flight together may complete in any order: callers keep them to
+    /// disjoint ranges.
+    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        self.lent.wrote = true;
+        self.with(|p| p.queue_write(data, offset, WRITE_REQUEST))
+    }
+
+    /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
+    /// when the server can, else writes of zeroes.
+    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.lent.wrote = true;
+        if self.conn_ref().can_zero().unwrap_or(false) {
+            return self.with(|p| p.queue_zero(offset, len));
+        }
+        let zeroes = Bytes::from_static(&ZEROES);
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            let n = (end - off).min(ZEROES.len() as u64) as usize;
+            self.with(|p| p.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts a flush; start it only once the writes it must cover have
+    /// retired. Once it retired, call [`NbdQueue::flushed`].
+    pub fn start_flush(&mut self) -> Result<()> {
+        self.lent.start_flush();
+        self.with(|p| p.queue_flush())
+    }
+
+    /// Retires the oldest started request once complete (see
+    /// [`nbd::Pipeline::poll_oldest`]): the last request of a read gives
+    /// back its buffer, a write or zero the bytes it covered.
+    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
+        match self.pipe().poll_oldest(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.lent.error(e))),
+        }
+    }
+
+    /// Marks the transfer flushed up to what the flush started by
+    /// [`NbdQueue::start_flush`] covers (it retired).
+    pub fn flushed(&self) {
+        self.lent.flushed();
+    }
+
+    pub fn discard(&mut self) {
+        self.lent.reusable = false;
+    }
+}
+
+impl Drop for NbdQueue {
+    fn drop(&mut self) {
+        // With commands in flight the pipeline (and its connection) is
+        // closed here; an idle one may serve another request.
+        if let Some(Ok(conn)) = self.pipe.take().map(Pipeline::into_connection) {
+            self.lent.give_back(conn);
         }
     }
 }

@@ -88,6 +88,9 @@ impl From<BackendError> for ApiError {
                 ApiError::new(StatusCode::BAD_GATEWAY, "backend unavailable")
             }
             BackendError::Io(_) => ApiError::internal("backend error"),
+            BackendError::Timeout(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "backend timed out")
+            }
             BackendError::OutOfRange { size } => ApiError::range_not_satisfiable(size),
         }
     }

@@ -300,8 +300,11 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
             format!("bytes {}-{}/{}", start, start + len - 1, size),
         ));
     }
-    // The body keeps the request slot and the lease until it is dropped.
-    let body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
+    // The body keeps the request slot and the lease until it is dropped. The
+    // head goes out with the first chunk: a backend that fails (or times
+    // out) before it is a JSON error, not a truncated body.
+    let mut body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
+    body.first_chunk().await?;
     Ok(resp.body(SizedStream::new(len, body)))
 }
 

@@ -1,0 +1,274 @@
+//! Block status: extents of one or more meta contexts, and the C callback
+//! libnbd reports them through.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use libnbd_sys as sys;
+use parking_lot::Mutex;
+
+use super::connection::Connection;
+use super::error::{Error, Result};
+use super::MAX_BLOCK_STATUS;
+
+/// One extent of a block status reply: `length` bytes from `offset` with `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub flags: u32,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Appends `e` to `list`, merging it into the last extent when they touch and
+/// have the same flags.
+pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = list.last_mut() {
+        if last.end() == e.offset && last.flags == e.flags {
+            last.length += e.length;
+            return;
+        }
+    }
+    list.push(e);
+}
+
+impl Connection {
+    /// Block status of `offset..offset+len` for each of `contexts` (which must
+    /// have been negotiated). Returns one extent list per context, in the
+    /// order given, each covering the range exactly, in order, with adjacent
+    /// extents of equal flags merged. Queries in steps of up to 4 GiB and
+    /// continues from wherever the server's replies stop; each query waits
+    /// at most the command timeout.
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+    ) -> Result<Vec<Vec<Extent>>> {
+        self.check_range(offset, len)?;
+        self.check_alive()?;
+        // The server only answers for negotiated contexts; without this a
+        // context that was never negotiated looks like a server that makes
+        // no progress.
+        for ctx in contexts {
+            if !self.can_meta_context(ctx)? {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("meta context {ctx} was not negotiated with the NBD server"),
+                ));
+            }
+        }
+        if contexts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let end = offset + len;
+        // Shared with libnbd, which holds one reference per query until it
+        // calls `release_state` (see `query`): whatever happens to this call,
+        // the callback never sees freed memory.
+        let state = Arc::new(Mutex::new(BlockStatusState {
+            contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            covered: vec![offset; contexts.len()],
+            extents: vec![Vec::new(); contexts.len()],
+            end,
+            panicked: false,
+        }));
+        loop {
+            let from = state.lock().covered.iter().copied().min().unwrap_or(end);
+            if from >= end {
+                break;
+            }
+            let count = (end - from).min(MAX_BLOCK_STATUS);
+            self.query(&state, from, count)?;
+            let s = state.lock();
+            if s.panicked {
+                return Err(Error::new(
+                    libc::EIO,
+                    "internal error in block status callback",
+                ));
+            }
+            let next = s.covered.iter().copied().min().unwrap_or(end);
+            if next <= from {
+                return Err(Error::new(
+                    libc::EIO,
+                    format!("NBD server made no block status progress at offset {from}"),
+                ));
+            }
+        }
+        let extents = std::mem::take(&mut state.lock().extents);
+        Ok(extents)
+    }
+
+    /// One NBD BLOCK_STATUS command of `count` bytes at `from`, recorded
+    /// into `state`; waits for it.
+    fn query(&mut self, state: &Arc<Mutex<BlockStatusState>>, from: u64, count: u64) -> Result<()> {
+        let callback = sys::nbd_extent_callback {
+            callback: Some(extent_trampoline),
+            user_data: Arc::into_raw(state.clone()) as *mut c_void,
+            free: Some(release_state),
+        };
+        // SAFETY: valid handle. `user_data` is a reference of its own to the
+        // state (Arc::into_raw), which libnbd gives back through `free`
+        // exactly once when the callback can no longer be called, also when
+        // this call fails; so the callback always sees live state, even if
+        // this function returns early (timeout) and the command is freed
+        // only by nbd_close. The trampoline catches panics.
+        let cookie = unsafe {
+            sys::nbd_aio_block_status(
+                self.h(),
+                count,
+                from,
+                callback,
+                sys::nbd_completion_callback::default(),
+                0,
+            )
+        };
+        if cookie < 0 {
+            return Err(self.last_error());
+        }
+        self.wait_all(&[cookie as u64])
+    }
+}
+
+struct BlockStatusState {
+    contexts: Vec<Vec<u8>>,
+    covered: Vec<u64>,
+    extents: Vec<Vec<Extent>>,
+    end: u64,
+    panicked: bool,
+}
+
+impl BlockStatusState {
+    /// Records a reply for `metacontext` into every list asking for it (a
+    /// context may be given more than once).
+    fn record(&mut self, metacontext: &[u8], offset: u64, entries: &[u32]) {
+        for i in 0..self.contexts.len() {
+            if self.contexts[i] == metacontext {
+                self.record_one(i, offset, entries);
+            }
+        }
+    }
+
+    fn record_one(&mut self, i: usize, offset: u64, entries: &[u32]) {
+        let mut start = offset;
+        for pair in entries.chunks_exact(2) {
+            let len = u64::from(pair[0]);
+            let flags = pair[1];
+            let stop = start.saturating_add(len).min(self.end);
+            let from = start.max(self.covered[i]);
+            if stop > from {
+                push_extent(
+                    &mut self.extents[i],
+                    Extent {
+                        offset: from,
+                        length: stop - from,
+                        flags,
+                    },
+                );
+                self.covered[i] = stop;
+            }
+            start = start.saturating_add(len);
+            if start >= self.end {
+                break;
+            }
+        }
+    }
+}
+
+/// libnbd's `free` for the state: drops its reference.
+unsafe extern "C" fn release_state(user_data: *mut c_void) {
+    // SAFETY: user_data came from Arc::into_raw in `query`, and libnbd calls
+    // `free` exactly once for it.
+    drop(unsafe { Arc::from_raw(user_data as *const Mutex<BlockStatusState>) });
+}
+
+/// The C callback libnbd calls for each context of a block status reply.
+/// Never unwinds into C: a panic is caught and reported as an error.
+unsafe extern "C" fn extent_trampoline(
+    user_data: *mut c_void,
+    metacontext: *const c_char,
+    offset: u64,
+    entries: *mut u32,
+    nr_entries: usize,
+    error: *mut c_int,
+) -> c_int {
+    // SAFETY: user_data is the reference `query` gave libnbd, not released
+    // before the last call of this callback (libnbd calls `free` after it).
+    let state = unsafe { &*(user_data as *const Mutex<BlockStatusState>) };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        if metacontext.is_null() || (entries.is_null() && nr_entries > 0) {
+            return;
+        }
+        // SAFETY: libnbd passes a NUL-terminated context name and an array
+        // of nr_entries u32 valid for the duration of the callback.
+        let (name, list) = unsafe {
+            (
+                CStr::from_ptr(metacontext).to_bytes(),
+                if nr_entries == 0 {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(entries, nr_entries)
+                },
+            )
+        };
+        state.lock().record(name, offset, list);
+    }));
+    match result {
+        Ok(()) => 0,
+        Err(_) => {
+            state.lock().panicked = true;
+            if !error.is_null() {
+                // SAFETY: libnbd passes a valid int to report an error in.
+                unsafe { *error = libc::EIO };
+            }
+            -1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent {
+            offset,
+            length,
+            flags,
+        }
+    }
+
+    #[test]
+    fn push_extent_merges_touching_equal_flags() {
+        let mut v = Vec::new();
+        push_extent(&mut v, e(0, 10, 0));
+        push_extent(&mut v, e(10, 5, 0));
+        push_extent(&mut v, e(15, 5, 3));
+        push_extent(&mut v, e(20, 0, 0));
+        assert_eq!(v, vec![e(0, 15, 0), e(15, 5, 3)]);
+    }
+
+    #[test]
+    fn record_clips_to_end_and_skips_covered() {
+        let mut s = BlockStatusState {
+            contexts: vec![b"base:allocation".to_vec()],
+            covered: vec![100],
+            extents: vec![Vec::new()],
+            end: 300,
+            panicked: false,
+        };
+        // A reply starting before what is covered and running past the end.
+        s.record(b"base:allocation", 50, &[100, 0, 500, 3]);
+        s.record(b"other", 0, &[1000, 1]);
+        assert_eq!(s.extents[0], vec![e(100, 50, 0), e(150, 150, 3)]);
+        assert_eq!(s.covered, vec![300]);
+    }
+}

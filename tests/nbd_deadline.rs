@@ -1,0 +1,211 @@
+//! `--nbd-timeout`: a qemu-nbd that stops answering (SIGSTOP) fails the
+//! requests waiting on it within the timeout, releases what they held, and
+//! does not disturb other transfers; once it runs again (SIGCONT) the same
+//! transfer works.
+
+mod common;
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The hang guard of each failing request: the timeout is 2 s.
+const FAIL_WITHIN: Duration = Duration::from_secs(20);
+
+fn signal(nbd: &QemuNbd, sig: &str) {
+    run(Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(nbd.pid().to_string()));
+}
+
+/// Bytes read until EOF or an error.
+fn drain(client: &mut Client) -> usize {
+    let mut n = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match client.reader().read(&mut buf) {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n += k,
+        }
+    }
+}
+
+fn assert_serves(server: &Server, id: &str, data: &[u8]) {
+    let r = server.request(
+        "GET",
+        &format!("/images/{id}"),
+        &[("Range", "bytes=4096-1052671")],
+        b"",
+    );
+    assert_eq!(r.status, 206, "{}", r.text());
+    assert!(r.body == data[4096..1052672], "bytes of {id} differ");
+}
+
+#[test]
+fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything() {
+    let size = 64 * MIB;
+    let mut env = Env::new("deadline", &["--nbd-timeout", "2"]);
+    let (_, data_a) = env.raw_export("a", size, 1);
+    let (_, data_b) = env.raw_export("b", size, 2);
+    let server = &env.server;
+
+    // Three GETs of `a` at once, read to the end: three idle connections
+    // in its pool, which the requests below take while qemu-nbd is stopped
+    // (a new connection would wait for the handshake, which has a timeout
+    // of its own).
+    let mut warm: Vec<Client> = (0..3).map(|_| server.client()).collect();
+    for c in &mut warm {
+        c.send("GET", "/images/a", &[], b"");
+    }
+    for c in &mut warm {
+        let (status, _) = c.read_head().unwrap();
+        assert_eq!(status, 200);
+    }
+    for c in &mut warm {
+        let mut body = vec![0u8; size as usize];
+        c.reader().read_exact(&mut body).unwrap();
+        assert!(body == data_a, "warm-up GET bytes");
+    }
+    drop(warm);
+
+    // A GET streaming when qemu-nbd stops.
+    let mut streaming = server.client();
+    streaming.send("GET", "/images/a", &[], b"");
+    let (status, _) = streaming.read_head().unwrap();
+    assert_eq!(status, 200);
+    let mut first = vec![0u8; MIB as usize];
+    streaming.reader().read_exact(&mut first).unwrap();
+    assert!(first == data_a[..MIB as usize]);
+
+    let nbd_a = &env.nbd[0];
+    signal(nbd_a, "STOP");
+    let stopped = Instant::now();
+
+    // A ranged PUT and a GET that has not sent its head yet: both 504.
+    let addr = server.addr;
+    let put = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        let body = pattern_bytes(8 * MIB as usize, 9);
+        let len = body.len().to_string();
+        c.send(
+            "PUT",
+            "/images/a",
+            &[
+                ("Content-Range", "bytes 0-8388607/*"),
+                ("Content-Length", &len),
+            ],
+            b"",
+        );
+        let mut w = c.stream().try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = w.write_all(&body);
+        });
+        let started = Instant::now();
+        let r = c.read_response(false);
+        let took = started.elapsed();
+        let _ = c.stream().shutdown(std::net::Shutdown::Both);
+        writer.join().unwrap();
+        (r, took)
+    });
+    let get = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = Client::connect(addr).request("GET", "/images/a", &[], b"");
+        (r, started.elapsed())
+    });
+
+    // Other transfers are served meanwhile.
+    assert_serves(server, "b", &data_b);
+
+    let (r, took) = put.join().unwrap();
+    assert_err(&r, 504, "backend timed out");
+    assert!(took < FAIL_WITHIN, "PUT failed after {took:?}");
+    let (r, took) = get.join().unwrap();
+    assert_err(&r, 504, "backend timed out");
+    assert!(took < FAIL_WITHIN, "GET failed after {took:?}");
+
+    // The streaming GET ends short, its connection closed.
+    let rest = drain(&mut streaming);
+    assert!(
+        (MIB as usize + rest) < size as usize,
+        "a complete body from a stopped qemu-nbd"
+    );
+    assert!(stopped.elapsed() < FAIL_WITHIN * 2);
+
+    // One log line per failed request names the transfer.
+    poll_until(FAIL_WITHIN, "three timeout log lines", || {
+        (server.log_count("NBD timeout image_id=a") == 3).then_some(())
+    });
+    assert_eq!(server.log_count("image_id=b err="), 0, "{}", server.log());
+
+    // The reader slots of the failed GETs are free again: eight GETs
+    // (--max-readers' default) stream at once.
+    let mut holders: Vec<Client> = (0..8).map(|_| server.client()).collect();
+    for c in &mut holders {
+        c.send("GET", "/images/b", &[], b"");
+    }
+    for c in &mut holders {
+        let (status, _) = c.read_head().unwrap();
+        assert_eq!(status, 200);
+    }
+    drop(holders);
+    assert_serves(server, "b", &data_b);
+
+    // Running again: the same transfer reads and writes, on fresh connections.
+    signal(nbd_a, "CONT");
+    let r = server.get("/images/a");
+    assert_eq!(r.status, 200);
+    assert!(r.body == data_a, "GET after SIGCONT");
+    let new = pattern_bytes(MIB as usize, 10);
+    let r = server.request(
+        "PUT",
+        "/images/a",
+        &[("Content-Range", "bytes 1048576-2097151/*")],
+        &new,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.request(
+        "GET",
+        "/images/a",
+        &[("Range", "bytes=1048576-2097151")],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    assert!(r.body == new, "bytes written after SIGCONT");
+}
+
+#[test]
+fn blocking_calls_time_out_too_and_release_the_transfer() {
+    let mut env = Env::new("deadline-blocking", &["--nbd-timeout", "2"]);
+    let (_, data) = env.raw_export("a", 8 * MIB, 3);
+    let server = &env.server;
+    // Two idle connections in the pool.
+    let mut warm: Vec<Client> = (0..2).map(|_| server.client()).collect();
+    for c in &mut warm {
+        c.send("GET", "/images/a", &[], b"");
+    }
+    for c in &mut warm {
+        let r = c.read_response(false);
+        assert_eq!(r.status, 200);
+    }
+    drop(warm);
+
+    let nbd = &env.nbd[0];
+    signal(nbd, "STOP");
+    // Extents (block status) and flush run as blocking calls.
+    for (method, path) in [("GET", "/images/a/extents"), ("POST", "/images/a/flush")] {
+        let started = Instant::now();
+        let r = server.request(method, path, &[], b"");
+        assert_err(&r, 504, "backend timed out");
+        assert!(started.elapsed() < FAIL_WITHIN, "{path}");
+    }
+    assert_eq!(server.log_count("NBD timeout image_id=a"), 2);
+    signal(nbd, "CONT");
+    let r = server.request("POST", "/images/a/flush", &[], b"");
+    assert_json_ok(&r, r#"{"ok":true}"#);
+    let r = server.get("/images/a");
+    assert_eq!(r.status, 200);
+    assert!(r.body == data);
+}
