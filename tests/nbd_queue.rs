@@ -329,10 +329,12 @@ fn a_read_error_in_the_middle_of_a_multi_request_read() {
     );
     assert!(p.connection().is_dead());
     assert_eq!(retire(&rt, &mut p).unwrap_err(), e, "sticky");
-    assert_eq!(
-        p.queued(),
-        17 - ok - 1,
-        "the failed one retired, the rest stay"
+    // The rest stay queued (the failed one too when the hang-up was seen
+    // before libnbd failed the commands).
+    assert!(
+        [16 - ok, 17 - ok].contains(&p.queued()),
+        "{} queued after {ok} retired",
+        p.queued()
     );
     assert!(p.into_connection().is_err());
 }

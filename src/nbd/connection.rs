@@ -131,7 +131,8 @@ impl Connection {
 
     /// libnbd's error for the last failed call on this handle, fatal when
     /// the handle is dead now. libnbd refuses commands on a dead handle with
-    /// EINVAL ("invalid state: DEAD"); that is reported as ENOTCONN here, so
+    /// EINVAL ("invalid state: DEAD"); that (or no errno at all) is reported
+    /// as ENOTCONN here, so
     /// callers can tell a lost connection from a bad request of their own
     /// (which is also EINVAL).
     pub(super) fn last_error(&self) -> Error {
@@ -139,10 +140,11 @@ impl Connection {
         if !self.is_dead() {
             return err;
         }
-        let errno = if err.errno() == libc::EINVAL {
-            libc::ENOTCONN
-        } else {
-            err.errno()
+        // libnbd reports some hang-ups ("server disconnected unexpectedly")
+        // without an errno: a dead handle is ENOTCONN then too.
+        let errno = match err.errno() {
+            0 | libc::EINVAL => libc::ENOTCONN,
+            e => e,
         };
         err.with_errno(errno).with_fatal(true)
     }
