@@ -71,11 +71,12 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     let (_, data_b) = env.raw_export("b", size, 2);
     let server = &env.server;
 
-    // Three GETs of `a` at once, read to the end: three idle connections
-    // in its pool, which the requests below take while qemu-nbd is stopped
-    // (a new connection would wait for the handshake, which has a timeout
-    // of its own).
-    let mut warm: Vec<Client> = (0..3).map(|_| server.client()).collect();
+    // Four GETs of `a` at once (each holds its own NBD connection until
+    // its body is read), read to the end: four idle connections in its
+    // pool (its maximum), which the requests below take while qemu-nbd is
+    // stopped (a new connection would wait for the handshake, which has
+    // its own 10 s timeout and then answers 502).
+    let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
     for c in &mut warm {
         c.send("GET", "/images/a", &[], b"");
     }
@@ -89,6 +90,9 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
         assert!(body == data_a, "warm-up GET bytes");
     }
     drop(warm);
+    // A reader hands its connection back just after its last chunk: give
+    // the four (on a loaded machine) time to do so.
+    std::thread::sleep(Duration::from_secs(1));
 
     // A GET streaming when qemu-nbd stops.
     let mut streaming = server.client();
