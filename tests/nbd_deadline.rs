@@ -63,6 +63,32 @@ fn assert_serves(server: &Server, id: &str, data: &[u8]) {
     assert!(r.body == data[4096..1052672], "bytes of {id} differ");
 }
 
+/// Four GETs of `id` at once (each holds its own NBD connection until its
+/// body is read), read to the end: four idle connections in its pool (its
+/// maximum), which requests take while qemu-nbd is stopped (a new
+/// connection would wait for the handshake, which has its own 10 s timeout
+/// and then answers 502).
+fn warm_pool(server: &Server, id: &str, data: &[u8]) {
+    let path = format!("/images/{id}");
+    let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
+    for c in &mut warm {
+        c.send("GET", &path, &[], b"");
+    }
+    for c in &mut warm {
+        let (status, _) = c.read_head().unwrap();
+        assert_eq!(status, 200);
+    }
+    for c in &mut warm {
+        let mut body = vec![0u8; data.len()];
+        c.reader().read_exact(&mut body).unwrap();
+        assert!(body == data, "warm-up GET bytes");
+    }
+    drop(warm);
+    // A reader hands its connection back just after its last chunk: give
+    // the four (on a loaded machine) time to do so.
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 #[test]
 fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything() {
     let size = 64 * MIB;
@@ -71,28 +97,7 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     let (_, data_b) = env.raw_export("b", size, 2);
     let server = &env.server;
 
-    // Four GETs of `a` at once (each holds its own NBD connection until
-    // its body is read), read to the end: four idle connections in its
-    // pool (its maximum), which the requests below take while qemu-nbd is
-    // stopped (a new connection would wait for the handshake, which has
-    // its own 10 s timeout and then answers 502).
-    let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
-    for c in &mut warm {
-        c.send("GET", "/images/a", &[], b"");
-    }
-    for c in &mut warm {
-        let (status, _) = c.read_head().unwrap();
-        assert_eq!(status, 200);
-    }
-    for c in &mut warm {
-        let mut body = vec![0u8; size as usize];
-        c.reader().read_exact(&mut body).unwrap();
-        assert!(body == data_a, "warm-up GET bytes");
-    }
-    drop(warm);
-    // A reader hands its connection back just after its last chunk: give
-    // the four (on a loaded machine) time to do so.
-    std::thread::sleep(Duration::from_secs(1));
+    warm_pool(server, "a", &data_a);
 
     // A GET streaming when qemu-nbd stops.
     let mut streaming = server.client();
@@ -206,18 +211,9 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
 #[test]
 fn blocking_calls_time_out_too_and_release_the_transfer() {
     let mut env = Env::new("deadline-blocking", &["--nbd-timeout", "2"]);
-    let (_, data) = env.raw_export("a", 8 * MIB, 3);
+    let (_, data) = env.raw_export("a", 64 * MIB, 3);
     let server = &env.server;
-    // Two idle connections in the pool.
-    let mut warm: Vec<Client> = (0..2).map(|_| server.client()).collect();
-    for c in &mut warm {
-        c.send("GET", "/images/a", &[], b"");
-    }
-    for c in &mut warm {
-        let r = c.read_response(false);
-        assert_eq!(r.status, 200);
-    }
-    drop(warm);
+    warm_pool(server, "a", &data);
 
     let stop = Stopped::new(&env.nbd[0]);
     // Extents (block status) and flush run as blocking calls.
