@@ -108,24 +108,32 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     streaming.reader().read_exact(&mut first).unwrap();
     assert!(first == data_a[..MIB as usize]);
 
+    // A ranged PUT whose head (not its body) arrives before the stop: its
+    // NBD connection is open when qemu-nbd stops, and its writes get no
+    // reply.
+    let addr = server.addr;
+    let mut put_client = Client::connect(addr);
+    let body = pattern_bytes(8 * MIB as usize, 9);
+    let len = body.len().to_string();
+    put_client.send(
+        "PUT",
+        "/images/a",
+        &[
+            ("Content-Range", "bytes 0-8388607/*"),
+            ("Content-Length", &len),
+        ],
+        b"",
+    );
+    assert!(server.wait_log("PUT start image_id=a", FAIL_WITHIN));
+    // (The handler opens the connection right after that line.)
+    std::thread::sleep(Duration::from_millis(500));
+
     let stop = Stopped::new(&env.nbd[0]);
     let stopped = Instant::now();
 
-    // A ranged PUT and a GET that has not sent its head yet: both 504.
-    let addr = server.addr;
+    // The PUT's body, and a GET that has not sent its head yet: both 504.
     let put = std::thread::spawn(move || {
-        let mut c = Client::connect(addr);
-        let body = pattern_bytes(8 * MIB as usize, 9);
-        let len = body.len().to_string();
-        c.send(
-            "PUT",
-            "/images/a",
-            &[
-                ("Content-Range", "bytes 0-8388607/*"),
-                ("Content-Length", &len),
-            ],
-            b"",
-        );
+        let mut c = put_client;
         let mut w = c.stream().try_clone().unwrap();
         let writer = std::thread::spawn(move || {
             use std::io::Write;
@@ -148,9 +156,11 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     assert_serves(server, "b", &data_b);
 
     let (r, took) = put.join().unwrap();
+    assert_eq!(r.status, 504, "{}\n{}", r.text(), server.log());
     assert_err(&r, 504, "backend timed out");
     assert!(took < FAIL_WITHIN, "PUT failed after {took:?}");
     let (r, took) = get.join().unwrap();
+    assert_eq!(r.status, 504, "{}\n{}", r.text(), server.log());
     assert_err(&r, 504, "backend timed out");
     assert!(took < FAIL_WITHIN, "GET failed after {took:?}");
 
