@@ -20,6 +20,26 @@ fn signal(nbd: &QemuNbd, sig: &str) {
         .arg(nbd.pid().to_string()));
 }
 
+/// qemu-nbd SIGSTOPped until this is dropped (also when the test fails:
+/// a stopped qemu-nbd would never act on the SIGTERM that ends it).
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(nbd: &QemuNbd) -> Stopped {
+        signal(nbd, "STOP");
+        Stopped(nbd.pid())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
 /// Bytes read until EOF or an error.
 fn drain(client: &mut Client) -> usize {
     let mut n = 0;
@@ -43,6 +63,32 @@ fn assert_serves(server: &Server, id: &str, data: &[u8]) {
     assert!(r.body == data[4096..1052672], "bytes of {id} differ");
 }
 
+/// Four GETs of `id` at once (each holds its own NBD connection until its
+/// body is read), read to the end: four idle connections in its pool (its
+/// maximum), which requests take while qemu-nbd is stopped (a new
+/// connection would wait for the handshake, which has its own 10 s timeout
+/// and then answers 502).
+fn warm_pool(server: &Server, id: &str, data: &[u8]) {
+    let path = format!("/images/{id}");
+    let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
+    for c in &mut warm {
+        c.send("GET", &path, &[], b"");
+    }
+    for c in &mut warm {
+        let (status, _) = c.read_head().unwrap();
+        assert_eq!(status, 200);
+    }
+    for c in &mut warm {
+        let mut body = vec![0u8; data.len()];
+        c.reader().read_exact(&mut body).unwrap();
+        assert!(body == data, "warm-up GET bytes");
+    }
+    drop(warm);
+    // A reader hands its connection back just after its last chunk: give
+    // the four (on a loaded machine) time to do so.
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 #[test]
 fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything() {
     let size = 64 * MIB;
@@ -51,24 +97,7 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     let (_, data_b) = env.raw_export("b", size, 2);
     let server = &env.server;
 
-    // Three GETs of `a` at once, read to the end: three idle connections
-    // in its pool, which the requests below take while qemu-nbd is stopped
-    // (a new connection would wait for the handshake, which has a timeout
-    // of its own).
-    let mut warm: Vec<Client> = (0..3).map(|_| server.client()).collect();
-    for c in &mut warm {
-        c.send("GET", "/images/a", &[], b"");
-    }
-    for c in &mut warm {
-        let (status, _) = c.read_head().unwrap();
-        assert_eq!(status, 200);
-    }
-    for c in &mut warm {
-        let mut body = vec![0u8; size as usize];
-        c.reader().read_exact(&mut body).unwrap();
-        assert!(body == data_a, "warm-up GET bytes");
-    }
-    drop(warm);
+    warm_pool(server, "a", &data_a);
 
     // A GET streaming when qemu-nbd stops.
     let mut streaming = server.client();
@@ -79,25 +108,32 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     streaming.reader().read_exact(&mut first).unwrap();
     assert!(first == data_a[..MIB as usize]);
 
-    let nbd_a = &env.nbd[0];
-    signal(nbd_a, "STOP");
+    // A ranged PUT whose head (not its body) arrives before the stop: its
+    // NBD connection is open when qemu-nbd stops, and its writes get no
+    // reply.
+    let addr = server.addr;
+    let mut put_client = Client::connect(addr);
+    let body = pattern_bytes(8 * MIB as usize, 9);
+    let len = body.len().to_string();
+    put_client.send(
+        "PUT",
+        "/images/a",
+        &[
+            ("Content-Range", "bytes 0-8388607/*"),
+            ("Content-Length", &len),
+        ],
+        b"",
+    );
+    assert!(server.wait_log("PUT start image_id=a", FAIL_WITHIN));
+    // (The handler opens the connection right after that line.)
+    std::thread::sleep(Duration::from_millis(500));
+
+    let stop = Stopped::new(&env.nbd[0]);
     let stopped = Instant::now();
 
-    // A ranged PUT and a GET that has not sent its head yet: both 504.
-    let addr = server.addr;
+    // The PUT's body, and a GET that has not sent its head yet: both 504.
     let put = std::thread::spawn(move || {
-        let mut c = Client::connect(addr);
-        let body = pattern_bytes(8 * MIB as usize, 9);
-        let len = body.len().to_string();
-        c.send(
-            "PUT",
-            "/images/a",
-            &[
-                ("Content-Range", "bytes 0-8388607/*"),
-                ("Content-Length", &len),
-            ],
-            b"",
-        );
+        let mut c = put_client;
         let mut w = c.stream().try_clone().unwrap();
         let writer = std::thread::spawn(move || {
             use std::io::Write;
@@ -120,9 +156,11 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     assert_serves(server, "b", &data_b);
 
     let (r, took) = put.join().unwrap();
+    assert_eq!(r.status, 504, "{}\n{}", r.text(), server.log());
     assert_err(&r, 504, "backend timed out");
     assert!(took < FAIL_WITHIN, "PUT failed after {took:?}");
     let (r, took) = get.join().unwrap();
+    assert_eq!(r.status, 504, "{}\n{}", r.text(), server.log());
     assert_err(&r, 504, "backend timed out");
     assert!(took < FAIL_WITHIN, "GET failed after {took:?}");
 
@@ -151,10 +189,14 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
         assert_eq!(status, 200);
     }
     drop(holders);
-    assert_serves(server, "b", &data_b);
+    // (The server sees the eight go at its own pace.)
+    poll_until(FAIL_WITHIN, "a reader slot after the eight", || {
+        let r = server.request("GET", "/images/b", &[("Range", "bytes=0-4095")], b"");
+        (r.status == 206).then(|| assert!(r.body == data_b[..4096]))
+    });
 
     // Running again: the same transfer reads and writes, on fresh connections.
-    signal(nbd_a, "CONT");
+    drop(stop);
     let r = server.get("/images/a");
     assert_eq!(r.status, 200);
     assert!(r.body == data_a, "GET after SIGCONT");
@@ -179,21 +221,11 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
 #[test]
 fn blocking_calls_time_out_too_and_release_the_transfer() {
     let mut env = Env::new("deadline-blocking", &["--nbd-timeout", "2"]);
-    let (_, data) = env.raw_export("a", 8 * MIB, 3);
+    let (_, data) = env.raw_export("a", 64 * MIB, 3);
     let server = &env.server;
-    // Two idle connections in the pool.
-    let mut warm: Vec<Client> = (0..2).map(|_| server.client()).collect();
-    for c in &mut warm {
-        c.send("GET", "/images/a", &[], b"");
-    }
-    for c in &mut warm {
-        let r = c.read_response(false);
-        assert_eq!(r.status, 200);
-    }
-    drop(warm);
+    warm_pool(server, "a", &data);
 
-    let nbd = &env.nbd[0];
-    signal(nbd, "STOP");
+    let stop = Stopped::new(&env.nbd[0]);
     // Extents (block status) and flush run as blocking calls.
     for (method, path) in [("GET", "/images/a/extents"), ("POST", "/images/a/flush")] {
         let started = Instant::now();
@@ -202,7 +234,7 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
         assert!(started.elapsed() < FAIL_WITHIN, "{path}");
     }
     assert_eq!(server.log_count("NBD timeout image_id=a"), 2);
-    signal(nbd, "CONT");
+    drop(stop);
     let r = server.request("POST", "/images/a/flush", &[], b"");
     assert_json_ok(&r, r#"{"ok":true}"#);
     let r = server.get("/images/a");

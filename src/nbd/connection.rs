@@ -41,6 +41,8 @@ pub struct Connection {
     size: u64,
     max_request: u64,
     command_timeout: Option<Duration>,
+    /// Set once the handshake is done (see `last_error`).
+    connected: bool,
     /// Set when a call had to return with commands still in flight on a live
     /// handle (their buffers may be gone), or after a fatal error: from then
     /// on nothing drives the handle's state machine again, and it counts as
@@ -81,6 +83,7 @@ impl Connection {
             size: 0,
             max_request: MAX_REQUEST,
             command_timeout: opts.command_timeout,
+            connected: false,
             poisoned: false,
         };
         if let Some(export) = opts.export {
@@ -113,6 +116,7 @@ impl Connection {
         if max > 0 {
             conn.max_request = (max as u64).min(MAX_REQUEST);
         }
+        conn.connected = true;
         Ok(conn)
     }
 
@@ -131,8 +135,8 @@ impl Connection {
 
     /// libnbd's error for the last failed call on this handle, fatal when
     /// the handle is dead now. libnbd refuses commands on a dead handle with
-    /// EINVAL ("invalid state: DEAD"); that (or no errno at all) is reported
-    /// as ENOTCONN here, so
+    /// EINVAL ("invalid state: DEAD"); that (or, once connected, no errno at
+    /// all) is reported as ENOTCONN here, so
     /// callers can tell a lost connection from a bad request of their own
     /// (which is also EINVAL).
     pub(super) fn last_error(&self) -> Error {
@@ -141,9 +145,11 @@ impl Connection {
             return err;
         }
         // libnbd reports some hang-ups ("server disconnected unexpectedly")
-        // without an errno: a dead handle is ENOTCONN then too.
+        // without an errno: after the handshake that is ENOTCONN too (a
+        // failed handshake keeps libnbd's own account).
         let errno = match err.errno() {
-            0 | libc::EINVAL => libc::ENOTCONN,
+            libc::EINVAL => libc::ENOTCONN,
+            0 if self.connected => libc::ENOTCONN,
             e => e,
         };
         err.with_errno(errno).with_fatal(true)
