@@ -201,30 +201,6 @@ fn ranged_writes_over_many_requests_read_back_exact() {
     assert_same(&std::fs::read(&image).unwrap(), &model, "image file");
 }
 
-/// blkdebug (a qemu block filter) fails every request of kind `event`
-/// (`read_aio`, `write_aio`) that touches `offset` with EIO; qemu-nbd
-/// answers those with an error reply and keeps the connection.
-fn failing_image(
-    dir: &TempDir,
-    data: &[u8],
-    offset: u64,
-    event: &str,
-) -> (std::path::PathBuf, String) {
-    let image = dir.join("disk.raw");
-    std::fs::write(&image, data).unwrap();
-    let config = dir.join("blkdebug.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
-            offset / 512
-        ),
-    )
-    .unwrap();
-    let spec = format!("blkdebug:{}:{}", config.display(), image.display());
-    (image, spec)
-}
-
 #[test]
 fn a_failed_write_among_those_in_flight_fails_the_put_and_releases_everything() {
     let dir = TempDir::new("eio-put");
@@ -232,7 +208,7 @@ fn a_failed_write_among_those_in_flight_fails_the_put_and_releases_everything() 
     // The last 512 KiB fail: by then the whole body has arrived, and earlier
     // writes are in flight with the failing one.
     let bad = size - 256 * KIB;
-    let (image, spec) = failing_image(&dir, &vec![0; size as usize], bad, "write_aio");
+    let (image, spec) = blkdebug_image(&dir, &vec![0; size as usize], bad, "write_aio");
     let nbd = QemuNbd::start(Path::new(&spec), &dir.join("nbd.sock"), NbdOpts::raw());
     let cfg = TempDir::new("eio-put-cfg");
     let server = Server::start(cfg.path(), &[]);
@@ -336,7 +312,7 @@ fn a_failed_read_among_those_in_flight_cuts_the_get_short() {
     let size = 16 * MIB;
     let data = pattern_bytes(size as usize, 12);
     let bad = 9 * MIB + 4096;
-    let (_image, spec) = failing_image(&dir, &data, bad, "read_aio");
+    let (_image, spec) = blkdebug_image(&dir, &data, bad, "read_aio");
     let nbd = QemuNbd::start(Path::new(&spec), &dir.join("nbd.sock"), NbdOpts::raw());
     let cfg = TempDir::new("eio-get-cfg");
     let server = Server::start(cfg.path(), &[]);

@@ -1036,16 +1036,7 @@ fn failing_writes_export(offset: u64) -> Export {
     let dir = TempDir::new("eio");
     let image = dir.join("disk.raw");
     create_image(&image, "raw", 4 * MIB);
-    let config = dir.join("blkdebug.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
-            offset / 512
-        ),
-    )
-    .unwrap();
-    let spec = PathBuf::from(format!("blkdebug:{}:{}", config.display(), image.display()));
+    let spec = blkdebug_spec(&dir, &image, offset, "write_aio");
     let nbd = QemuNbd::start(&spec, &dir.join("nbd.sock"), NbdOpts::raw());
     Export {
         nbd,

@@ -44,18 +44,8 @@ impl Export {
     /// 512-byte sector at `bad` with EIO.
     fn failing(event: &str, size: u64, data: &[u8], bad: u64) -> Export {
         let dir = TempDir::new("q-eio");
-        let image = dir.join("disk.raw");
-        raw_image(&image, size, 0, data);
-        let config = dir.join("blkdebug.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
-                bad / 512
-            ),
-        )
-        .unwrap();
-        let spec = PathBuf::from(format!("blkdebug:{}:{}", config.display(), image.display()));
+        assert_eq!(data.len() as u64, size);
+        let (image, spec) = blkdebug_image(&dir, data, bad, event);
         let nbd = QemuNbd::start(&spec, &dir.join("nbd.sock"), NbdOpts::raw());
         Export {
             nbd,

@@ -376,7 +376,6 @@ impl NbdHandle {
         })
     }
 
-
     /// Turns the handle into a queue of commands driven from the calling
     /// thread's tokio reactor (call it on the async worker that polls).
     pub fn into_queue(mut self) -> Result<NbdQueue> {

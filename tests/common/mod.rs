@@ -864,5 +864,32 @@ pub fn assert_err(resp: &Response, status: u16, message: &str) {
     assert_imageio_headers(resp, DEFAULT_METHODS);
 }
 
+/// blkdebug (a qemu block filter) over `image`: fails every request of kind
+/// `event` (`read_aio`, `write_aio`) that touches `offset` with EIO. qemu-nbd
+/// answers a failed write with an error reply and keeps the connection (a
+/// failed read, from qemu-nbd 10 on, with a disconnect). Returns the spec to
+/// hand to qemu-nbd; the blkdebug config is written into `dir`.
+pub fn blkdebug_spec(dir: &TempDir, image: &Path, offset: u64, event: &str) -> PathBuf {
+    let config = dir.join("blkdebug.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
+            offset / 512
+        ),
+    )
+    .unwrap();
+    PathBuf::from(format!("blkdebug:{}:{}", config.display(), image.display()))
+}
+
+/// A raw image `disk.raw` in `dir` holding `data`, behind [`blkdebug_spec`].
+/// Returns the image file and the spec.
+pub fn blkdebug_image(dir: &TempDir, data: &[u8], offset: u64, event: &str) -> (PathBuf, PathBuf) {
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, data).unwrap();
+    let spec = blkdebug_spec(dir, &image, offset, event);
+    (image, spec)
+}
+
 pub mod storm;
 pub mod tls;
