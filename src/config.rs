@@ -12,12 +12,12 @@ use serde_json::Value;
 
 use crate::backend::Transfer;
 
-/// A config file larger than this is refused (the seed reads 4 KiB).
+/// A config file larger than this is refused (`image_server.py` reads 4 KiB).
 pub const MAX_CONFIG_BYTES: u64 = 4096;
 /// Longest accepted transfer id (one file name component).
 pub const MAX_ID_LEN: usize = 255;
 /// `idle_timeout_seconds` below 1 means this; so does its absence from a
-/// config file (the seed had no idle timeout).
+/// config file (`image_server.py` had no idle timeout).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(86400);
 /// A transfer registered over the control socket without
 /// `idle_timeout_seconds` is dropped after this long without a request, as

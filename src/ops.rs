@@ -46,7 +46,7 @@ const WINDOW: usize = 8;
 const DEPTH: usize = 2;
 
 /// Logs the start of an operation and, when dropped, its end with the bytes
-/// moved and the duration (the seed's `… start` / `… end` lines).
+/// moved and the duration (`image_server.py`'s `… start` / `… end` lines).
 pub struct OpLog {
     op: &'static str,
     id: String,

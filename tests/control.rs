@@ -624,7 +624,7 @@ fn an_idle_config_dir_transfer_closes_its_connections() {
 /// The idle timeout a transfer gets, as the control socket's status shows
 /// it: a registered config without `idle_timeout_seconds` idles out after
 /// 600 s (as CloudStack's newer image server), a config file after 86400 s
-/// (the seed had none), and below 1 means 86400 s either way. Fields the
+/// (`image_server.py` had none), and below 1 means 86400 s either way. Fields the
 /// server does not use, such as the `token` newer agents send, are accepted
 /// in both.
 #[test]

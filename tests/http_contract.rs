@@ -1,4 +1,4 @@
-//! The HTTP contract of the seed (`docs/contract.md`), row by row, against
+//! The HTTP contract of `image_server.py` (`docs/api.md`), row by row, against
 //! the real server binary and real qemu-nbd exports: status codes, the
 //! headers every response carries, and exact bodies.
 
@@ -1182,9 +1182,9 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     assert_eq!(r.body, &data[data.len() - 4..]);
 }
 
-// ---------------------------------------------------------------- seed defects
+// ------------------------------------------------ image_server.py's defects
 
-/// The seed closed fds libnbd owned: under concurrent requests another
+/// `image_server.py` closed fds libnbd owned: under concurrent requests another
 /// request's connection broke (`Bad file descriptor`, empty replies).
 #[test]
 fn concurrent_requests_all_get_their_own_bytes() {
@@ -1267,7 +1267,7 @@ fn a_changed_or_removed_config_never_reuses_a_stale_connection() {
     }
 }
 
-/// The reference merge of allocation and dirty-bitmap extents: the seed's
+/// The reference merge of allocation and dirty-bitmap extents: `image_server.py`'s
 /// boundary algorithm, then touching extents with equal flags joined.
 fn reference_dirty_merge(alloc: &[(u64, u64, u32)], dirty: &[(u64, u64, u32)], size: u64) -> Value {
     let mut bounds: Vec<u64> = vec![0, size];
@@ -1297,7 +1297,7 @@ fn reference_dirty_merge(alloc: &[(u64, u64, u32)], dirty: &[(u64, u64, u32)], s
 }
 
 /// Many extents: the linear merge must agree with the naive reference on
-/// every boundary (the seed cut extents at 64 MiB steps and merged in
+/// every boundary (`image_server.py` cut extents at 64 MiB steps and merged in
 /// quadratic time).
 #[test]
 fn many_dirty_extents_match_the_reference_merge() {

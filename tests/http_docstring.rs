@@ -1,4 +1,4 @@
-//! Every curl example of the seed's docstring, run with the real curl
+//! Every curl example of `image_server.py`'s docstring, run with the real curl
 //! against the real server (the `| jq .` of two examples is replaced by
 //! parsing the JSON here). The demo disk of the docstring is 50 MiB
 //! (its Content-Range example says `/52428800`); the zero examples need a

@@ -547,7 +547,7 @@ fn a_client_gone_mid_get_releases_its_slot() {
     });
 }
 
-/// The seed had no socket timeouts: a stalled upload held the image lock and
+/// `image_server.py` had no socket timeouts: a stalled upload held the image lock and
 /// the write slot for ever. Here the time between body bytes is bounded
 /// (`--body-timeout 1`): the stalled request fails with 408 and releases
 /// everything, while its client is still connected.

@@ -1,4 +1,4 @@
-//! What newer imageio clients ask besides the seed's API: `GET /info/`,
+//! What newer imageio clients ask besides `image_server.py`'s API: `GET /info/`,
 //! `OPTIONS /images/*`, and the `hole` field of zero extents.
 
 mod common;

@@ -3,7 +3,7 @@
 //! Connections are reused across requests of the same transfer only when the
 //! server advertises multi-conn (qemu-nbd does with `--shared` other than 1):
 //! a server that takes one client at a time must see each connection closed
-//! after its request, as the seed did, or a second client would wait forever.
+//! after its request, as `image_server.py` did, or a second client would wait forever.
 //!
 //! Requests of one transfer run concurrently, each on a connection of its
 //! own. What that means depends on the export:

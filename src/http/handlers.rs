@@ -32,7 +32,7 @@ pub const MAX_JSON_BODY: u64 = 64 * 1024;
 /// The one four-segment route: imageio's list of checksum algorithms.
 const CHECKSUM_ALGORITHMS: &str = "checksum/algorithms";
 
-/// Splits `/images/{id}[/{tail}]` like the seed: empty segments are ignored,
+/// Splits `/images/{id}[/{tail}]` like `image_server.py`: empty segments are ignored,
 /// more than three segments is no route (but for
 /// `/images/{id}/checksum/algorithms`, whose tail is
 /// [`CHECKSUM_ALGORITHMS`]). The id is percent-decoded; an id that does not
@@ -677,7 +677,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_like_the_seed() {
+    fn routes_like_image_server_py() {
         assert_eq!(route("/images/demo"), Some(("demo".to_string(), None)));
         assert_eq!(route("/images/demo/"), Some(("demo".to_string(), None)));
         assert_eq!(
