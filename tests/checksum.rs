@@ -4,7 +4,7 @@
 //! digests); validation errors; the reader limit. Real qemu-nbd, the real
 //! server binary.
 
-mod common;
+pub mod common;
 
 use std::process::Command;
 
@@ -155,44 +155,50 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.json(), json!({"algorithms": ALGORITHMS}));
     }
-    server
-        .get("/images/unknown/checksum")
-        .assert_error(404, "unknown image_id");
-    server
-        .get("/images/r/checksum/other")
-        .assert_error(404, "not found");
+    assert_err(
+        &server.get("/images/unknown/checksum"),
+        404,
+        "unknown image_id",
+    );
+    assert_err(&server.get("/images/r/checksum/other"), 404, "not found");
 
     let list = ALGORITHMS
         .iter()
         .map(|a| format!("\"{a}\""))
         .collect::<Vec<_>>()
         .join(", ");
-    server
-        .get("/images/r/checksum?algorithm=shake_128")
-        .assert_error(
-            400,
-            &format!(
-                "Unsupported value \"shake_128\" for \"algorithm\", expecting one of [{list}]"
-            ),
-        );
-    server.get("/images/r/checksum?algorithm=").assert_error(
+    assert_err(
+        &server.get("/images/r/checksum?algorithm=shake_128"),
+        400,
+        &format!("Unsupported value \"shake_128\" for \"algorithm\", expecting one of [{list}]"),
+    );
+    assert_err(
+        &server.get("/images/r/checksum?algorithm="),
         400,
         &format!("Unsupported value \"\" for \"algorithm\", expecting one of [{list}]"),
     );
-    server
-        .get("/images/r/checksum?block_size=4MiB")
-        .assert_error(400, "Invalid block size: \"4MiB\"");
+    assert_err(
+        &server.get("/images/r/checksum?block_size=4MiB"),
+        400,
+        "Invalid block size: \"4MiB\"",
+    );
     for bad in ["1044480", "16781312", "0", "-1"] {
-        server
-            .get(&format!("/images/r/checksum?block_size={bad}"))
-            .assert_error(400, "Block size out of allowed range: 1048576-16777216");
+        assert_err(
+            &server.get(&format!("/images/r/checksum?block_size={bad}")),
+            400,
+            "Block size out of allowed range: 1048576-16777216",
+        );
     }
-    server
-        .get("/images/r/checksum?block_size=1050000")
-        .assert_error(400, "Block size is not aligned to 4096");
-    server
-        .get("/images/r/checksum?algorithm=sha1&block_size=1048577")
-        .assert_error(400, "Block size is not aligned to 4096");
+    assert_err(
+        &server.get("/images/r/checksum?block_size=1050000"),
+        400,
+        "Block size is not aligned to 4096",
+    );
+    assert_err(
+        &server.get("/images/r/checksum?algorithm=sha1&block_size=1048577"),
+        400,
+        "Block size is not aligned to 4096",
+    );
 
     // A checksum reads the whole image: it is a data request. With the
     // only request slot held by a stalled GET it is refused.
@@ -202,9 +208,7 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
     let mut head = [0u8; 64];
     let n = s.read(&mut head).unwrap();
     assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-    server
-        .get("/images/r/checksum")
-        .assert_error(503, "too many requests");
+    assert_err(&server.get("/images/r/checksum"), 503, "too many requests");
     drop(s);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {

@@ -3,7 +3,7 @@
 //! flight, and the per-transfer idle timeout. Real qemu-nbd, the real
 //! server binary, real sockets.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -97,9 +97,7 @@ fn register_status_unregister() {
         status(&server),
         json!({"status": "ok", "active_transfers": 0})
     );
-    server
-        .get("/images/t1")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/t1"), 404, "unknown image_id");
 
     let baseline = socket_fds(nbd.pid());
     assert_eq!(
@@ -135,9 +133,7 @@ fn register_status_unregister() {
         server.control(&json!({"action": "unregister", "transfer_id": "t1"})),
         json!({"status": "ok", "active_transfers": 0})
     );
-    server
-        .get("/images/t1")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/t1"), 404, "unknown image_id");
     // ...and is closed by unregistering.
     assert!(
         wait_until(Duration::from_secs(10), || socket_fds(nbd.pid())
@@ -216,9 +212,11 @@ fn register_validates_like_config_files_and_logs_refusals() {
             ),
             "refusal of {id} is logged"
         );
-        server
-            .get(&format!("/images/{id}"))
-            .assert_error(404, "unknown image_id");
+        assert_err(
+            &server.get(&format!("/images/{id}")),
+            404,
+            "unknown image_id",
+        );
     }
     assert_eq!(
         status(&server),
@@ -381,12 +379,12 @@ fn unregister_waits_for_an_in_flight_get() {
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "unregister must wait for the GET in flight"
     );
-    server
-        .get("/images/big")
-        .assert_error(404, "unknown image_id");
-    server
-        .request("OPTIONS", "/images/big", &[], b"")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/big"), 404, "unknown image_id");
+    assert_err(
+        &server.request("OPTIONS", "/images/big", &[], b""),
+        404,
+        "unknown image_id",
+    );
     assert_eq!(server.get("/images/other").status, 200);
     assert_eq!(
         status(&server),
@@ -406,9 +404,7 @@ fn unregister_waits_for_an_in_flight_get() {
         "control: unregistered transfer_id=big",
         Duration::from_secs(5)
     ));
-    server
-        .get("/images/big")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/big"), 404, "unknown image_id");
     assert_eq!(server.get("/images/other").status, 200);
 }
 
@@ -465,9 +461,7 @@ fn idle_timeout_drops_transfers_but_never_while_a_request_is_in_flight() {
         ),
         "an idle registered transfer is dropped"
     );
-    server
-        .get("/images/reg")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/reg"), 404, "unknown image_id");
     assert!(
         server.wait_log(
             "image_id=dir closed: no request for 3 s",
@@ -475,9 +469,7 @@ fn idle_timeout_drops_transfers_but_never_while_a_request_is_in_flight() {
         ),
         "an idle config-dir transfer is closed"
     );
-    server
-        .get("/images/dir")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/dir"), 404, "unknown image_id");
     // "busy" has been in flight for longer than its timeout: still there.
     assert_eq!(
         server.request("OPTIONS", "/images/busy", &[], b"").status,
@@ -508,9 +500,7 @@ fn idle_timeout_drops_transfers_but_never_while_a_request_is_in_flight() {
         ),
         "once idle, the busy transfer is dropped too"
     );
-    server
-        .get("/images/busy")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/busy"), 404, "unknown image_id");
     assert_eq!(
         status(&server),
         json!({"status": "ok", "active_transfers": 2})
@@ -616,9 +606,7 @@ fn an_idle_config_dir_transfer_closes_its_connections() {
             == baseline),
         "NBD connections of an idle transfer are closed"
     );
-    server
-        .get("/images/t")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/t"), 404, "unknown image_id");
 }
 
 /// The idle timeout a transfer gets, as the control socket's status shows

@@ -2,7 +2,7 @@
 //! NBD requests in flight per transfer, all-zero chunks sent as
 //! WRITE_ZEROES, and what a client sees when qemu-nbd fails mid-transfer.
 
-mod common;
+pub mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -215,7 +215,11 @@ fn a_failed_write_among_those_in_flight_fails_the_put_and_releases_everything() 
     server.add_nbd("t", &nbd);
 
     let body = pattern_bytes(size as usize, 9);
-    put(&server, "t", "?flush=y", &[], &body).assert_error(500, "backend error");
+    assert_err(
+        &put(&server, "t", "?flush=y", &[], &body),
+        500,
+        "backend error",
+    );
 
     // The writes before the failing one all landed, the transfer is not
     // left locked, and a fresh connection serves the next requests.

@@ -11,7 +11,7 @@
 //! from round to round. `STORM_ROUNDS=60 cargo nextest run --test
 //! fault_storm` runs a longer storm.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

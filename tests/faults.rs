@@ -3,7 +3,7 @@
 //! sockets that are not NBD servers, slow-loris clients. After each fault the
 //! server must answer cleanly and keep serving.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
@@ -108,9 +108,7 @@ fn qemu_nbd_killed_mid_get_truncates_the_body_and_others_still_served() {
 
     // The other transfer is unaffected, and the dead one answers cleanly.
     assert_serves(&server, "b", &data_b);
-    server
-        .get("/images/a")
-        .assert_error(502, "backend unavailable");
+    assert_err(&server.get("/images/a"), 502, "backend unavailable");
     assert_serves(&server, "b", &data_b);
 }
 
@@ -158,7 +156,7 @@ fn qemu_nbd_killed_mid_put_gives_a_json_5xx_and_others_unaffected() {
         }
     });
     let resp = client.read_response(false);
-    resp.assert_error(500, "backend error");
+    assert_err(&resp, 500, "backend error");
     drop(client);
     feeder.join().unwrap();
     assert!(
@@ -238,9 +236,7 @@ fn client_gone_mid_get_releases_the_request_slot() {
     let mut some = vec![0u8; 64 * 1024];
     client.reader().read_exact(&mut some).unwrap();
     // The one request slot is taken while this GET is open.
-    server
-        .get("/images/a")
-        .assert_error(503, "too many requests");
+    assert_err(&server.get("/images/a"), 503, "too many requests");
     drop(client);
 
     let ok = poll(Duration::from_secs(20), || {
@@ -333,12 +329,10 @@ fn config_removed_mid_get_finishes_then_the_id_is_unknown() {
         .unwrap();
     assert!(body == data, "in-flight GET bytes differ");
 
-    server
-        .get("/images/a")
-        .assert_error(404, "unknown image_id");
+    assert_err(&server.get("/images/a"), 404, "unknown image_id");
     // The same connection keeps working too.
     let r = client.request("OPTIONS", "/images/a", &[], b"");
-    r.assert_error(404, "unknown image_id");
+    assert_err(&r, 404, "unknown image_id");
 }
 
 #[test]
@@ -430,13 +424,17 @@ fn socket_that_is_not_an_nbd_server_gives_a_json_502() {
 
     for id in ["garbage", "nothing"] {
         let path = format!("/images/{id}");
-        server.get(&path).assert_error(502, "backend unavailable");
-        server
-            .request("OPTIONS", &path, &[], b"")
-            .assert_error(502, "backend unavailable");
-        server
-            .request("PUT", &path, &[], b"abcd")
-            .assert_error(502, "backend unavailable");
+        assert_err(&server.get(&path), 502, "backend unavailable");
+        assert_err(
+            &server.request("OPTIONS", &path, &[], b""),
+            502,
+            "backend unavailable",
+        );
+        assert_err(
+            &server.request("PUT", &path, &[], b"abcd"),
+            502,
+            "backend unavailable",
+        );
         assert_serves(&server, "ok", &data);
     }
     // The silent one costs the connect timeout per request: one GET, with
@@ -447,10 +445,7 @@ fn socket_that_is_not_an_nbd_server_gives_a_json_502() {
     });
     assert!(server.wait_log("GET start image_id=silent", Duration::from_secs(10)));
     assert_serves(&server, "ok", &data);
-    silent
-        .join()
-        .unwrap()
-        .assert_error(502, "backend unavailable");
+    assert_err(&silent.join().unwrap(), 502, "backend unavailable");
     // The writer slot and lock were released by the failed PUTs.
     let r = server.request("PATCH", "/images/ok", &[("Range", "bytes=0-3")], b"wxyz");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -576,7 +571,8 @@ fn stalled_body_is_cut_off_and_releases_lock_and_writer_slot() {
             .write_all(&pattern_bytes(MIB as usize, 2))
             .unwrap();
         let r = client.read_response(false);
-        r.assert_error(
+        assert_err(
+            &r,
             408,
             "timed out waiting for the request body after 1048576 bytes",
         );
@@ -601,9 +597,11 @@ fn stalled_body_is_cut_off_and_releases_lock_and_writer_slot() {
         ],
         br#"{"op":"#,
     );
-    client
-        .read_response(false)
-        .assert_error(408, "timed out waiting for the request body");
+    assert_err(
+        &client.read_response(false),
+        408,
+        "timed out waiting for the request body",
+    );
     let r = server.request("POST", "/images/a/flush", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -3,7 +3,7 @@
 //! and HTTPS, and nothing else: not the idle time between requests, not a
 //! slow request body, not a slow reader of a response.
 
-mod common;
+pub mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -5,7 +5,7 @@
 //! codec refuses before any handler runs get its bare 400/431 and a closed
 //! connection (see SECURITY.md). After every case the server still serves.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 
@@ -107,7 +107,7 @@ fn oversized_and_malformed_heads() {
     // be a transfer.
     let long_id = "x".repeat(60 * 1024);
     let r = f.exchange(f.head("GET", &format!("/images/{long_id}"), &[]));
-    r.unwrap().assert_error(404, "unknown image_id");
+    assert_err(&r.unwrap(), 404, "unknown image_id");
     f.assert_alive("60 KiB request line");
     // A target of 64 KiB or more is not a valid URI for the `http` crate
     // (65534 bytes at most): actix-http answers a bare 400.
@@ -189,9 +189,11 @@ fn oversized_and_malformed_heads() {
     f.assert_alive("empty lines");
 
     // An unknown method reaches the handler.
-    f.exchange(f.head("BREW", "/images/t1", &[]))
-        .unwrap()
-        .assert_error(405, "method not allowed");
+    assert_err(
+        &f.exchange(f.head("BREW", "/images/t1", &[])).unwrap(),
+        405,
+        "method not allowed",
+    );
     f.assert_alive("unknown method");
 }
 
@@ -227,9 +229,7 @@ fn bad_content_length() {
     // from the claimed size.
     let mut raw = f.head("PUT", "/images/t1", &[("Transfer-Encoding", "chunked")]);
     raw.extend_from_slice(b"4\r\nabcd\r\n0\r\n\r\n");
-    f.exchange(raw)
-        .unwrap()
-        .assert_error(400, "Content-Length required");
+    assert_err(&f.exchange(raw).unwrap(), 400, "Content-Length required");
     let r = f
         .exchange(f.head(
             "PUT",
@@ -237,7 +237,7 @@ fn bad_content_length() {
             &[("Content-Length", "18446744073709551615")],
         ))
         .unwrap();
-    r.assert_error(416, "range not satisfiable");
+    assert_err(&r, 416, "range not satisfiable");
     assert_eq!(r.header("content-range"), Some("bytes */1048576"));
     let r = f
         .exchange(f.head(
@@ -249,7 +249,7 @@ fn bad_content_length() {
             ],
         ))
         .unwrap();
-    r.assert_error(400, "Invalid Content-Length");
+    assert_err(&r, 400, "Invalid Content-Length");
     f.assert_alive("huge valid Content-Length");
     // Nothing was written by any of the above.
     let r = f.server.get("/images/t1");
@@ -272,7 +272,7 @@ fn huge_range_numbers() {
         "bytes=1048576-".to_string(),
     ] {
         let r = get(&range);
-        r.assert_error(416, "range not satisfiable");
+        assert_err(&r, 416, "range not satisfiable");
         assert_eq!(r.header("content-range"), Some("bytes */1048576"));
     }
     for range in [format!("bytes=0-{huge}"), format!("bytes=-{huge}")] {
@@ -295,7 +295,7 @@ fn huge_range_numbers() {
             Some("application/json"),
             "{range:?}"
         );
-        r.assert_error(400, msg);
+        assert_err(&r, 400, msg);
     }
     // A control character in a header value is refused by the codec.
     for range in ["bytes=\u{0}0-1", "bytes=0-1\u{7f}"] {
@@ -313,40 +313,44 @@ fn huge_range_numbers() {
         )],
         b"ab",
     );
-    r.assert_error(416, "range not satisfiable");
+    assert_err(&r, 416, "range not satisfiable");
     let cr = format!("bytes {huge}-{huge}/{huge}");
     let r = f
         .server
         .request("PUT", "/images/t1", &[("Content-Range", &cr)], b"ab");
-    r.assert_error(416, "range not satisfiable");
+    assert_err(&r, 416, "range not satisfiable");
     let r = f.server.request(
         "PATCH",
         "/images/t1",
         &[("Range", "bytes=18446744073709551614-18446744073709551615")],
         b"ab",
     );
-    r.assert_error(416, "range not satisfiable");
+    assert_err(&r, 416, "range not satisfiable");
     for body in [
         r#"{"op":"zero","offset":18446744073709551615,"size":1}"#,
         r#"{"op":"zero","offset":1048576,"size":18446744073709551615}"#,
     ] {
-        f.server
-            .request(
+        assert_err(
+            &f.server.request(
                 "PATCH",
                 "/images/t1",
                 &[("Content-Type", "application/json")],
                 body.as_bytes(),
-            )
-            .assert_error(400, "offset must be less than image size");
+            ),
+            400,
+            "offset must be less than image size",
+        );
     }
-    f.server
-        .request(
+    assert_err(
+        &f.server.request(
             "PATCH",
             "/images/t1",
             &[("Content-Type", "application/json")],
             br#"{"op":"zero","offset":1e30,"size":1}"#,
-        )
-        .assert_error(400, "invalid \"offset\"");
+        ),
+        400,
+        "invalid \"offset\"",
+    );
     let r = f.server.get("/images/t1");
     assert!(r.body == f.data, "a refused write changed the image");
 }
@@ -386,7 +390,7 @@ fn json_bombs_in_patch() {
 
     // Size bombs: over 64 KiB is refused from Content-Length alone.
     let big = format!(r#"{{"op":"flush","pad":"{}"}}"#, "a".repeat(64 * 1024));
-    patch(big.as_bytes()).assert_error(400, "Invalid Content-Length");
+    assert_err(&patch(big.as_bytes()), 400, "Invalid Content-Length");
     // Exactly at the limit is read and parsed.
     let mut at_limit = br#"{"op":"flush","pad":""#.to_vec();
     at_limit.resize(64 * 1024 - 2, b'a');
@@ -398,7 +402,7 @@ fn json_bombs_in_patch() {
     // Many keys / long strings inside the limit.
     let keys: String = (0..5000).map(|i| format!("\"k{i}\":{i},")).collect();
     let r = patch(format!(r#"{{{keys}"op":"zero","size":-1}}"#).as_bytes());
-    r.assert_error(400, "\"size\" must be positive");
+    assert_err(&r, 400, "\"size\" must be positive");
     // A body shorter than its Content-Length, then EOF.
     let mut client = f.server.client();
     client.send(
@@ -413,7 +417,7 @@ fn json_bombs_in_patch() {
     client.stream().shutdown(std::net::Shutdown::Write).unwrap();
     let r = client.try_read_response(false);
     if let Ok(r) = r {
-        r.assert_error(400, "request body truncated");
+        assert_err(&r, 400, "request body truncated");
     }
     f.assert_alive("json bombs");
     let r = f.server.get("/images/t1");
@@ -450,7 +454,7 @@ fn hostile_transfer_ids() {
                 path.to_string()
             };
             let r = f.server.request(method, &p, &[], b"");
-            r.assert_error(404, "unknown image_id");
+            assert_err(&r, 404, "unknown image_id");
         }
     }
     for path in [
@@ -459,7 +463,7 @@ fn hostile_transfer_ids() {
         "/images/t1/extents/x",
         "/",
     ] {
-        f.server.get(path).assert_error(404, "not found");
+        assert_err(&f.server.get(path), 404, "not found");
     }
     f.assert_alive("hostile ids");
     assert!(!f.server.log().contains("panicked"), "{}", f.server.log());

@@ -2,7 +2,7 @@
 //! the real server binary and real qemu-nbd exports: status codes, the
 //! headers every response carries, and exact bodies.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 use std::net::Shutdown;

@@ -4,7 +4,7 @@
 //! (its Content-Range example says `/52428800`); the zero examples need a
 //! disk larger than 1 GiB, so they run on a sparse 2 GiB qcow2.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The file backend: GET with ranges, a full PUT that replaces the file
 //! (whatever its new size), flush; everything else refused with 400.
 
-mod common;
+pub mod common;
 
 use std::net::Shutdown;
 use std::os::unix::fs::PermissionsExt;

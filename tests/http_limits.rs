@@ -8,7 +8,7 @@
 //! part of the body cannot finish; the server's "PUT start" log line (written
 //! once the PUT holds its request slot) says when the PUT holds it.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::sync::mpsc;

@@ -1,7 +1,7 @@
 //! What newer imageio clients ask besides `image_server.py`'s API: `GET /info/`,
 //! `OPTIONS /images/*`, and the `hole` field of zero extents.
 
-mod common;
+pub mod common;
 
 use common::*;
 use serde_json::json;
@@ -20,10 +20,12 @@ fn info_reports_the_version() {
             format!(r#"{{"version":"{}"}}"#, env!("CARGO_PKG_VERSION"))
         );
     }
-    server
-        .request("POST", "/info/", &[], b"")
-        .assert_error(405, "method not allowed");
-    server.get("/info/x").assert_error(404, "not found");
+    assert_err(
+        &server.request("POST", "/info/", &[], b""),
+        405,
+        "method not allowed",
+    );
+    assert_err(&server.get("/info/x"), 404, "not found");
 }
 
 #[test]
@@ -42,12 +44,12 @@ fn options_star_reports_every_feature_without_a_transfer() {
         r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
     );
     // "*" is not a transfer for anything else.
-    server
-        .get("/images/*")
-        .assert_error(404, "unknown image_id");
-    server
-        .request("OPTIONS", "/images/*/extents", &[], b"")
-        .assert_error(404, "not found");
+    assert_err(&server.get("/images/*"), 404, "unknown image_id");
+    assert_err(
+        &server.request("OPTIONS", "/images/*/extents", &[], b""),
+        404,
+        "not found",
+    );
 
     let other = Server::start(
         cfg.path(),

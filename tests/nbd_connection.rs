@@ -7,7 +7,7 @@
 //! through our wrapper: `nbdcopy` for the bytes of an export and `nbdinfo
 //! --map` for block status.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

@@ -3,7 +3,7 @@
 //! does not disturb other transfers; once it runs again (SIGCONT) the same
 //! transfer works.
 
-mod common;
+pub mod common;
 
 use std::io::Read;
 use std::process::Command;

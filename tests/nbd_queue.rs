@@ -3,7 +3,7 @@
 //! Each test runs the pipeline on a current-thread tokio runtime (one
 //! reactor, like one HTTP worker).
 
-mod common;
+pub mod common;
 
 use std::future::poll_fn;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! flight, and which transfers status finds. Real qemu-nbd, the real
 //! server binary, real sockets.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -138,28 +138,40 @@ fn status_counts_exact_bytes_and_requests() {
     );
 
     // Failures: each one counted, no bytes.
-    c.request("GET", "/images/t", &[("Range", "bytes=99999999-")], b"")
-        .assert_error(416, "range not satisfiable");
+    assert_err(
+        &c.request("GET", "/images/t", &[("Range", "bytes=99999999-")], b""),
+        416,
+        "range not satisfiable",
+    );
     let body = json!({"op": "zero", "offset": SIZE, "size": 1}).to_string();
-    c.request(
-        "PATCH",
-        "/images/t",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-    .assert_error(400, "offset must be less than image size");
-    c.request("GET", "/images/t/nothing", &[], b"")
-        .assert_error(404, "not found");
-    c.request("GET", "/images/t/checksum?algorithm=crc", &[], b"")
-        .assert_error(
-            400,
-            "Unsupported value \"crc\" for \"algorithm\", expecting one of [\"blake2b\", \
+    assert_err(
+        &c.request(
+            "PATCH",
+            "/images/t",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        ),
+        400,
+        "offset must be less than image size",
+    );
+    assert_err(
+        &c.request("GET", "/images/t/nothing", &[], b""),
+        404,
+        "not found",
+    );
+    assert_err(
+        &c.request("GET", "/images/t/checksum?algorithm=crc", &[], b""),
+        400,
+        "Unsupported value \"crc\" for \"algorithm\", expecting one of [\"blake2b\", \
              \"blake2s\", \"md5\", \"sha1\", \"sha224\", \"sha256\", \"sha384\", \"sha3_224\", \
              \"sha3_256\", \"sha3_384\", \"sha3_512\", \"sha512\"]",
-        );
+    );
     // Unknown ids count nowhere.
-    c.request("GET", "/images/other", &[], b"")
-        .assert_error(404, "unknown image_id");
+    assert_err(
+        &c.request("GET", "/images/other", &[], b""),
+        404,
+        "unknown image_id",
+    );
     assert_eq!(
         figures(&server, "t"),
         expect("t", "registered", [read, written, zeroed, 7, 4, 0])

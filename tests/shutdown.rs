@@ -1,7 +1,7 @@
 //! SIGTERM/SIGINT: the server stops accepting, lets in-flight transfers
 //! finish, flushes what was written, and exits 0.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 use std::time::Duration;

@@ -14,7 +14,7 @@
 //! fds must not grow past a small margin after warm-up, and no NBD
 //! connection may leak (counted on qemu-nbd's side).
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;

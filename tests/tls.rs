@@ -4,7 +4,7 @@
 //! `--tls-enabled` mean plain HTTP (with a warning), and `--tls-enabled`
 //! without them does not start.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
