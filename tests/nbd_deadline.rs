@@ -233,7 +233,16 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
         assert_err(&r, 504, "backend timed out");
         assert!(started.elapsed() < FAIL_WITHIN, "{path}");
     }
-    assert_eq!(server.log_count("NBD timeout image_id=a"), 2);
+    // The log reaches the test through a reader thread: wait for it.
+    poll_until(FAIL_WITHIN, "two timeout log lines", || {
+        (server.log_count("NBD timeout image_id=a") >= 2).then_some(())
+    });
+    assert_eq!(
+        server.log_count("NBD timeout image_id=a"),
+        2,
+        "{}",
+        server.log()
+    );
     drop(stop);
     let r = server.request("POST", "/images/a/flush", &[], b"");
     assert_json_ok(&r, r#"{"ok":true}"#);
