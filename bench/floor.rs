@@ -17,13 +17,12 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cloudstack_image_server::backend::nbd::{PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST};
 use cloudstack_image_server::nbd::{ConnectOptions, Connection};
 
 /// Bytes moved per step: read from one side, then written to the other.
+/// The NBD request sizes are the server's own (`backend::nbd`), imported.
 const BUFFER: usize = 2 * 1024 * 1024;
-/// NBD request sizes, as the server uses (`backend::nbd`).
-const READ_REQUEST: usize = 256 * 1024;
-const WRITE_REQUEST: usize = 512 * 1024;
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
