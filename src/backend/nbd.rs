@@ -187,6 +187,16 @@ impl Default for Pool {
     }
 }
 
+/// The writes of [`ZEROES`] that make `len` bytes at `offset` read as
+/// zeroes on a server that cannot zero: `(offset, bytes)`, in order.
+fn zero_writes(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize)> {
+    let step = ZEROES.len() as u64;
+    let end = offset.saturating_add(len);
+    (offset..end)
+        .step_by(ZEROES.len())
+        .map(move |off| (off, (end - off).min(step) as usize))
+}
+
 fn io_err(e: nbd::Error) -> BackendError {
     if e.is_timeout() {
         BackendError::Timeout(e.to_string())
@@ -450,13 +460,8 @@ impl NbdHandle {
             return self.with(|c| c.zero(offset, len));
         }
         // The server cannot zero: write zeroes.
-        let zeroes = vec![0u8; (1 << 20).min(len) as usize];
-        let mut off = offset;
-        let end = offset + len;
-        while off < end {
-            let n = (end - off).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..n], off)?;
-            off += n as u64;
+        for (off, n) in zero_writes(offset, len) {
+            self.write_at(&ZEROES[..n], off)?;
         }
         Ok(())
     }
@@ -622,12 +627,8 @@ impl NbdQueue {
             return self.with(|p| p.queue_zero(offset, len));
         }
         let zeroes = Bytes::from_static(&ZEROES);
-        let mut off = offset;
-        let end = offset + len;
-        while off < end {
-            let n = (end - off).min(ZEROES.len() as u64) as usize;
+        for (off, n) in zero_writes(offset, len) {
             self.with(|p| p.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
-            off += n as u64;
         }
         Ok(())
     }
@@ -667,5 +668,25 @@ impl Drop for NbdQueue {
         if let Some(Ok(conn)) = self.pipe.take().map(Pipeline::into_connection) {
             self.lent.give_back(conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_writes_cover_the_range_in_pieces_of_zeroes() {
+        let step = ZEROES.len();
+        assert_eq!(zero_writes(5, 0).count(), 0);
+        assert_eq!(zero_writes(7, 10).collect::<Vec<_>>(), vec![(7, 10)]);
+        assert_eq!(
+            zero_writes(100, 2 * step as u64 + 3).collect::<Vec<_>>(),
+            vec![
+                (100, step),
+                (100 + step as u64, step),
+                (100 + 2 * step as u64, 3)
+            ]
+        );
     }
 }
