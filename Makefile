@@ -65,7 +65,8 @@ bench: build
 	$(CARGO) build --release --locked --example bench-floor
 	python3 bench/bench.py $(BIN) $(FLOOR)
 
-lint: deps
+lint:
+	@scripts/deps.sh --build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
