@@ -4,6 +4,10 @@
 # Extra package names given as arguments are installed too (`deps.sh wrk`).
 # `--clients` adds the real HTTP clients `make test-clients` runs (nbdkit
 # with its curl plugin, aria2c, wget), whose package names differ by family.
+# `--build` installs only what building the crate needs (`make lint`): a C
+# compiler to link, pkg-config, libnbd's headers (>= 1.14, for libnbd-sys's
+# bindgen) and libclang. It checks for each of those, not for packages, so a
+# machine that already builds the crate installs nothing.
 set -euo pipefail
 
 SUDO=""
@@ -14,10 +18,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 clients=0
+build_only=0
 extra=()
 for a in "$@"; do
     case "$a" in
         --clients) clients=1 ;;
+        --build) build_only=1 ;;
         *) extra+=("$a") ;;
     esac
 done
@@ -36,6 +42,8 @@ if command -v apt-get >/dev/null; then
         fi
     }
     pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl)
+    # The --build packages: C compiler, pkg-config, libnbd headers, libclang.
+    build_pkgs=(gcc pkg-config libnbd-dev libclang-dev)
     # Debian's nbdkit package carries the curl plugin; a release that splits
     # it out names it nbdkit-plugin-curl (installed below if needed).
     client_pkgs=(nbdkit aria2 wget)
@@ -54,6 +62,7 @@ elif command -v dnf >/dev/null || command -v yum >/dev/null; then
         fi
     }
     pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl)
+    build_pkgs=(gcc pkgconf-pkg-config libnbd-devel clang-devel)
     # On RHEL and its rebuilds aria2 comes from EPEL.
     client_pkgs=(nbdkit nbdkit-curl-plugin aria2 wget)
     curl_plugin_pkg=nbdkit-curl-plugin
@@ -62,14 +71,35 @@ else
         echo "deps: unknown package manager; install libnbd (dev), libclang, qemu-img/qemu-nbd, pkg-config, curl${*:+ and: $*}" >&2
     }
     pkgs=()
+    build_pkgs=(a-C-compiler pkg-config libnbd-dev libclang)
     client_pkgs=(nbdkit aria2 wget)
     curl_plugin_pkg=""
 fi
 
-if [ $clients = 1 ]; then
-    pkgs+=("${client_pkgs[@]}")
+# has_libclang: a libclang bindgen can load (it looks in LIBCLANG_PATH, in
+# llvm-config's libdir and in the linker's search path).
+has_libclang() {
+    local d
+    for d in "${LIBCLANG_PATH:-}" "$(llvm-config --libdir 2>/dev/null)" /usr/lib/llvm-*/lib /usr/lib64/llvm*/lib; do
+        [ -n "$d" ] && compgen -G "$d/libclang*.so*" >/dev/null && return 0
+    done
+    ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'
+}
+
+if [ $build_only = 1 ]; then
+    # build_pkgs[i] provides the i-th of: cc, pkg-config, libnbd >= 1.14, libclang.
+    pkgs=()
+    command -v cc >/dev/null || pkgs+=("${build_pkgs[0]}")
+    command -v pkg-config >/dev/null || pkgs+=("${build_pkgs[1]}")
+    pkg-config --atleast-version=1.14 libnbd 2>/dev/null || pkgs+=("${build_pkgs[2]}")
+    has_libclang || pkgs+=("${build_pkgs[3]}")
+    if [ ${#pkgs[@]} -gt 0 ]; then install_missing "${pkgs[@]}"; fi
+else
+    if [ $clients = 1 ]; then
+        pkgs+=("${client_pkgs[@]}")
+    fi
+    install_missing "${pkgs[@]}" ${extra[@]+"${extra[@]}"}
 fi
-install_missing "${pkgs[@]}" ${extra[@]+"${extra[@]}"}
 
 if [ $clients = 1 ] && ! nbdkit curl --help >/dev/null 2>&1; then
     if [ -n "$curl_plugin_pkg" ]; then

@@ -14,6 +14,7 @@
 //! Reading (on the caller's blocking thread) and hashing (on a second
 //! thread) overlap, with two block buffers in turn.
 
+use std::fmt::LowerHex;
 use std::sync::mpsc;
 
 use blake2::digest::consts::U32;
@@ -226,16 +227,6 @@ impl Iterator for Blocks<'_> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    s
-}
-
 /// Zero bytes hashed without a block-sized buffer.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -292,8 +283,13 @@ impl<D: Digest> BlockHash<D> {
         }
     }
 
-    fn hexdigest(self) -> String {
-        hex(&self.outer.finalize())
+    /// Lower-case hex, like Python's `hexdigest()`; every digest's output
+    /// (a `GenericArray`) formats so.
+    fn hexdigest(self) -> String
+    where
+        Output<D>: LowerHex,
+    {
+        format!("{:x}", self.outer.finalize())
     }
 }
 
@@ -309,7 +305,10 @@ fn run<D: Digest + Send>(
     extents: &[Extent],
     size: u64,
     block_size: usize,
-) -> Result<String, BackendError> {
+) -> Result<String, BackendError>
+where
+    Output<D>: LowerHex,
+{
     let blocks = Blocks {
         extents,
         i: 0,
@@ -462,12 +461,15 @@ mod tests {
     }
 
     /// The definition, spelled out: H(H(b0) || H(b1) || …).
-    fn reference<D: Digest>(data: &[u8], bs: usize) -> String {
+    fn reference<D: Digest>(data: &[u8], bs: usize) -> String
+    where
+        Output<D>: LowerHex,
+    {
         let mut outer = D::new();
         for block in data.chunks(bs) {
             outer.update(D::digest(block));
         }
-        hex(&outer.finalize())
+        format!("{:x}", outer.finalize())
     }
 
     #[test]

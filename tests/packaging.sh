@@ -2,12 +2,15 @@
 # Checks the packages that `make package` built, then installs the .deb and
 # tests the installed server for real:
 #   1. .deb metadata and contents (dpkg-deb -I/-c): Depends libnbd0, Recommends
-#      qemu-utils, binary, systemd unit, conffile, copyright with the license;
+#      qemu-utils, Installed-Size under 15 MB, binary, systemd unit, conffile,
+#      copyright with the license;
 #   2. .rpm metadata and contents (rpm -qp): Requires libnbd, Recommends
-#      qemu-img, binary, unit, /etc/sysconfig config file, license;
+#      qemu-img, binary (the same size as the .deb's), unit, /etc/sysconfig
+#      config file, license;
 #   3. `apt-get install ./the.deb` (apt resolves the dependencies), then the
-#      installed /usr/bin/cloudstack-image-server: --version, shared libraries,
-#      and a GET of a qemu-nbd export whose bytes must equal the image;
+#      installed /usr/bin/cloudstack-image-server: no .debug_info section,
+#      --version, shared libraries, and a GET of a qemu-nbd export whose
+#      bytes must equal the image;
 #      SIGTERM must stop it within the unit's TimeoutStopSec;
 #   4. `systemd-analyze verify` of the installed unit (where available; the
 #      service is never started: this may be a container without systemd);
@@ -23,6 +26,7 @@ PKG=cloudstack-image-server
 TARGET_DIR=${1:-${CARGO_TARGET_DIR:-target}}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$PWD/$TARGET_DIR" ;; esac
 BIN=/usr/bin/$PKG
+MAX_INSTALLED_KIB=15360
 STOP_TIMEOUT=$(sed -n "s/^TimeoutStopSec=\([0-9]*\)s\?$/\1/p" packaging/$PKG.service)
 
 SUDO=""
@@ -101,6 +105,10 @@ depends=$(deb_field Depends)
 check "deb Depends ($depends) has libnbd0" has_entry "$depends" libnbd0
 recommends=$(deb_field Recommends)
 check "deb Recommends ($recommends) has qemu-utils" has_entry "$recommends" qemu-utils
+# The package ships the binary without debug info (make package strips a copy).
+installed_size=$(deb_field Installed-Size)
+check "deb Installed-Size ($installed_size KiB) is under 15 MB ($MAX_INSTALLED_KIB KiB)" \
+    eval '[ -n "$installed_size" ] && [ "$installed_size" -lt "$MAX_INSTALLED_KIB" ]'
 
 dpkg-deb -c "$DEB" >"$WORK/deb.list"
 deb_has() { # PATH MODE-PREFIX
@@ -142,6 +150,9 @@ for f in /usr/bin/$PKG /usr/lib/systemd/system/$PKG.service /etc/sysconfig/$PKG 
 done
 check "rpm marks /etc/sysconfig/$PKG as config" eval 'rpmq --configfiles | grep -qx /etc/sysconfig/$PKG'
 check "rpm binary is 0755" eval 'rpmq --qf "[%{FILEMODES:perms} %{FILENAMES}\n]" | grep -qx -e "-rwxr-xr-x /usr/bin/$PKG"'
+deb_bin_size=$(stat -c %s "$WORK/deb-root/usr/bin/$PKG")
+check "rpm binary is the .deb's stripped one ($deb_bin_size bytes)" \
+    eval 'rpmq --qf "[%{FILESIZES} %{FILENAMES}\n]" | grep -qx "$deb_bin_size /usr/bin/$PKG"'
 
 # --- 3. install the .deb and run the installed binary --------------------------
 if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -q "install ok installed"; then
@@ -167,6 +178,7 @@ done
 check "unit installed under /lib or /usr/lib/systemd/system" test -n "$UNIT"
 check "/etc/default/$PKG installed" test -f "/etc/default/$PKG"
 check "install does not enable the service" test ! -e "/etc/systemd/system/multi-user.target.wants/$PKG.service"
+check "$BIN has no .debug_info section" eval '! readelf -S -W "$BIN" | grep -q "\.debug_info"'
 check "$BIN finds all its shared libraries" eval '! ldd "$BIN" | grep -q "not found"'
 
 out=$("$BIN" --version 2>&1) || true

@@ -35,8 +35,9 @@ const CHECKSUM_ALGORITHMS: &str = "checksum/algorithms";
 /// Splits `/images/{id}[/{tail}]` like `image_server.py`: empty segments are ignored,
 /// more than three segments is no route (but for
 /// `/images/{id}/checksum/algorithms`, whose tail is
-/// [`CHECKSUM_ALGORITHMS`]). The id is percent-decoded; an id that does not
-/// decode to UTF-8 is kept as an impossible id (unknown).
+/// [`CHECKSUM_ALGORITHMS`]). The id is percent-decoded (a `%` not followed
+/// by two hex digits stays as it is); an id that does not decode to UTF-8 is
+/// kept as an impossible id (empty: unknown).
 fn route(path: &str) -> Option<(String, Option<&str>)> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     if parts.len() < 2 || parts[0] != "images" {
@@ -48,25 +49,11 @@ fn route(path: &str) -> Option<(String, Option<&str>)> {
         4 if parts[2] == "checksum" && parts[3] == "algorithms" => Some(CHECKSUM_ALGORITHMS),
         _ => return None,
     };
-    let id = percent_decode(parts[1]).unwrap_or_default();
+    let id = percent_encoding::percent_decode_str(parts[1])
+        .decode_utf8()
+        .map(String::from)
+        .unwrap_or_default();
     Some((id, tail))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The first value of query parameter `name`.
@@ -686,8 +673,16 @@ mod tests {
         );
         assert_eq!(route("/images/%2e%2e"), Some(("..".to_string(), None)));
         assert_eq!(route("/images/a%00b"), Some(("a\0b".to_string(), None)));
-        assert_eq!(route("/images/%zz"), Some((String::new(), None)));
+        // A `%` without two hex digits is itself (as in the WHATWG URL
+        // standard's percent-decode); bytes that are not UTF-8 are no id.
+        assert_eq!(route("/images/%zz"), Some(("%zz".to_string(), None)));
+        assert_eq!(route("/images/%4"), Some(("%4".to_string(), None)));
+        assert_eq!(route("/images/%"), Some(("%".to_string(), None)));
         assert_eq!(route("/images/%ff"), Some((String::new(), None)));
+        assert_eq!(
+            route("/images/a%C3%A9"),
+            Some(("a\u{e9}".to_string(), None))
+        );
         assert_eq!(route("/images"), None);
         assert_eq!(route("/other/x"), None);
         assert_eq!(route("/images/a/b/c"), None);
