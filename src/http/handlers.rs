@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, MessageBody, SizedStream};
-use actix_web::http::{header, Method, StatusCode};
+use actix_web::http::{header, StatusCode};
 use actix_web::web::{self, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
+use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::file::FileUpload;
 use crate::backend::{BackendError, Handle, Lease, Transfer};
@@ -28,33 +29,6 @@ type Res = Result<HttpResponse, ApiError>;
 
 /// Largest JSON body PATCH accepts.
 pub const MAX_JSON_BODY: u64 = 64 * 1024;
-
-/// The one four-segment route: imageio's list of checksum algorithms.
-const CHECKSUM_ALGORITHMS: &str = "checksum/algorithms";
-
-/// Splits `/images/{id}[/{tail}]` like `image_server.py`: empty segments are ignored,
-/// more than three segments is no route (but for
-/// `/images/{id}/checksum/algorithms`, whose tail is
-/// [`CHECKSUM_ALGORITHMS`]). The id is percent-decoded (a `%` not followed
-/// by two hex digits stays as it is); an id that does not decode to UTF-8 is
-/// kept as an impossible id (empty: unknown).
-fn route(path: &str) -> Option<(String, Option<&str>)> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    if parts.len() < 2 || parts[0] != "images" {
-        return None;
-    }
-    let tail = match parts.len() {
-        2 => None,
-        3 => Some(parts[2]),
-        4 if parts[2] == "checksum" && parts[3] == "algorithms" => Some(CHECKSUM_ALGORITHMS),
-        _ => return None,
-    };
-    let id = percent_encoding::percent_decode_str(parts[1])
-        .decode_utf8()
-        .map(String::from)
-        .unwrap_or_default();
-    Some((id, tail))
-}
 
 /// The first value of query parameter `name`.
 fn query_param(req: &HttpRequest, name: &str) -> Result<Option<String>, ApiError> {
@@ -116,79 +90,37 @@ async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError
     blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
 }
 
-/// `/info` (or `/info/`): imageio's server information endpoint.
-fn is_info(path: &str) -> bool {
-    let mut parts = path.split('/').filter(|p| !p.is_empty());
-    parts.next() == Some("info") && parts.next().is_none()
-}
-
-/// The single entry point: every request comes through here.
+/// The single entry point: every request comes through here. What it asks
+/// for is decided by [`route`]; the request's lease ends in [`finish`], or
+/// with a GET's body.
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
-    let method = req.method().clone();
-    if is_info(req.path()) {
-        if method != Method::GET {
-            return Err(method_not_allowed());
-        }
-        return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")})));
-    }
-    let Some((id, tail)) = route(req.path()) else {
-        return Err(ApiError::not_found());
-    };
-    if method == Method::GET && tail == Some(CHECKSUM_ALGORITHMS) {
+    let (id, op) = match route(req.method(), req.path()) {
+        Route::Info => return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))),
         // Server information, as in imageio: no transfer needed.
-        return Ok(json_ok(
-            &json!({"algorithms": checksum::Algorithm::names()}),
-        ));
-    }
-    if method == Method::OPTIONS {
-        if tail.is_some() {
-            return Err(ApiError::not_found());
+        Route::ChecksumAlgorithms => {
+            return Ok(json_ok(
+                &json!({"algorithms": checksum::Algorithm::names()}),
+            ))
         }
-        if id == "*" {
-            return Ok(options_all(&state));
-        }
-        let t = lookup(&state, &id).await?;
-        return finish(options(&state, &t).await, t);
-    }
-    if method == Method::GET {
-        let t = lookup(&state, &id).await?;
-        return match tail {
-            // The body counts the request when it ends.
-            None => get_image(&req, &state, t).await,
-            Some("extents") => finish(get_extents(&req, &t).await, t),
-            Some("checksum") => finish(get_checksum(&req, &state, &t).await, t),
-            Some(_) => finish(Err(ApiError::not_found()), t),
-        };
-    }
-    if method == Method::HEAD {
-        if tail.is_some() {
-            return Err(ApiError::not_found());
-        }
-        let t = lookup(&state, &id).await?;
-        return finish(head_image(&t).await, t);
-    }
-    if method == Method::PUT {
-        if tail.is_some() {
-            return Err(ApiError::not_found());
-        }
-        let t = lookup(&state, &id).await?;
-        return finish(put(&req, payload, &state, &t).await, t);
-    }
-    if method == Method::PATCH {
-        if tail.is_some() {
-            return Err(ApiError::not_found());
-        }
-        let t = lookup(&state, &id).await?;
-        return finish(patch(&req, payload, &state, &t).await, t);
-    }
-    if method == Method::POST {
-        let t = lookup(&state, &id).await?;
-        return match tail {
-            Some("flush") => finish(flush(&t).await, t),
-            _ => finish(Err(ApiError::not_found()), t),
-        };
-    }
-    Err(method_not_allowed())
+        Route::OptionsAll => return Ok(options_all(&state)),
+        Route::NotFound => return Err(ApiError::not_found()),
+        Route::MethodNotAllowed => return Err(method_not_allowed()),
+        Route::Transfer(id, op) => (id, op),
+    };
+    let t = lookup(&state, &id).await?;
+    let result = match op {
+        // The body holds the lease and counts the request when it ends.
+        Op::Read => return get_image(&req, &state, t).await,
+        Op::Options => options(&state, &t).await,
+        Op::Head => head_image(&t).await,
+        Op::Extents => get_extents(&req, &t).await,
+        Op::Checksum => get_checksum(&req, &state, &t).await,
+        Op::Write => put(&req, payload, &state, &t).await,
+        Op::Patch => patch(&req, payload, &state, &t).await,
+        Op::Flush => flush(&t).await,
+        Op::UnknownTail => Err(ApiError::not_found()),
+    };
+    finish(result, t)
 }
 
 /// Ends a request's use of its transfer: counted as served when it
@@ -657,40 +589,4 @@ async fn flush(t: &Lease) -> Res {
     })
     .await?;
     Ok(json_ok(&json!({"ok": true})))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_like_image_server_py() {
-        assert_eq!(route("/images/demo"), Some(("demo".to_string(), None)));
-        assert_eq!(route("/images/demo/"), Some(("demo".to_string(), None)));
-        assert_eq!(
-            route("//images//demo/extents"),
-            Some(("demo".to_string(), Some("extents")))
-        );
-        assert_eq!(route("/images/%2e%2e"), Some(("..".to_string(), None)));
-        assert_eq!(route("/images/a%00b"), Some(("a\0b".to_string(), None)));
-        // A `%` without two hex digits is itself (as in the WHATWG URL
-        // standard's percent-decode); bytes that are not UTF-8 are no id.
-        assert_eq!(route("/images/%zz"), Some(("%zz".to_string(), None)));
-        assert_eq!(route("/images/%4"), Some(("%4".to_string(), None)));
-        assert_eq!(route("/images/%"), Some(("%".to_string(), None)));
-        assert_eq!(route("/images/%ff"), Some((String::new(), None)));
-        assert_eq!(
-            route("/images/a%C3%A9"),
-            Some(("a\u{e9}".to_string(), None))
-        );
-        assert_eq!(route("/images"), None);
-        assert_eq!(route("/other/x"), None);
-        assert_eq!(route("/images/a/b/c"), None);
-        assert_eq!(
-            route("/images/x/checksum/algorithms/"),
-            Some(("x".to_string(), Some(CHECKSUM_ALGORITHMS)))
-        );
-        assert_eq!(route("/images/x/checksum/other"), None);
-        assert_eq!(route("/images/x/checksum/algorithms/y"), None);
-    }
 }

@@ -7,6 +7,7 @@ pub mod handlers;
 pub mod limits;
 pub mod patch_op;
 pub mod range;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
