@@ -68,7 +68,7 @@ fn assert_serves(server: &Server, id: &str, data: &[u8]) {
 /// maximum), which requests take while qemu-nbd is stopped (a new
 /// connection would wait for the handshake, which has its own 10 s timeout
 /// and then answers 502).
-fn warm_pool(server: &Server, id: &str, data: &[u8]) {
+fn warm_pool(server: &Server, nbd: &QemuNbd, id: &str, data: &[u8]) {
     let path = format!("/images/{id}");
     let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
     for c in &mut warm {
@@ -84,9 +84,20 @@ fn warm_pool(server: &Server, id: &str, data: &[u8]) {
         assert!(body == data, "warm-up GET bytes");
     }
     drop(warm);
-    // A reader hands its connection back just after its last chunk: give
-    // the four (on a loaded machine) time to do so.
-    std::thread::sleep(Duration::from_secs(1));
+    // Wait until the connections are idle in the pool, still open on
+    // qemu-nbd's side (which holds its listening socket and one per client
+    // connection). The tests need three (a GET streaming, a PUT, a GET that
+    // has not sent its head). Under load one of the four is sometimes
+    // closed instead of pooled (not understood yet; see the closing note).
+    poll_until(FAIL_WITHIN, "three pooled NBD connections", || {
+        (socket_fds(nbd.pid()) > 3 && server.log_count("GET end image_id=") >= 4).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let open = socket_fds(nbd.pid()) - 1;
+    assert!(
+        open >= 3,
+        "{open} NBD connections left in the pool after warm-up"
+    );
 }
 
 #[test]
@@ -97,7 +108,7 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     let (_, data_b) = env.raw_export("b", size, 2);
     let server = &env.server;
 
-    warm_pool(server, "a", &data_a);
+    warm_pool(server, &env.nbd[0], "a", &data_a);
 
     // A GET streaming when qemu-nbd stops.
     let mut streaming = server.client();
@@ -223,7 +234,7 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
     let mut env = Env::new("deadline-blocking", &["--nbd-timeout", "2"]);
     let (_, data) = env.raw_export("a", 64 * MIB, 3);
     let server = &env.server;
-    warm_pool(server, "a", &data);
+    warm_pool(server, &env.nbd[0], "a", &data);
 
     let stop = Stopped::new(&env.nbd[0]);
     // Extents (block status) and flush run as blocking calls.

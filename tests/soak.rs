@@ -253,18 +253,6 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-fn socket_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .map(|l| l.to_string_lossy().starts_with("socket:"))
-                .unwrap_or(false)
-        })
-        .count()
-}
-
 #[test]
 #[ignore = "soak test: run with `make soak`"]
 fn soak() {

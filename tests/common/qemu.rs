@@ -306,3 +306,17 @@ pub fn merge_map(v: Vec<(u64, u64, u32)>) -> Vec<(u64, u64, u32)> {
     }
     out
 }
+
+/// Sockets a process holds open (for qemu-nbd: its listening socket and
+/// one per client connection).
+pub fn socket_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
