@@ -69,6 +69,24 @@ fn assert_serves(server: &Server, id: &str, data: &[u8]) {
 /// connection would wait for the handshake, which has its own 10 s timeout
 /// and then answers 502).
 fn warm_pool(server: &Server, nbd: &QemuNbd, id: &str, data: &[u8]) {
+    // The tests need three idle pooled connections (a GET streaming, a PUT,
+    // a GET that has not sent its head), seen open on qemu-nbd's side (its
+    // listening socket plus one per client connection). Under load a
+    // connection is sometimes closed instead of pooled (not understood yet;
+    // see the closing note of issue 12), so the warm-up is repeated until
+    // they are there: this is the tests' precondition, not what they test.
+    for round in 1..=5 {
+        warm_once(server, id, data);
+        let pooled = poll_pooled(server, nbd, 4 * round);
+        if pooled >= 3 {
+            return;
+        }
+    }
+    panic!("fewer than three NBD connections pooled after five warm-ups");
+}
+
+/// Four GETs at once, all connected before any ends.
+fn warm_once(server: &Server, id: &str, data: &[u8]) {
     let path = format!("/images/{id}");
     let mut warm: Vec<Client> = (0..4).map(|_| server.client()).collect();
     for c in &mut warm {
@@ -83,21 +101,16 @@ fn warm_pool(server: &Server, nbd: &QemuNbd, id: &str, data: &[u8]) {
         c.reader().read_exact(&mut body).unwrap();
         assert!(body == data, "warm-up GET bytes");
     }
-    drop(warm);
-    // Wait until the connections are idle in the pool, still open on
-    // qemu-nbd's side (which holds its listening socket and one per client
-    // connection). The tests need three (a GET streaming, a PUT, a GET that
-    // has not sent its head). Under load one of the four is sometimes
-    // closed instead of pooled (not understood yet; see the closing note).
-    poll_until(FAIL_WITHIN, "three pooled NBD connections", || {
-        (socket_fds(nbd.pid()) > 3 && server.log_count("GET end image_id=") >= 4).then_some(())
+}
+
+/// Once `ends` GETs have ended (a reader hands its connection back before
+/// its body ends), the connections qemu-nbd has open a moment later.
+fn poll_pooled(server: &Server, nbd: &QemuNbd, ends: usize) -> usize {
+    poll_until(FAIL_WITHIN, "the warm-up GETs to end", || {
+        (server.log_count("GET end image_id=") >= ends).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(200));
-    let open = socket_fds(nbd.pid()) - 1;
-    assert!(
-        open >= 3,
-        "{open} NBD connections left in the pool after warm-up"
-    );
+    std::thread::sleep(Duration::from_millis(300));
+    socket_fds(nbd.pid()).saturating_sub(1)
 }
 
 #[test]
