@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
 use actix_web::rt::task::spawn_blocking;
 use actix_web::web::Payload;
 use bytes::Bytes;
@@ -29,9 +28,44 @@ use tokio::sync::mpsc;
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Handle, Lease, Transfer};
-use crate::http::error::ApiError;
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
+
+/// Why an operation failed. The HTTP layer turns each into its response
+/// (`From<OpError> for ApiError` in `crate::http::error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpError {
+    /// The client sent no body bytes for the body timeout, `received`
+    /// bytes into the body.
+    BodyTimeout { received: u64 },
+    /// The request body ended after `received` bytes, short of its length.
+    BodyEnded { received: u64 },
+    /// The backend failed (or the request lies beyond the image end).
+    Backend(BackendError),
+}
+
+impl From<BackendError> for OpError {
+    fn from(e: BackendError) -> OpError {
+        OpError::Backend(e)
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpError::BodyTimeout { received } => write!(
+                f,
+                "timed out waiting for the request body after {received} bytes"
+            ),
+            OpError::BodyEnded { received } => {
+                write!(f, "request body ended early at {received} bytes")
+            }
+            OpError::Backend(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for OpError {}
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
@@ -160,7 +194,7 @@ impl<G> ReadBody<G> {
     /// backend that fails or times out before any byte was read is a JSON
     /// error (its status from the error) instead of a response head
     /// followed by a truncated body. The chunk stays first in the body.
-    pub async fn first_chunk(&mut self) -> Result<(), ApiError> {
+    pub async fn first_chunk(&mut self) -> Result<(), OpError> {
         if self.remaining == 0 || self.first.is_some() {
             return Ok(());
         }
@@ -172,7 +206,7 @@ impl<G> ReadBody<G> {
             Some(Err(e)) => Err(e.into()),
             // The reader stopped without a word (it only does so once the
             // body is gone): nothing to send.
-            None => Err(ApiError::internal("backend error")),
+            None => Err(BackendError::Io("the reader stopped".into()).into()),
         }
     }
 }
@@ -446,7 +480,7 @@ impl Written {
 /// Why a write stopped.
 enum Failure {
     /// The client: the body stalled or ended early.
-    Client(ApiError),
+    Client(OpError),
     Backend(BackendError),
 }
 
@@ -515,7 +549,7 @@ impl<'a> BodyChunks<'a> {
     /// The next chunk, `None` once `length` bytes were returned. Waits at
     /// most `timeout` for each piece of the body. Cancel-safe: all progress
     /// is kept in `self`.
-    async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
+    async fn next(&mut self) -> Result<Option<Bytes>, OpError> {
         loop {
             if let Some(chunk) = self.ready.pop_front() {
                 return Ok(Some(chunk));
@@ -525,23 +559,18 @@ impl<'a> BodyChunks<'a> {
             }
             let piece = match tokio::time::timeout(self.timeout, self.payload.next()).await {
                 Err(_) => {
-                    return Err(ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        format!(
-                            "timed out waiting for the request body after {} bytes",
-                            self.received
-                        ),
-                    ))
+                    return Err(OpError::BodyTimeout {
+                        received: self.received,
+                    })
                 }
                 Ok(Some(Ok(piece))) => piece,
                 Ok(end) => {
                     if let Some(Err(e)) = end {
                         log::info!("request body error after {} bytes: {e}", self.received);
                     }
-                    return Err(ApiError::bad_request(format!(
-                        "request body ended early at {} bytes",
-                        self.received
-                    )));
+                    return Err(OpError::BodyEnded {
+                        received: self.received,
+                    });
                 }
             };
             let take = piece.len().min((self.length - self.received) as usize);
@@ -566,7 +595,7 @@ pub async fn write_body(
     timeout: Duration,
     log: &mut OpLog,
     stats: Arc<TransferStats>,
-) -> Result<u64, ApiError> {
+) -> Result<u64, OpError> {
     let mut body = BodyChunks::new(payload, length, timeout);
     let mut written = Written { bytes: 0, stats };
     let result = match sink {

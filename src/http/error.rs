@@ -9,6 +9,7 @@ use actix_web::{HttpResponse, ResponseError};
 
 use crate::backend::BackendError;
 use crate::http::range::RangeError;
+use crate::ops::OpError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -92,6 +93,18 @@ impl From<BackendError> for ApiError {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "backend timed out")
             }
             BackendError::OutOfRange { size } => ApiError::range_not_satisfiable(size),
+        }
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        match e {
+            OpError::BodyTimeout { .. } => {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string())
+            }
+            OpError::BodyEnded { .. } => ApiError::bad_request(e.to_string()),
+            OpError::Backend(e) => e.into(),
         }
     }
 }
