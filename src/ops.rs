@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
-use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::backend::{BackendError, Handle, Lease, Transfer, Writer};
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
 
@@ -42,6 +42,14 @@ pub enum OpError {
     BodyEnded { received: u64 },
     /// The backend failed (or the request lies beyond the image end).
     Backend(BackendError),
+    /// A write to a read-only image.
+    ReadOnly,
+    /// An offset at or past the end of the image.
+    OffsetPastEnd,
+    /// What the backend cannot do.
+    NotSupported(&'static str),
+    /// A blocking task of the operation panicked.
+    Internal,
 }
 
 impl From<BackendError> for OpError {
@@ -61,11 +69,48 @@ impl std::fmt::Display for OpError {
                 write!(f, "request body ended early at {received} bytes")
             }
             OpError::Backend(e) => e.fmt(f),
+            OpError::ReadOnly => f.write_str("image is read-only"),
+            OpError::OffsetPastEnd => f.write_str("offset must be less than image size"),
+            OpError::NotSupported(what) => f.write_str(what),
+            OpError::Internal => f.write_str("internal error"),
         }
     }
 }
 
 impl std::error::Error for OpError {}
+
+/// Runs blocking backend work on the blocking pool.
+pub async fn blocking<T, E, F>(f: F) -> Result<T, E>
+where
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<OpError> + Send + 'static,
+{
+    spawn_blocking(f)
+        .await
+        .map_err(|_| E::from(OpError::Internal))?
+}
+
+/// Opens the transfer's storage for one request, once it is the request's
+/// turn (only a not-multi-conn NBD export makes requests of a transfer take
+/// turns; see `crate::backend::nbd`).
+pub async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
+    let turn = t.turn().await;
+    let t = t.clone();
+    blocking(move || t.open_in_turn(turn).map_err(OpError::from)).await
+}
+
+/// Opens the transfer's storage for a write request, in its turn (see
+/// [`open`]); a read-only image is [`OpError::ReadOnly`].
+pub async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
+    let turn = t.turn().await;
+    let t = t.clone();
+    let writer = blocking(move || t.open_writer(turn).map_err(OpError::from)).await?;
+    if writer.caps()?.read_only {
+        return Err(OpError::ReadOnly);
+    }
+    Ok(writer)
+}
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
@@ -414,19 +459,6 @@ fn read_in_thread<G: Send + 'static>(
     });
 }
 
-/// Where the bytes of a write go.
-pub enum Sink {
-    /// Into an open backend at `offset`; all-zero chunks become zero
-    /// requests when `zero_ok` (the export keeps them sparse).
-    Handle {
-        handle: Handle,
-        offset: u64,
-        zero_ok: bool,
-    },
-    /// A new file replacing the configured one.
-    Upload(FileUpload),
-}
-
 /// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
 /// stops at the first block with data.
 pub(crate) fn is_zero(buf: &[u8]) -> bool {
@@ -581,36 +613,51 @@ impl<'a> BodyChunks<'a> {
     }
 }
 
-/// Writes exactly `length` bytes of the request body to `sink`, then flushes
-/// when asked. The body is read with at most `timeout` between pieces; a body
-/// that ends early or stalls is an error, and nothing is committed for a
-/// file upload. Returns the bytes written. Returns only once no write of
-/// this request is in flight, so the caller's locks cover every write.
-/// Bytes are added to `stats` as the backend completes them.
-pub async fn write_body(
-    payload: &mut Payload,
-    length: u64,
-    sink: Sink,
+/// The body of a write request: `length` bytes, with at most `timeout`
+/// between its pieces.
+pub struct Body<'a> {
+    pub payload: &'a mut Payload,
+    pub length: u64,
+    pub timeout: Duration,
+}
+
+/// Writes exactly `length` bytes of the request body to `writer` at
+/// `offset` (0 for a replacing writer), then flushes when asked. The body is
+/// read with at most `timeout` between pieces; a body that ends early or
+/// stalls is an error, and nothing is committed for a replacing writer.
+/// All-zero runs become zero requests where the backend can zero (the
+/// export keeps them sparse). Returns the bytes written. Returns only once
+/// no write of this request is in flight, so the caller's locks cover
+/// every write. Bytes are added to the transfer's stats as the backend
+/// completes them.
+pub async fn write(
+    body: Body<'_>,
+    writer: Writer,
+    offset: u64,
     flush: bool,
-    timeout: Duration,
     log: &mut OpLog,
-    stats: Arc<TransferStats>,
+    t: &Arc<Transfer>,
 ) -> Result<u64, OpError> {
-    let mut body = BodyChunks::new(payload, length, timeout);
-    let mut written = Written { bytes: 0, stats };
-    let result = match sink {
-        Sink::Handle {
-            handle: Handle::Nbd(h),
-            offset,
-            zero_ok,
-        } => write_nbd(&mut body, h, offset, zero_ok, flush, &mut written).await,
-        Sink::Handle {
-            handle: Handle::File(_),
-            ..
-        } => Err(Failure::Backend(BackendError::Io(
-            "ranged writes are not supported by the file backend".into(),
+    let mut body = BodyChunks::new(body.payload, body.length, body.timeout);
+    let mut written = Written {
+        bytes: 0,
+        stats: t.stats().clone(),
+    };
+    let result = match writer {
+        Writer::At(h) => match h.caps() {
+            Ok(caps) => write_nbd(&mut body, h, offset, caps.can_zero, flush, &mut written).await,
+            Err(e) => Err(Failure::Backend(e)),
+        },
+        Writer::Replace(_) if offset != 0 => Err(Failure::Client(OpError::NotSupported(
+            "ranged writes are not supported by the file backend",
         ))),
-        Sink::Upload(u) => write_file(&mut body, u, flush, &mut written).await,
+        Writer::Replace(u) => {
+            let r = write_file(&mut body, u, flush, &mut written).await;
+            if r.is_ok() && !flush {
+                t.mark_written();
+            }
+            r
+        }
     };
     log.bytes = written.bytes;
     match result {
@@ -624,6 +671,52 @@ pub async fn write_body(
             Err(e.into())
         }
     }
+}
+
+/// Makes `size` bytes at `offset` read as zeroes (clamped to the end of the
+/// image), then flushes when asked. Returns the bytes zeroed, also counted
+/// in the transfer's stats.
+pub async fn zero(
+    t: &Arc<Transfer>,
+    offset: u64,
+    size: u64,
+    flush: bool,
+    log: &mut OpLog,
+) -> Result<u64, OpError> {
+    let mut h = open(t).await?;
+    let zeroed = blocking(move || {
+        let image_size = h.size();
+        if h.caps()?.read_only {
+            return Err(OpError::ReadOnly);
+        }
+        if offset >= image_size {
+            return Err(OpError::OffsetPastEnd);
+        }
+        let n = size.min(image_size - offset);
+        let r = h
+            .zero(offset, n)
+            .and_then(|_| if flush { h.flush() } else { Ok(()) });
+        r.map(|_| n).map_err(|e| {
+            log::error!("PATCH zero error err={e}");
+            OpError::from(e)
+        })
+    })
+    .await?;
+    log.bytes = zeroed;
+    t.stats().add_zeroed(zeroed);
+    Ok(zeroed)
+}
+
+/// Flushes what was written to the transfer's storage (fsync for a file).
+pub async fn flush(t: &Arc<Transfer>) -> Result<(), OpError> {
+    let mut h = open(t).await?;
+    blocking(move || {
+        h.flush().map_err(|e| {
+            log::error!("FLUSH error err={e}");
+            OpError::from(e)
+        })
+    })
+    .await
 }
 
 /// Writes the body to an NBD export with up to `WINDOW` requests in flight

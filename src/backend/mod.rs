@@ -59,6 +59,13 @@ pub struct Caps {
     pub can_flush: bool,
 }
 
+/// What the file backend can do.
+const FILE_CAPS: Caps = Caps {
+    read_only: false,
+    can_zero: false,
+    can_flush: true,
+};
+
 /// One configured transfer: its config plus runtime state (the NBD
 /// connection pool, the requests in flight). A changed config file or a new
 /// registration makes a new `Transfer`, so a stale connection is never reused.
@@ -290,6 +297,28 @@ impl Transfer {
     /// Opens the storage (an NBD connection, from the pool when one is idle,
     /// or the file) in the request's `turn`. Blocking.
     pub fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
+        self.open_as(turn, Handle::Nbd, |path| {
+            file::FileHandle::open(path).map(Handle::File)
+        })
+    }
+
+    /// Opens the storage for a write request in the request's `turn`, the
+    /// way this backend takes writes: positioned writes into the export
+    /// for NBD, a whole new file (the old one need not exist) for a file.
+    /// Blocking.
+    pub fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
+        self.open_as(turn, Writer::At, |path| {
+            file::FileUpload::create(path).map(Writer::Replace)
+        })
+    }
+
+    /// An NBD connection made into `T` by `nbd`, or the file's path by `file`.
+    fn open_as<T>(
+        self: &Arc<Self>,
+        turn: nbd::Turn,
+        nbd: fn(nbd::NbdHandle) -> T,
+        file: fn(&std::path::Path) -> Result<T>,
+    ) -> Result<T> {
         match &self.config.backend {
             BackendConfig::Nbd {
                 socket,
@@ -302,8 +331,8 @@ impl Transfer {
                 export_bitmap.as_deref(),
                 turn,
             )
-            .map(Handle::Nbd),
-            BackendConfig::File { path } => file::FileHandle::open(path).map(Handle::File),
+            .map(nbd),
+            BackendConfig::File { path } => file(path),
         }
     }
 
@@ -361,6 +390,34 @@ impl fmt::Debug for Lease {
     }
 }
 
+/// A backend opened for a write request (see [`Transfer::open_writer`]).
+pub enum Writer {
+    /// Writes at offsets into the image (NBD).
+    At(nbd::NbdHandle),
+    /// A new image written from its start, replacing the old one only once
+    /// complete (the file backend).
+    Replace(file::FileUpload),
+}
+
+impl Writer {
+    /// What the backend can do (read-only, zero, ...).
+    pub fn caps(&self) -> Result<Caps> {
+        match self {
+            Writer::At(h) => h.caps(),
+            Writer::Replace(_) => Ok(FILE_CAPS),
+        }
+    }
+
+    /// The size that writes must fit in; `None` for a replacing writer,
+    /// whose new image is as long as what is written.
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Writer::At(h) => Some(h.size()),
+            Writer::Replace(_) => None,
+        }
+    }
+}
+
 /// An open backend, used by one request at a time.
 pub enum Handle {
     Nbd(nbd::NbdHandle),
@@ -379,11 +436,7 @@ impl Handle {
     pub fn caps(&self) -> Result<Caps> {
         match self {
             Handle::Nbd(h) => h.caps(),
-            Handle::File(_) => Ok(Caps {
-                read_only: false,
-                can_zero: false,
-                can_flush: true,
-            }),
+            Handle::File(_) => Ok(FILE_CAPS),
         }
     }
 

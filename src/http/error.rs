@@ -105,6 +105,11 @@ impl From<OpError> for ApiError {
             }
             OpError::BodyEnded { .. } => ApiError::bad_request(e.to_string()),
             OpError::Backend(e) => e.into(),
+            OpError::ReadOnly => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+            OpError::OffsetPastEnd | OpError::NotSupported(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+            OpError::Internal => ApiError::internal(e.to_string()),
         }
     }
 }

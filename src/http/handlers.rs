@@ -2,7 +2,6 @@
 //! then let `ops` move the bytes. Every failure is an [`ApiError`].
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, MessageBody, SizedStream};
@@ -18,12 +17,10 @@ use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
-use crate::backend::file::FileUpload;
-use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::backend::Lease;
 use crate::checksum;
-use crate::config::BackendConfig;
 use crate::extents;
-use crate::ops::{self, OpLog, Sink};
+use crate::ops::{self, OpLog};
 
 type Res = Result<HttpResponse, ApiError>;
 
@@ -63,31 +60,11 @@ fn json_ok(value: &Value) -> HttpResponse {
         .body(value.to_string())
 }
 
-/// Runs blocking backend work on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    T: Send + 'static,
-{
-    web::block(f)
-        .await
-        .map_err(|_| ApiError::internal("internal error"))?
-}
-
-/// Opens the transfer's storage for one request, once it is the request's
-/// turn (only a not-multi-conn NBD export makes requests of a transfer take
-/// turns; see `crate::backend::nbd`).
-async fn open(t: &Arc<Transfer>) -> Result<Handle, ApiError> {
-    let turn = t.turn().await;
-    let t = t.clone();
-    blocking(move || t.open_in_turn(turn).map_err(ApiError::from)).await
-}
-
 /// The transfer `id` for one request (see `AppState::lookup`), or 404.
 async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError> {
     let state = state.clone();
     let id = id.to_string();
-    blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
+    ops::blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
 }
 
 /// The single entry point: every request comes through here. What it asks
@@ -166,7 +143,7 @@ async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
     let (methods, features, max_writers) = if t.is_file() {
         ("GET, PUT, POST, OPTIONS", vec!["flush"], state.max_writers)
     } else {
-        let h = open(t.transfer()).await?;
+        let h = ops::open(t.transfer()).await?;
         let caps = h.caps()?;
         if caps.read_only {
             ("GET, OPTIONS", vec!["extents"], 0)
@@ -200,7 +177,7 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
         t.id(),
         format_args!("range={}", range.unwrap_or("-")),
     );
-    let handle = open(t.transfer()).await?;
+    let handle = ops::open(t.transfer()).await?;
     let size = handle.size();
     let (start, len, status) = match spec {
         None => (0, size, StatusCode::OK),
@@ -253,7 +230,7 @@ impl MessageBody for HeadBody {
 /// way. Takes no request slot and reads no data (the NBD handshake gives
 /// the size). A Range header is ignored, as HTTP allows for HEAD.
 async fn head_image(t: &Lease) -> Res {
-    let size = open(t.transfer()).await?.size();
+    let size = ops::open(t.transfer()).await?.size();
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
         .body(HeadBody(size)))
@@ -276,8 +253,8 @@ async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
         t.id(),
         format_args!("context={}", context.as_deref().unwrap_or("-")),
     );
-    let mut h = open(t.transfer()).await?;
-    let body = blocking(move || {
+    let mut h = ops::open(t.transfer()).await?;
+    let body = ops::blocking(move || {
         let r = if dirty {
             match h.dirty_extents()? {
                 Some(list) => serde_json::to_vec(&list),
@@ -313,10 +290,10 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
             params.block_size
         ),
     );
-    let mut h = open(t.transfer()).await?;
+    let mut h = ops::open(t.transfer()).await?;
     let size = h.size();
     let id = t.id().to_string();
-    let sum = blocking(move || {
+    let sum = ops::blocking(move || {
         checksum::compute(&mut h, &params).map_err(|e| {
             log::error!("CHECKSUM error image_id={id} err={e}");
             ApiError::from(e)
@@ -336,10 +313,6 @@ fn parse_flush_param(req: &HttpRequest) -> Result<bool, ApiError> {
             .as_deref(),
         Some("y" | "yes" | "true" | "1")
     ))
-}
-
-fn read_only() -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "image is read-only")
 }
 
 async fn put(
@@ -382,45 +355,22 @@ async fn put(
             header_str(req, header::CONTENT_RANGE)?.unwrap_or("-")
         ),
     );
-    let sink = match &t.config().backend {
-        BackendConfig::File { path } => {
-            let path = path.clone();
-            Sink::Upload(blocking(move || FileUpload::create(&path).map_err(ApiError::from)).await?)
+    let writer = ops::open_writer(t.transfer()).await?;
+    let start = content_range.map(|(a, _)| a).unwrap_or(0);
+    if let Some(size) = writer.size() {
+        if start >= size && (content_range.is_some() || length > 0) {
+            return Err(ApiError::range_not_satisfiable(size));
         }
-        BackendConfig::Nbd { .. } => {
-            let handle = open(t.transfer()).await?;
-            let size = handle.size();
-            let caps = handle.caps()?;
-            if caps.read_only {
-                return Err(read_only());
-            }
-            let start = content_range.map(|(a, _)| a).unwrap_or(0);
-            if start >= size && (content_range.is_some() || length > 0) {
-                return Err(ApiError::range_not_satisfiable(size));
-            }
-            if length > size - start.min(size) {
-                return Err(ApiError::range_not_satisfiable(size));
-            }
-            Sink::Handle {
-                handle,
-                offset: start,
-                zero_ok: caps.can_zero,
-            }
+        if length > size - start.min(size) {
+            return Err(ApiError::range_not_satisfiable(size));
         }
-    };
-    let written = ops::write_body(
-        &mut payload,
-        length,
-        sink,
-        flush,
-        state.body_timeout,
-        &mut log,
-        t.stats().clone(),
-    )
-    .await?;
-    if t.is_file() && !flush {
-        t.mark_written();
     }
+    let body = ops::Body {
+        payload: &mut payload,
+        length,
+        timeout: state.body_timeout,
+    };
+    let written = ops::write(body, writer, start, flush, &mut log, t.transfer()).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))
@@ -515,12 +465,9 @@ async fn patch_range(
         t.id(),
         format_args!("range={range} content_length={length}"),
     );
-    let handle = open(t.transfer()).await?;
-    let size = handle.size();
-    let caps = handle.caps()?;
-    if caps.read_only {
-        return Err(read_only());
-    }
+    let writer = ops::open_writer(t.transfer()).await?;
+    // Never `None`: a replacing writer takes no range writes (refused above).
+    let size = writer.size().unwrap_or(0);
     let (a, b) = spec
         .for_write(size)
         .map_err(|e| ApiError::from_range(e, "Range", size))?;
@@ -530,21 +477,12 @@ async fn patch_range(
             b - a + 1
         )));
     }
-    let sink = Sink::Handle {
-        handle,
-        offset: a,
-        zero_ok: caps.can_zero,
-    };
-    let written = ops::write_body(
-        &mut payload,
+    let body = ops::Body {
+        payload: &mut payload,
         length,
-        sink,
-        false,
-        state.body_timeout,
-        &mut log,
-        t.stats().clone(),
-    )
-    .await?;
+        timeout: state.body_timeout,
+    };
+    let written = ops::write(body, writer, a, false, &mut log, t.transfer()).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 
@@ -554,39 +492,12 @@ async fn zero(t: &Lease, offset: u64, size: u64, flush: bool) -> Res {
         t.id(),
         format_args!("offset={offset} size={size} flush={flush}"),
     );
-    let mut h = open(t.transfer()).await?;
-    let zeroed = blocking(move || {
-        let image_size = h.size();
-        if h.caps()?.read_only {
-            return Err(read_only());
-        }
-        if offset >= image_size {
-            return Err(ApiError::bad_request("offset must be less than image size"));
-        }
-        let n = size.min(image_size - offset);
-        let r = h
-            .zero(offset, n)
-            .and_then(|_| if flush { h.flush() } else { Ok(()) });
-        r.map(|_| n).map_err(|e: BackendError| {
-            log::error!("PATCH zero error err={e}");
-            ApiError::from(e)
-        })
-    })
-    .await?;
-    log.bytes = zeroed;
-    t.stats().add_zeroed(zeroed);
+    ops::zero(t.transfer(), offset, size, flush, &mut log).await?;
     Ok(json_ok(&json!({"ok": true})))
 }
 
 async fn flush(t: &Lease) -> Res {
     let _log = OpLog::start("FLUSH", t.id(), format_args!(""));
-    let mut h = open(t.transfer()).await?;
-    blocking(move || {
-        h.flush().map_err(|e| {
-            log::error!("FLUSH error err={e}");
-            ApiError::from(e)
-        })
-    })
-    .await?;
+    ops::flush(t.transfer()).await?;
     Ok(json_ok(&json!({"ok": true})))
 }
