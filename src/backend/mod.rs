@@ -51,20 +51,68 @@ impl std::error::Error for BackendError {}
 
 pub type Result<T> = std::result::Result<T, BackendError>;
 
-/// What a backend can do, as advertised by OPTIONS.
+/// What a backend can do: OPTIONS advertises it, and requests for what it
+/// cannot do are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
+    /// Writes are refused.
     pub read_only: bool,
+    /// Ranges can be made to read as zeroes without sending them.
     pub can_zero: bool,
     pub can_flush: bool,
+    /// Allocation (and dirty) extents can be listed.
+    pub extents: bool,
+    /// Writes at an offset (`Content-Range` PUT, PATCH); without them a
+    /// write replaces the whole image (see [`Writer`]).
+    pub ranged_writes: bool,
 }
 
-/// What the file backend can do.
-const FILE_CAPS: Caps = Caps {
-    read_only: false,
-    can_zero: false,
-    can_flush: true,
-};
+impl Caps {
+    /// The file backend: reads, whole-file uploads, fsync.
+    pub const FILE: Caps = Caps {
+        read_only: false,
+        can_zero: false,
+        can_flush: true,
+        extents: false,
+        ranged_writes: false,
+    };
+
+    /// The most an NBD export offers; its own flags may take away writes,
+    /// zero and flush (see [`Handle::caps`]).
+    pub const NBD_MOST: Caps = Caps {
+        read_only: false,
+        can_zero: true,
+        can_flush: true,
+        extents: true,
+        ranged_writes: true,
+    };
+}
+
+/// What a backend can do as far as its config tells, without opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KnownCaps {
+    /// All of it (the file backend).
+    All(Caps),
+    /// At most this; the open backend tells the rest (an NBD export).
+    AtMost(Caps),
+}
+
+impl KnownCaps {
+    pub fn of(backend: &BackendConfig) -> KnownCaps {
+        match backend {
+            BackendConfig::File { .. } => KnownCaps::All(Caps::FILE),
+            BackendConfig::Nbd { .. } => KnownCaps::AtMost(Caps::NBD_MOST),
+        }
+    }
+
+    /// The most the backend can do: what it lacks here, it lacks whatever
+    /// its image.
+    pub fn at_most(self) -> Caps {
+        match self {
+            KnownCaps::All(c) | KnownCaps::AtMost(c) => c,
+        }
+    }
+}
 
 /// One configured transfer: its config plus runtime state (the NBD
 /// connection pool, the requests in flight). A changed config file or a new
@@ -404,7 +452,7 @@ impl Writer {
     pub fn caps(&self) -> Result<Caps> {
         match self {
             Writer::At(h) => h.caps(),
-            Writer::Replace(_) => Ok(FILE_CAPS),
+            Writer::Replace(_) => Ok(Caps::FILE),
         }
     }
 
@@ -436,7 +484,7 @@ impl Handle {
     pub fn caps(&self) -> Result<Caps> {
         match self {
             Handle::Nbd(h) => h.caps(),
-            Handle::File(_) => Ok(FILE_CAPS),
+            Handle::File(_) => Ok(Caps::FILE),
         }
     }
 

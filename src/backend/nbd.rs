@@ -423,6 +423,7 @@ impl NbdHandle {
             read_only: c.is_read_only().map_err(io_err)?,
             can_zero: c.can_zero().map_err(io_err)?,
             can_flush: c.can_flush().map_err(io_err)?,
+            ..Caps::NBD_MOST
         })
     }
 

@@ -17,7 +17,7 @@ use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
-use crate::backend::Lease;
+use crate::backend::{Caps, KnownCaps, Lease};
 use crate::checksum;
 use crate::extents;
 use crate::ops::{self, OpLog};
@@ -113,55 +113,64 @@ fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
 }
 
-/// The OPTIONS reply body: `max_readers`/`max_writers` are what one client
-/// may run in parallel on the transfer (nothing refuses more; see
-/// `super::limits`).
-fn options_body(state: &AppState, features: &[&str], max_writers: usize) -> String {
-    json!({
+/// The OPTIONS reply for a backend that can do `caps`. `max_readers` /
+/// `max_writers` are what one client may run in parallel on the transfer
+/// (nothing refuses more; see `super::limits`). PATCH carries zero and
+/// flush where ranged writes are taken; elsewhere a flush is `POST
+/// /images/{id}/flush`.
+fn options_reply(state: &AppState, caps: Caps) -> HttpResponse {
+    let writable = !caps.read_only;
+    let mut methods = vec!["GET"];
+    let mut features = Vec::new();
+    if caps.extents {
+        features.push("extents");
+    }
+    if writable {
+        methods.push("PUT");
+        if caps.ranged_writes {
+            methods.push("PATCH");
+        } else if caps.can_flush {
+            methods.push("POST");
+        }
+        if caps.can_zero {
+            features.push("zero");
+        }
+        if caps.can_flush {
+            features.push("flush");
+        }
+    }
+    methods.push("OPTIONS");
+    let body = json!({
         "unix_socket": null,
         "features": features,
         "max_readers": state.max_readers,
-        "max_writers": max_writers,
-    })
-    .to_string()
+        "max_writers": if writable { state.max_writers } else { 0 },
+    });
+    HttpResponse::Ok()
+        .insert_header(("Access-Control-Allow-Methods", methods.join(", ")))
+        .content_type("application/json")
+        .body(body.to_string())
 }
 
 /// `OPTIONS /images/*`: what the server can do for any image (imageio
-/// clients ask before a transfer exists).
+/// clients ask before a transfer exists): the most any backend offers.
 fn options_all(state: &AppState) -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header(("Access-Control-Allow-Methods", "GET, PUT, PATCH, OPTIONS"))
-        .content_type("application/json")
-        .body(options_body(
-            state,
-            &["extents", "zero", "flush"],
-            state.max_writers,
-        ))
+    options_reply(state, Caps::NBD_MOST)
 }
 
+/// `OPTIONS /images/{id}`: what its backend can do, asking the export when
+/// its config does not tell.
 async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
-    let (methods, features, max_writers) = if t.is_file() {
-        ("GET, PUT, POST, OPTIONS", vec!["flush"], state.max_writers)
-    } else {
-        let h = ops::open(t.transfer()).await?;
-        let caps = h.caps()?;
-        if caps.read_only {
-            ("GET, OPTIONS", vec!["extents"], 0)
-        } else {
-            let mut f = vec!["extents"];
-            if caps.can_zero {
-                f.push("zero");
-            }
-            if caps.can_flush {
-                f.push("flush");
-            }
-            ("GET, PUT, PATCH, OPTIONS", f, state.max_writers)
-        }
+    let caps = match KnownCaps::of(&t.config().backend) {
+        KnownCaps::All(caps) => caps,
+        KnownCaps::AtMost(_) => ops::open(t.transfer()).await?.caps()?,
     };
-    Ok(HttpResponse::Ok()
-        .insert_header(("Access-Control-Allow-Methods", methods))
-        .content_type("application/json")
-        .body(options_body(state, &features, max_writers)))
+    Ok(options_reply(state, caps))
+}
+
+/// What the transfer's backend can do at most, without opening it.
+fn caps_at_most(t: &Lease) -> Caps {
+    KnownCaps::of(&t.config().backend).at_most()
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
@@ -237,7 +246,7 @@ async fn head_image(t: &Lease) -> Res {
 }
 
 async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
-    if t.is_file() {
+    if !caps_at_most(t).extents {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
         ));
@@ -330,7 +339,7 @@ async fn put(
     let flush = parse_flush_param(req)?;
     let content_range = match header_str(req, header::CONTENT_RANGE)? {
         None => None,
-        Some(_) if t.is_file() => {
+        Some(_) if !caps_at_most(t).ranged_writes => {
             return Err(ApiError::bad_request(
                 "Content-Range PUT not supported for file backend; use full PUT",
             ))
@@ -382,7 +391,7 @@ async fn patch(
     state: &web::Data<AppState>,
     t: &Lease,
 ) -> Res {
-    if t.is_file() {
+    if !caps_at_most(t).ranged_writes {
         return Err(ApiError::bad_request(
             "range writes and PATCH not supported for file backend; use PUT for full upload",
         ));
