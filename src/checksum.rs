@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::backend::{BackendError, Handle};
 use crate::extents::Extent;
-use crate::ops::is_zero;
+use crate::zeroes::{is_zero, ZEROES};
 
 const MIB: u64 = 1024 * 1024;
 /// imageio's default block size.
@@ -226,9 +226,6 @@ impl Iterator for Blocks<'_> {
         })
     }
 }
-
-/// Zero bytes hashed without a block-sized buffer.
-static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// imageio's `blkhash.Hash`: the digest of the block digests.
 struct BlockHash<D: Digest> {

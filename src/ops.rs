@@ -30,6 +30,7 @@ use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Handle, Lease, Transfer, Writer};
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
+use crate::zeroes::is_zero;
 
 /// Why an operation failed. The HTTP layer turns each into its response
 /// (`From<OpError> for ApiError` in `crate::http::error`).
@@ -459,13 +460,6 @@ fn read_in_thread<G: Send + 'static>(
     });
 }
 
-/// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
-/// stops at the first block with data.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    buf.chunks(4096)
-        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
 /// Granularity of zero detection in uploads: qcow2's default cluster size,
 /// so a zero run leaves whole clusters unallocated.
 const ZERO_BLOCK: u64 = 64 * 1024;
@@ -877,21 +871,6 @@ async fn write_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 4099]));
-        let mut v = vec![0u8; 4099];
-        v[4098] = 1;
-        assert!(!is_zero(&v));
-        v[4098] = 0;
-        v[17] = 1;
-        assert!(!is_zero(&v));
-        v[17] = 0;
-        v[0] = 9;
-        assert!(!is_zero(&v));
-    }
 
     #[test]
     fn zero_runs_follow_image_aligned_blocks() {

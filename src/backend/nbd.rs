@@ -46,11 +46,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{BackendError, Caps, Result, Transfer};
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
+use crate::zeroes::ZEROES;
 
 /// Idle connections kept per transfer.
 const MAX_IDLE: usize = 4;
-/// What a write of zeroes sends when the server cannot zero.
-static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 /// Bound on connect + handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of each NBD request when a buffer is read or written with several
@@ -187,14 +186,27 @@ impl Default for Pool {
     }
 }
 
-/// The writes of [`ZEROES`] that make `len` bytes at `offset` read as
-/// zeroes on a server that cannot zero: `(offset, bytes)`, in order.
-fn zero_writes(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize)> {
+/// One request that [`zero_requests`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroRequest {
+    /// NBD WRITE_ZEROES of `len` bytes at `offset`.
+    Zero { offset: u64, len: u64 },
+    /// A write of these zeroes at `offset`.
+    Write(&'static [u8], u64),
+}
+
+/// The requests that make `len` bytes at `offset` read as zeroes: one
+/// WRITE_ZEROES when the server can zero, else writes of [`ZEROES`] (the
+/// one fallback; the blocking and the queued paths only issue them).
+fn zero_requests(can_zero: bool, offset: u64, len: u64) -> impl Iterator<Item = ZeroRequest> {
+    let zero = can_zero.then_some(ZeroRequest::Zero { offset, len });
     let step = ZEROES.len() as u64;
-    let end = offset.saturating_add(len);
-    (offset..end)
-        .step_by(ZEROES.len())
-        .map(move |off| (off, (end - off).min(step) as usize))
+    let end = offset.saturating_add(if can_zero { 0 } else { len });
+    let writes = (offset..end).step_by(ZEROES.len()).map(move |off| {
+        let n = (end - off).min(step) as usize;
+        ZeroRequest::Write(&ZEROES[..n], off)
+    });
+    zero.into_iter().chain(writes)
 }
 
 fn io_err(e: nbd::Error) -> BackendError {
@@ -457,12 +469,12 @@ impl NbdHandle {
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
         self.lent.wrote = true;
-        if self.conn_ref().can_zero().unwrap_or(false) {
-            return self.with(|c| c.zero(offset, len));
-        }
-        // The server cannot zero: write zeroes.
-        for (off, n) in zero_writes(offset, len) {
-            self.write_at(&ZEROES[..n], off)?;
+        let can_zero = self.conn_ref().can_zero().unwrap_or(false);
+        for r in zero_requests(can_zero, offset, len) {
+            match r {
+                ZeroRequest::Zero { offset, len } => self.with(|c| c.zero(offset, len))?,
+                ZeroRequest::Write(zeroes, at) => self.write_at(zeroes, at)?,
+            }
         }
         Ok(())
     }
@@ -624,12 +636,14 @@ impl NbdQueue {
     pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
         self.lent.wrote = true;
-        if self.conn_ref().can_zero().unwrap_or(false) {
-            return self.with(|p| p.queue_zero(offset, len));
-        }
-        let zeroes = Bytes::from_static(&ZEROES);
-        for (off, n) in zero_writes(offset, len) {
-            self.with(|p| p.queue_write(zeroes.slice(..n), off, WRITE_REQUEST))?;
+        let can_zero = self.conn_ref().can_zero().unwrap_or(false);
+        for r in zero_requests(can_zero, offset, len) {
+            match r {
+                ZeroRequest::Zero { offset, len } => self.with(|p| p.queue_zero(offset, len))?,
+                ZeroRequest::Write(zeroes, at) => {
+                    self.with(|p| p.queue_write(Bytes::from_static(zeroes), at, WRITE_REQUEST))?
+                }
+            }
         }
         Ok(())
     }
@@ -677,17 +691,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_writes_cover_the_range_in_pieces_of_zeroes() {
+    fn zero_requests_zero_or_write_zeroes_in_pieces() {
         let step = ZEROES.len();
-        assert_eq!(zero_writes(5, 0).count(), 0);
-        assert_eq!(zero_writes(7, 10).collect::<Vec<_>>(), vec![(7, 10)]);
+        let write = |off: u64, n: usize| ZeroRequest::Write(&ZEROES[..n], off);
+        assert_eq!(zero_requests(false, 5, 0).count(), 0);
         assert_eq!(
-            zero_writes(100, 2 * step as u64 + 3).collect::<Vec<_>>(),
+            zero_requests(false, 7, 10).collect::<Vec<_>>(),
+            vec![write(7, 10)]
+        );
+        assert_eq!(
+            zero_requests(false, 100, 2 * step as u64 + 3).collect::<Vec<_>>(),
             vec![
-                (100, step),
-                (100 + step as u64, step),
-                (100 + 2 * step as u64, 3)
+                write(100, step),
+                write(100 + step as u64, step),
+                write(100 + 2 * step as u64, 3)
             ]
+        );
+        assert_eq!(
+            zero_requests(true, 100, 5 << 30).collect::<Vec<_>>(),
+            vec![ZeroRequest::Zero {
+                offset: 100,
+                len: 5 << 30
+            }]
         );
     }
 }
