@@ -1,5 +1,7 @@
-//! Extent lists as the HTTP API returns them, built from NBD block status,
-//! and the linear-time merge of allocation and dirty-bitmap extents.
+//! Extent lists as the HTTP API returns them, built from NBD block status
+//! (the `(length, flags)` pairs of `nbd::Connection::block_status`), and
+//! the linear-time merge of allocation and dirty-bitmap extents. The one
+//! place where block status flags are read and touching extents merged.
 
 use serde::Serialize;
 
@@ -87,27 +89,22 @@ spanned!(Extent, DirtyExtent);
 
 /// Allocation extents covering `0..size` from `base:allocation` block
 /// status (zero = hole or zero flag) and, when the export offers it,
-/// `qemu:allocation-depth` (hole = depth 0), merged on common boundaries in
-/// one linear pass; touching extents with the same flags are merged.
+/// `qemu:allocation-depth` (hole = depth 0), both from offset 0, merged on
+/// common boundaries in one linear pass; touching extents with the same
+/// flags are merged.
 pub fn from_allocation(
-    alloc: &[nbd::Extent],
-    depth: Option<&[nbd::Extent]>,
+    alloc: &[(u64, u32)],
+    depth: Option<&[(u64, u32)]>,
     size: u64,
 ) -> Vec<Extent> {
     let depth = depth.unwrap_or(&[]);
     let mut out = Vec::with_capacity(alloc.len() + depth.len());
-    let mut a = Cursor { list: alloc, i: 0 };
-    let mut d = Cursor { list: depth, i: 0 };
+    let mut a = status_cursor(alloc, |f| f & (nbd::STATE_HOLE | nbd::STATE_ZERO) != 0);
+    let mut d = status_cursor(depth, |f| f == 0);
     let mut pos = 0;
     while pos < size {
-        let (zero, a_next) = a.at(pos, |e| {
-            (
-                e.offset,
-                e.length,
-                e.flags & (nbd::STATE_HOLE | nbd::STATE_ZERO) != 0,
-            )
-        });
-        let (hole, d_next) = d.at(pos, |e| (e.offset, e.length, e.flags == 0));
+        let (zero, a_next) = a.at(pos);
+        let (hole, d_next) = d.at(pos);
         let next = a_next.min(d_next).min(size);
         push(
             &mut out,
@@ -124,19 +121,17 @@ pub fn from_allocation(
     out
 }
 
-/// Extents covering `0..size` from `base:allocation` block status where
-/// `zero` means only what the NBD spec guarantees: the range reads as
-/// zeroes (`STATE_ZERO`); a hole without that flag may read as anything.
-/// A gap in the list counts as data. Used where a wrong `zero` would give a
-/// wrong result (checksums), not for the `/extents` API.
-pub fn reads_as_zero(alloc: &[nbd::Extent], size: u64) -> Vec<Extent> {
+/// Extents covering `0..size` from `base:allocation` block status (from
+/// offset 0) where `zero` means only what the NBD spec guarantees: the
+/// range reads as zeroes (`STATE_ZERO`); a hole without that flag may read
+/// as anything. Past the end of the list counts as data. Used where a wrong
+/// `zero` would give a wrong result (checksums), not for the `/extents` API.
+pub fn reads_as_zero(alloc: &[(u64, u32)], size: u64) -> Vec<Extent> {
     let mut out = Vec::with_capacity(alloc.len());
-    let mut a = Cursor { list: alloc, i: 0 };
+    let mut a = status_cursor(alloc, |f| f & nbd::STATE_ZERO != 0);
     let mut pos = 0;
     while pos < size {
-        let (zero, next) = a.at(pos, |e| {
-            (e.offset, e.length, e.flags & nbd::STATE_ZERO != 0)
-        });
+        let (zero, next) = a.at(pos);
         let next = next.min(size);
         push(
             &mut out,
@@ -173,43 +168,58 @@ pub fn all_dirty(alloc: &[Extent]) -> Vec<DirtyExtent> {
     out
 }
 
-/// A cursor over a sorted, non-overlapping list of spans with a flag.
-struct Cursor<'a, T> {
-    list: &'a [T],
-    i: usize,
+/// A cursor over sorted, non-overlapping spans `(start, length, flag)`.
+struct Cursor<I: Iterator<Item = (u64, u64, bool)>> {
+    spans: std::iter::Peekable<I>,
 }
 
-impl<'a, T: Copy> Cursor<'a, T> {
-    /// The flag at `pos` (false in a gap) and where that value next may change.
-    fn at(&mut self, pos: u64, span: impl Fn(&T) -> (u64, u64, bool)) -> (bool, u64) {
-        while self.i < self.list.len() && {
-            let (s, l, _) = span(&self.list[self.i]);
-            s.saturating_add(l) <= pos
-        } {
-            self.i += 1;
-        }
-        match self.list.get(self.i).map(&span) {
-            Some((s, l, f)) if s <= pos => (f, s.saturating_add(l)),
-            Some((s, _, _)) => (false, s),
+/// A cursor over block status pairs `(length, flags)` from offset 0, with
+/// the flag `flag` tells from their flags.
+fn status_cursor<'a>(
+    list: &'a [(u64, u32)],
+    flag: impl Fn(u32) -> bool + 'a,
+) -> Cursor<impl Iterator<Item = (u64, u64, bool)> + 'a> {
+    let spans = list.iter().scan(0u64, move |at, &(length, flags)| {
+        let start = *at;
+        *at = at.saturating_add(length);
+        Some((start, length, flag(flags)))
+    });
+    Cursor {
+        spans: spans.peekable(),
+    }
+}
+
+impl<I: Iterator<Item = (u64, u64, bool)>> Cursor<I> {
+    /// The flag at `pos` (false in a gap or past the end) and where that
+    /// value next may change. `pos` never goes back.
+    fn at(&mut self, pos: u64) -> (bool, u64) {
+        while self
+            .spans
+            .next_if(|&(s, l, _)| s.saturating_add(l) <= pos)
+            .is_some()
+        {}
+        match self.spans.peek() {
+            Some(&(s, l, f)) if s <= pos => (f, s.saturating_add(l)),
+            Some(&(s, _, _)) => (false, s),
             None => (false, u64::MAX),
         }
     }
 }
 
-/// Merges allocation extents with dirty-bitmap extents into one list on
-/// common boundaries covering exactly `0..size`, in one linear pass. Where
-/// a list has a gap its flag is false. Touching results with equal flags
-/// are merged.
-pub fn merge_dirty(alloc: &[Extent], dirty: &[nbd::Extent], size: u64) -> Vec<DirtyExtent> {
+/// Merges allocation extents with dirty-bitmap block status (from offset
+/// 0) into one list on common boundaries covering exactly `0..size`, in
+/// one linear pass. Where a list has a gap or ends early its flag is false.
+/// Touching results with equal flags are merged.
+pub fn merge_dirty(alloc: &[Extent], dirty: &[(u64, u32)], size: u64) -> Vec<DirtyExtent> {
     let mut out = Vec::with_capacity(alloc.len() + dirty.len());
-    let mut a = Cursor { list: alloc, i: 0 };
-    let mut d = Cursor { list: dirty, i: 0 };
+    let mut a = Cursor {
+        spans: alloc.iter().map(|e| (e.start, e.length, e.zero)).peekable(),
+    };
+    let mut d = status_cursor(dirty, |f| f & nbd::STATE_DIRTY != 0);
     let mut pos = 0;
     while pos < size {
-        let (zero, a_next) = a.at(pos, |e| (e.start, e.length, e.zero));
-        let (is_dirty, d_next) = d.at(pos, |e| {
-            (e.offset, e.length, e.flags & nbd::STATE_DIRTY != 0)
-        });
+        let (zero, a_next) = a.at(pos);
+        let (is_dirty, d_next) = d.at(pos);
         let next = a_next.min(d_next).min(size);
         push(
             &mut out,
@@ -229,14 +239,6 @@ pub fn merge_dirty(alloc: &[Extent], dirty: &[nbd::Extent], size: u64) -> Vec<Di
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ne(offset: u64, length: u64, flags: u32) -> nbd::Extent {
-        nbd::Extent {
-            offset,
-            length,
-            flags,
-        }
-    }
 
     fn de(start: u64, length: u64, dirty: bool, zero: bool) -> DirtyExtent {
         DirtyExtent {
@@ -258,13 +260,7 @@ mod tests {
 
     #[test]
     fn allocation_flags_and_merging() {
-        let alloc = [
-            ne(0, 10, 0),
-            ne(10, 5, 1),
-            ne(15, 5, 3),
-            ne(20, 5, 2),
-            ne(25, 5, 0),
-        ];
+        let alloc = [(10, 0), (5, 1), (5, 3), (5, 2), (5, 0)];
         assert_eq!(
             from_allocation(&alloc, None, 30),
             vec![
@@ -280,8 +276,8 @@ mod tests {
     #[test]
     fn allocation_depth_marks_holes() {
         // qcow2: data, an allocated zero cluster, unallocated clusters.
-        let alloc = [ne(0, 10, 0), ne(10, 30, 3)];
-        let depth = [ne(0, 20, 1), ne(20, 15, 0), ne(35, 5, 2)];
+        let alloc = [(10, 0), (30, 3)];
+        let depth = [(20, 1), (15, 0), (5, 2)];
         assert_eq!(
             from_allocation(&alloc, Some(&depth), 40),
             vec![
@@ -293,7 +289,7 @@ mod tests {
         );
         // A depth list that stops early: no hole where it says nothing.
         assert_eq!(
-            from_allocation(&alloc, Some(&[ne(0, 10, 0)]), 40),
+            from_allocation(&alloc, Some(&[(10, 0)]), 40),
             vec![ex(0, 10, false, true), ex(10, 30, true, false)]
         );
     }
@@ -318,8 +314,9 @@ mod tests {
 
     #[test]
     fn merge_on_common_boundaries() {
-        let alloc = from_allocation(&[ne(0, 100, 0), ne(100, 100, 3)], None, 200);
-        let dirty = [ne(0, 50, 0), ne(50, 100, 1), ne(150, 50, 0)];
+        let alloc = from_allocation(&[(100, 0), (100, 3)], None, 200);
+        // Touching pairs with equal flags (replies of two queries) merge.
+        let dirty = [(50, 0), (60, 1), (40, 1), (50, 0)];
         assert_eq!(
             merge_dirty(&alloc, &dirty, 200),
             vec![
@@ -334,7 +331,7 @@ mod tests {
     #[test]
     fn merge_handles_gaps_and_short_lists() {
         let alloc = vec![ex(0, 40, true, false)];
-        let dirty = [ne(60, 20, 1)];
+        let dirty = [(60, 0), (20, 1)];
         assert_eq!(
             merge_dirty(&alloc, &dirty, 100),
             vec![
@@ -352,7 +349,7 @@ mod tests {
         // 200k alternating extents each: quadratic code would take minutes.
         let n = 200_000u64;
         let alloc: Vec<Extent> = (0..n).map(|i| ex(i * 2, 2, i % 2 == 0, false)).collect();
-        let dirty: Vec<nbd::Extent> = (0..n * 2).map(|i| ne(i, 1, (i % 2) as u32)).collect();
+        let dirty: Vec<(u64, u32)> = (0..n * 2).map(|i| (1, (i % 2) as u32)).collect();
         let got = merge_dirty(&alloc, &dirty, n * 2);
         assert_eq!(got.len() as u64, n * 2);
         assert_eq!(got[3], de(3, 1, true, false));

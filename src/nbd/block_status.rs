@@ -12,48 +12,20 @@ use super::connection::Connection;
 use super::error::{Error, Result};
 use super::MAX_BLOCK_STATUS;
 
-/// One extent of a block status reply: `length` bytes from `offset` with `flags`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-    pub flags: u32,
-}
-
-impl Extent {
-    pub fn end(&self) -> u64 {
-        self.offset + self.length
-    }
-}
-
-/// Appends `e` to `list`, merging it into the last extent when they touch and
-/// have the same flags.
-pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
-    if e.length == 0 {
-        return;
-    }
-    if let Some(last) = list.last_mut() {
-        if last.end() == e.offset && last.flags == e.flags {
-            last.length += e.length;
-            return;
-        }
-    }
-    list.push(e);
-}
-
 impl Connection {
     /// Block status of `offset..offset+len` for each of `contexts` (which must
-    /// have been negotiated). Returns one extent list per context, in the
-    /// order given, each covering the range exactly, in order, with adjacent
-    /// extents of equal flags merged. Queries in steps of up to 4 GiB and
-    /// continues from wherever the server's replies stop; each query waits
-    /// at most the command timeout.
+    /// have been negotiated). Returns one list per context, in the order
+    /// given: `(length, flags)` pairs as the server reports them, back to
+    /// back from `offset`, covering the range exactly. Touching pairs may
+    /// have equal flags (replies are not merged here; see `crate::extents`).
+    /// Queries in steps of up to 4 GiB and continues from wherever the
+    /// server's replies stop; each query waits at most the command timeout.
     pub fn block_status(
         &mut self,
         offset: u64,
         len: u64,
         contexts: &[&str],
-    ) -> Result<Vec<Vec<Extent>>> {
+    ) -> Result<Vec<Vec<(u64, u32)>>> {
         self.check_range(offset, len)?;
         self.check_alive()?;
         // The server only answers for negotiated contexts; without this a
@@ -140,8 +112,10 @@ impl Connection {
 
 struct BlockStatusState {
     contexts: Vec<Vec<u8>>,
+    /// Per context: where its list ends so far.
     covered: Vec<u64>,
-    extents: Vec<Vec<Extent>>,
+    /// Per context: `(length, flags)` from the queried offset.
+    extents: Vec<Vec<(u64, u32)>>,
     end: u64,
     panicked: bool,
 }
@@ -157,6 +131,9 @@ impl BlockStatusState {
         }
     }
 
+    /// Appends the part of a reply (for a query at `offset`) beyond what
+    /// the list covers. A query starts where the least covered list ends,
+    /// so a reply never starts beyond the end of a list.
     fn record_one(&mut self, i: usize, offset: u64, entries: &[u32]) {
         let mut start = offset;
         for pair in entries.chunks_exact(2) {
@@ -164,15 +141,8 @@ impl BlockStatusState {
             let flags = pair[1];
             let stop = start.saturating_add(len).min(self.end);
             let from = start.max(self.covered[i]);
-            if stop > from {
-                push_extent(
-                    &mut self.extents[i],
-                    Extent {
-                        offset: from,
-                        length: stop - from,
-                        flags,
-                    },
-                );
+            if stop > from && start <= self.covered[i] {
+                self.extents[i].push((stop - from, flags));
                 self.covered[i] = stop;
             }
             start = start.saturating_add(len);
@@ -238,24 +208,6 @@ unsafe extern "C" fn extent_trampoline(
 mod tests {
     use super::*;
 
-    fn e(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent {
-            offset,
-            length,
-            flags,
-        }
-    }
-
-    #[test]
-    fn push_extent_merges_touching_equal_flags() {
-        let mut v = Vec::new();
-        push_extent(&mut v, e(0, 10, 0));
-        push_extent(&mut v, e(10, 5, 0));
-        push_extent(&mut v, e(15, 5, 3));
-        push_extent(&mut v, e(20, 0, 0));
-        assert_eq!(v, vec![e(0, 15, 0), e(15, 5, 3)]);
-    }
-
     #[test]
     fn record_clips_to_end_and_skips_covered() {
         let mut s = BlockStatusState {
@@ -268,7 +220,14 @@ mod tests {
         // A reply starting before what is covered and running past the end.
         s.record(b"base:allocation", 50, &[100, 0, 500, 3]);
         s.record(b"other", 0, &[1000, 1]);
-        assert_eq!(s.extents[0], vec![e(100, 50, 0), e(150, 150, 3)]);
+        assert_eq!(s.extents[0], vec![(50, 0), (150, 3)]);
         assert_eq!(s.covered, vec![300]);
+        // A reply beyond the end of the list would leave a gap: ignored.
+        s.end = 500;
+        s.record(b"base:allocation", 301, &[10, 0]);
+        assert_eq!(s.covered, vec![300]);
+        // Touching replies with equal flags stay apart.
+        s.record(b"base:allocation", 300, &[10, 3]);
+        assert_eq!(s.extents[0], vec![(50, 0), (150, 3), (10, 3)]);
     }
 }

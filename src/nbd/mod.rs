@@ -22,7 +22,6 @@ mod connection;
 mod error;
 mod pipeline;
 
-pub use block_status::{push_extent, Extent};
 pub use connection::{ConnectOptions, Connection};
 pub use error::{Error, Result};
 pub use pipeline::{Pipeline, Retired};

@@ -116,10 +116,11 @@ pub fn check_config(data: &[u8]) {
     assert!(cfg.idle_timeout.as_secs() >= 1);
 }
 
-/// Decodes bytes into (allocation extents, dirty extents, size): two
-/// partitions of ranges near `size`, possibly short, long or with gaps,
-/// like a server's replies could be.
-pub fn extents_from_bytes(data: &[u8]) -> (Vec<Extent>, Vec<nbd::Extent>, u64) {
+/// Decodes bytes into (allocation extents, dirty block status, size): two
+/// partitions of ranges near `size`, possibly short or long; the extents
+/// with gaps, the block status (`(length, flags)` from 0) with touching
+/// pairs of equal flags, like a server's replies could be.
+pub fn extents_from_bytes(data: &[u8]) -> (Vec<Extent>, Vec<(u64, u32)>, u64) {
     let mut it = data.iter().copied();
     let mut next = move || it.next();
     let size = match (next(), next()) {
@@ -148,21 +149,15 @@ pub fn extents_from_bytes(data: &[u8]) -> (Vec<Extent>, Vec<nbd::Extent>, u64) {
         pos += len * 7;
     }
     let mut dirty = Vec::new();
-    let mut pos = 0u64;
     while let Some(b) = next() {
         let len = u64::from(b & 0x7F);
         if len == 0 {
-            pos += 5;
+            dirty.push((5, 0));
             continue;
         }
         let mut flags = if b & 0x80 != 0 { nbd::STATE_DIRTY } else { 0 };
         flags |= u32::from(b & 2);
-        dirty.push(nbd::Extent {
-            offset: pos,
-            length: len * 3,
-            flags,
-        });
-        pos += len * 3;
+        dirty.push((len * 3, flags));
     }
     (alloc, dirty, size)
 }
@@ -174,25 +169,37 @@ fn alloc_zero_at(alloc: &[Extent], p: u64) -> bool {
         .is_some_and(|e| e.zero)
 }
 
-fn dirty_at(dirty: &[nbd::Extent], p: u64) -> bool {
-    dirty
+/// Block status pairs `(length, flags)` from 0 as `(offset, length, flags)`.
+fn spans(status: &[(u64, u32)]) -> Vec<(u64, u64, u32)> {
+    let mut at = 0;
+    status
         .iter()
-        .find(|e| e.offset <= p && p < e.offset + e.length)
-        .is_some_and(|e| e.flags & nbd::STATE_DIRTY != 0)
+        .map(|&(l, f)| {
+            at += l;
+            (at - l, l, f)
+        })
+        .collect()
+}
+
+fn dirty_at(dirty: &[(u64, u32)], p: u64) -> bool {
+    spans(dirty)
+        .into_iter()
+        .find(|&(o, l, _)| o <= p && p < o + l)
+        .is_some_and(|(_, _, f)| f & nbd::STATE_DIRTY != 0)
 }
 
 /// `merge_dirty`: covers 0..size exactly, in order, no empty extents,
 /// neighbours differ in flags, and every extent agrees with both inputs at
 /// its start and at every input boundary inside it (the inputs are constant
 /// between their boundaries, so it agrees everywhere).
-pub fn check_merge(alloc: &[Extent], dirty: &[nbd::Extent], size: u64) {
+pub fn check_merge(alloc: &[Extent], dirty: &[(u64, u32)], size: u64) {
     let merged = extents::merge_dirty(alloc, dirty, size);
     let mut pos = 0;
     let mut prev: Option<DirtyExtent> = None;
     let mut bounds: Vec<u64> = alloc
         .iter()
         .flat_map(|e| [e.start, e.start + e.length])
-        .chain(dirty.iter().flat_map(|e| [e.offset, e.offset + e.length]))
+        .chain(spans(dirty).into_iter().flat_map(|(o, l, _)| [o, o + l]))
         .collect();
     bounds.sort_unstable();
     bounds.dedup();
