@@ -632,6 +632,11 @@ pub async fn write(
     log: &mut OpLog,
     t: &Arc<Transfer>,
 ) -> Result<u64, OpError> {
+    if matches!(writer, Writer::Replace(_)) && offset != 0 {
+        return Err(OpError::NotSupported(
+            "ranged writes are not supported by the file backend",
+        ));
+    }
     let mut body = BodyChunks::new(body.payload, body.length, body.timeout);
     let mut written = Written {
         bytes: 0,
@@ -642,9 +647,6 @@ pub async fn write(
             Ok(caps) => write_nbd(&mut body, h, offset, caps.can_zero, flush, &mut written).await,
             Err(e) => Err(Failure::Backend(e)),
         },
-        Writer::Replace(_) if offset != 0 => Err(Failure::Client(OpError::NotSupported(
-            "ranged writes are not supported by the file backend",
-        ))),
         Writer::Replace(u) => {
             let r = write_file(&mut body, u, flush, &mut written).await;
             if r.is_ok() && !flush {
