@@ -1,6 +1,9 @@
-//! Operations that move bytes between an HTTP body and a backend, with
-//! memory per request bounded by a few fixed-size buffers whatever the image
-//! size.
+//! Every operation on a transfer's storage: read (the GET stream), write
+//! (a request body into the backend's [`Writer`]), zero, flush, extents and
+//! checksum. Handlers parse and validate, take the limits and locks, and
+//! call one of these; what fails is an [`OpError`], which the HTTP layer
+//! turns into its response. Memory per request is bounded by a few
+//! fixed-size buffers whatever the image size.
 //!
 //! NBD transfers run on the HTTP worker's own event loop: libnbd's
 //! non-blocking API keeps `WINDOW` requests in flight on the connection
@@ -23,11 +26,14 @@ use actix_web::web::Payload;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Handle, Lease, Transfer, Writer};
+use crate::checksum;
+use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
 use crate::zeroes::is_zero;
@@ -701,6 +707,51 @@ pub async fn zero(
     log.bytes = zeroed;
     t.stats().add_zeroed(zeroed);
     Ok(zeroed)
+}
+
+/// A transfer's extents (see [`extents`]).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ExtentList {
+    Allocation(Vec<Extent>),
+    Dirty(Vec<DirtyExtent>),
+}
+
+/// The allocation extents of the whole image, or with `dirty` those merged
+/// with the configured dirty bitmap (every extent dirty when there is none
+/// or the export does not offer it).
+pub async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpError> {
+    let mut h = open(t).await?;
+    blocking(move || {
+        if !dirty {
+            return Ok(ExtentList::Allocation(h.allocation_extents()?));
+        }
+        Ok(ExtentList::Dirty(match h.dirty_extents()? {
+            Some(list) => list,
+            None => extents::all_dirty(&h.allocation_extents()?),
+        }))
+    })
+    .await
+}
+
+/// The checksum of the whole image (see [`checksum`]).
+pub async fn checksum(
+    t: &Arc<Transfer>,
+    params: checksum::Params,
+    log: &mut OpLog,
+) -> Result<checksum::Checksum, OpError> {
+    let mut h = open(t).await?;
+    let size = h.size();
+    let id = t.id().to_string();
+    let sum = blocking(move || {
+        checksum::compute(&mut h, &params).map_err(|e| {
+            log::error!("CHECKSUM error image_id={id} err={e}");
+            OpError::from(e)
+        })
+    })
+    .await?;
+    log.bytes = size;
+    Ok(sum)
 }
 
 /// Flushes what was written to the transfer's storage (fsync for a file).

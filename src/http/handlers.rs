@@ -1,5 +1,7 @@
 //! Request handlers: route, parse and validate, take the limits and locks,
-//! then let `ops` move the bytes. Every failure is an [`ApiError`].
+//! then call one operation of `ops`. What a backend can do (OPTIONS, and
+//! the refusals of what it cannot) comes from its [`Caps`]. Every failure
+//! is an [`ApiError`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,7 +21,6 @@ use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps, Lease};
 use crate::checksum;
-use crate::extents;
 use crate::ops::{self, OpLog};
 
 type Res = Result<HttpResponse, ApiError>;
@@ -262,19 +263,9 @@ async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
         t.id(),
         format_args!("context={}", context.as_deref().unwrap_or("-")),
     );
-    let mut h = ops::open(t.transfer()).await?;
-    let body = ops::blocking(move || {
-        let r = if dirty {
-            match h.dirty_extents()? {
-                Some(list) => serde_json::to_vec(&list),
-                None => serde_json::to_vec(&extents::all_dirty(&h.allocation_extents()?)),
-            }
-        } else {
-            serde_json::to_vec(&h.allocation_extents()?)
-        };
-        r.map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))
-    })
-    .await?;
+    let list = ops::extents(t.transfer(), dirty).await?;
+    let body = serde_json::to_vec(&list)
+        .map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body))
@@ -299,17 +290,7 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
             params.block_size
         ),
     );
-    let mut h = ops::open(t.transfer()).await?;
-    let size = h.size();
-    let id = t.id().to_string();
-    let sum = ops::blocking(move || {
-        checksum::compute(&mut h, &params).map_err(|e| {
-            log::error!("CHECKSUM error image_id={id} err={e}");
-            ApiError::from(e)
-        })
-    })
-    .await?;
-    log.bytes = size;
+    let sum = ops::checksum(t.transfer(), params, &mut log).await?;
     let body =
         serde_json::to_value(&sum).map_err(|e| ApiError::internal(format!("encode: {e}")))?;
     Ok(json_ok(&body))

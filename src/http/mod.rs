@@ -1,6 +1,6 @@
 //! The HTTP side: routing, request validation and responses. Handlers parse
-//! and validate, then hand the byte moving to `crate::ops` and the storage
-//! work to `crate::backend` on the blocking pool.
+//! and validate, take the limits and locks, then call one operation of
+//! `crate::ops`.
 
 pub mod error;
 pub mod handlers;
