@@ -1,0 +1,187 @@
+//! The transfers the server holds, and the one policy that says what a
+//! transfer id names.
+//!
+//! A transfer comes from one of two sources:
+//!
+//! - registered over the control socket (`crate::control`), held in memory
+//!   ([`registry`]);
+//! - a JSON file `<config-dir>/<id>`, as `image_server.py` (CloudStack's
+//!   Python image server, which this one replaces) reads them, loaded on
+//!   demand and cached while the file is unchanged ([`config_dir`]).
+//!
+//! [`Transfers`] holds both and decides: a registered transfer if there is
+//! one (even while it is being unregistered, so that the id is refused
+//! then), else the config dir's. The HTTP side asks it for a [`Lease`] per
+//! request ([`Transfers::lookup`]); the control socket registers,
+//! unregisters and reports; the server's idle sweeper and shutdown go
+//! through [`Transfers::expire_idle`] and [`Transfers::all`].
+//!
+//! Every transfer gets the same [`Settings`] (the server's command-line
+//! settings for transfers, such as `--nbd-timeout`).
+
+mod config_dir;
+mod registry;
+mod transfer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{valid_transfer_id, TransferConfig};
+use config_dir::ConfigDir;
+use registry::Registry;
+
+pub use registry::MAX_REGISTERED;
+pub use transfer::{Lease, Settings, Transfer};
+
+/// Where a transfer the server holds comes from, as the control socket's
+/// `status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Registered,
+    ConfigDir,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Registered => "registered",
+            Origin::ConfigDir => "config_dir",
+        }
+    }
+}
+
+/// Every transfer of the server: the registered ones and the config dir's.
+pub struct Transfers {
+    registry: Registry,
+    /// Shared with the blocking thread that reads a config file.
+    config_dir: Arc<ConfigDir>,
+}
+
+impl Transfers {
+    /// No transfer registered yet; config files are read from `config_dir`.
+    pub fn new(config_dir: PathBuf, settings: Settings) -> Transfers {
+        Transfers {
+            registry: Registry::new(settings),
+            config_dir: Arc::new(ConfigDir::new(config_dir, settings)),
+        }
+    }
+
+    /// What `id` names for one request: a lease on the registered transfer
+    /// if there is one (even while it is being unregistered, so that the id
+    /// is refused then), else on the config dir's. `None` (404) for an
+    /// unknown or closed transfer. A registered transfer is found without
+    /// leaving the calling task; only the config-dir fallback (it stats and
+    /// may read a file) runs on the blocking pool.
+    pub async fn lookup(&self, id: &str) -> Option<Lease> {
+        if !valid_transfer_id(id) {
+            return None;
+        }
+        if let Some(t) = self.registry.get(id) {
+            return lease(&t, Origin::Registered);
+        }
+        let dir = self.config_dir.clone();
+        let owned = id.to_string();
+        match tokio::task::spawn_blocking(move || dir.load(&owned)).await {
+            Ok(t) => lease(&t?, Origin::ConfigDir),
+            Err(e) => {
+                log::error!("cfg lookup failed image_id={id} err={e}");
+                None
+            }
+        }
+    }
+
+    /// The transfer `id` as the server holds it now, for the control
+    /// socket's `status`: the one [`Transfers::lookup`] would use, except
+    /// that it takes no lease (so it counts as no request and no activity)
+    /// and reads nothing from disk: a config-dir transfer is found once an
+    /// HTTP request loaded it. Closed transfers (being unregistered, or
+    /// idle) are found too.
+    pub fn find(&self, id: &str) -> Option<(Arc<Transfer>, Origin)> {
+        if !valid_transfer_id(id) {
+            return None;
+        }
+        if let Some(t) = self.registry.get(id) {
+            return Some((t, Origin::Registered));
+        }
+        self.config_dir.cached(id).map(|t| (t, Origin::ConfigDir))
+    }
+
+    /// Every transfer currently held: registered ones (also those being
+    /// unregistered) and those loaded from the config dir and still cached.
+    pub fn all(&self) -> Vec<Arc<Transfer>> {
+        let mut all = self.registry.all();
+        all.extend(self.config_dir.all());
+        all
+    }
+
+    /// Closes every transfer (registered or config-dir) idle for longer than
+    /// its idle timeout; returns them so they can be retired (see
+    /// [`Transfer::retire`]) off the async workers. Registered ones are
+    /// dropped; config-dir ones stay, closed, until their file changes.
+    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+        let registered = self.registry.expire_idle(now);
+        for t in &registered {
+            log::info!(
+                "image_id={} unregistered: no request for {} s (idle_timeout_seconds)",
+                t.id(),
+                t.config().idle_timeout.as_secs()
+            );
+        }
+        let from_dir = self.config_dir.expire_idle(now);
+        for t in &from_dir {
+            log::info!(
+                "image_id={} closed: no request for {} s (idle_timeout_seconds); refused until its config file changes",
+                t.id(),
+                t.config().idle_timeout.as_secs()
+            );
+        }
+        let mut all = registered;
+        all.extend(from_dir);
+        all
+    }
+
+    /// Registers (or re-registers) `id`; see [`Registry::register`]. Returns
+    /// the transfer it replaced, which the caller should retire once drained.
+    pub fn register(
+        &self,
+        id: &str,
+        config: TransferConfig,
+    ) -> Result<Option<Arc<Transfer>>, String> {
+        self.registry.register(id, config)
+    }
+
+    /// Starts unregistering `id`: from now on it grants no new requests
+    /// (they get 404, whatever the config dir holds). The caller waits for
+    /// [`Transfer::drained`], then calls [`Transfers::unregistered`]. `None`
+    /// when `id` is not registered.
+    pub fn begin_unregister(&self, id: &str) -> Option<Arc<Transfer>> {
+        self.registry.begin_unregister(id)
+    }
+
+    /// Ends unregistering `t`: drops it, if `id` still names it (it may have
+    /// been registered anew meanwhile).
+    pub fn unregistered(&self, id: &str, t: &Arc<Transfer>) {
+        self.registry.remove(id, t);
+    }
+
+    /// Registered transfers that are not being unregistered.
+    pub fn registered_count(&self) -> usize {
+        self.registry.active_count()
+    }
+}
+
+/// A lease on `t` for one request, or `None` (logged) once it is closed.
+fn lease(t: &Arc<Transfer>, origin: Origin) -> Option<Lease> {
+    let lease = t.lease();
+    if lease.is_none() {
+        let id = t.id();
+        match origin {
+            Origin::Registered => log::info!("image_id={id} refused: being unregistered"),
+            Origin::ConfigDir => log::info!(
+                "image_id={id} refused: closed after its idle timeout until its config file changes"
+            ),
+        }
+    }
+    lease
+}
