@@ -185,3 +185,99 @@ fn lease(t: &Arc<Transfer>, origin: Origin) -> Option<Lease> {
     }
     lease
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, Source};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn socket_of(t: &Transfer) -> PathBuf {
+        match &t.config().backend {
+            BackendConfig::Nbd { socket, .. } => socket.clone(),
+            BackendConfig::File { path } => path.clone(),
+        }
+    }
+
+    /// A runtime whose blocking pool has one thread, and a way to keep that
+    /// thread busy: what runs on the blocking pool then cannot finish.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_registered_id_wins_even_while_unregistering_else_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), r#"{"socket":"/from-dir.sock"}"#).unwrap();
+        let transfers = Transfers::new(dir.path().to_path_buf(), Settings::default());
+        let registered =
+            TransferConfig::from_value(&json!({"socket": "/registered.sock"}), Source::Registered)
+                .unwrap();
+        runtime().block_on(async {
+            assert!(transfers.lookup("..").await.is_none());
+            assert!(transfers.lookup("missing").await.is_none());
+            let lease = transfers.lookup("t").await.unwrap();
+            assert_eq!(socket_of(&lease), PathBuf::from("/from-dir.sock"));
+            drop(lease);
+            assert_eq!(transfers.find("t").unwrap().1, Origin::ConfigDir);
+
+            assert!(transfers.register("t", registered).unwrap().is_none());
+            let lease = transfers.lookup("t").await.unwrap();
+            assert_eq!(socket_of(&lease), PathBuf::from("/registered.sock"));
+            drop(lease);
+            assert_eq!(transfers.registered_count(), 1);
+            assert_eq!(transfers.all().len(), 2);
+
+            // Being unregistered: refused, although the config dir has it.
+            let t = transfers.begin_unregister("t").unwrap();
+            assert!(transfers.lookup("t").await.is_none());
+            let (found, origin) = transfers.find("t").unwrap();
+            assert_eq!(origin, Origin::Registered);
+            assert!(found.is_closed());
+            assert_eq!(transfers.registered_count(), 0);
+
+            transfers.unregistered("t", &t);
+            let lease = transfers.lookup("t").await.unwrap();
+            assert_eq!(socket_of(&lease), PathBuf::from("/from-dir.sock"));
+        });
+    }
+
+    #[test]
+    fn only_the_config_dir_fallback_uses_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), r#"{"socket":"/d.sock"}"#).unwrap();
+        let transfers = Transfers::new(dir.path().to_path_buf(), Settings::default());
+        let cfg =
+            TransferConfig::from_value(&json!({"socket": "/r.sock"}), Source::Registered).unwrap();
+        transfers.register("reg", cfg).unwrap();
+        let rt = runtime();
+        rt.block_on(async {
+            // The blocking pool's one thread is busy until `release` is sent.
+            let (release, busy) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || busy.recv());
+            let hang_guard = Duration::from_secs(30);
+            let lease = tokio::time::timeout(hang_guard, transfers.lookup("reg"))
+                .await
+                .expect("a registered transfer is found without the blocking pool");
+            assert_eq!(lease.unwrap().id(), "reg");
+            // The config-dir fallback waits for the blocking pool.
+            let from_dir = transfers.lookup("file");
+            let mut from_dir = std::pin::pin!(from_dir);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), from_dir.as_mut())
+                    .await
+                    .is_err(),
+                "the config dir is read on the blocking pool"
+            );
+            release.send(()).unwrap();
+            let lease = tokio::time::timeout(hang_guard, from_dir).await.unwrap();
+            assert_eq!(lease.unwrap().id(), "file");
+            blocker.await.unwrap().unwrap();
+        });
+    }
+}
