@@ -31,6 +31,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// How the control socket's `status` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Registered => "registered",
+            Source::ConfigDir => "config_dir",
+        }
+    }
+
     /// The idle timeout of a config without `idle_timeout_seconds`.
     pub fn default_idle_timeout(self) -> Duration {
         match self {

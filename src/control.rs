@@ -278,9 +278,9 @@ fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
     };
     match state.find(id) {
         None => error("unknown transfer_id"),
-        Some((t, origin)) => {
+        Some((t, source)) => {
             let mut reply = ok(state);
-            reply["transfer"] = transfer_status(&t, origin.name(), Instant::now());
+            reply["transfer"] = transfer_status(&t, source.name(), Instant::now());
             reply
         }
     }

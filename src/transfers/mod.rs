@@ -27,29 +27,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{valid_transfer_id, TransferConfig};
+use crate::config::{valid_transfer_id, Source, TransferConfig};
 use config_dir::ConfigDir;
 use registry::Registry;
 
 pub use registry::MAX_REGISTERED;
 pub use transfer::{Lease, Settings, Transfer};
-
-/// Where a transfer the server holds comes from, as the control socket's
-/// `status` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Registered,
-    ConfigDir,
-}
-
-impl Origin {
-    pub fn name(self) -> &'static str {
-        match self {
-            Origin::Registered => "registered",
-            Origin::ConfigDir => "config_dir",
-        }
-    }
-}
 
 /// Every transfer of the server: the registered ones and the config dir's.
 pub struct Transfers {
@@ -78,12 +61,12 @@ impl Transfers {
             return None;
         }
         if let Some(t) = self.registry.get(id) {
-            return lease(&t, Origin::Registered);
+            return lease(&t, Source::Registered);
         }
         let dir = self.config_dir.clone();
         let owned = id.to_string();
         match tokio::task::spawn_blocking(move || dir.load(&owned)).await {
-            Ok(t) => lease(&t?, Origin::ConfigDir),
+            Ok(t) => lease(&t?, Source::ConfigDir),
             Err(e) => {
                 log::error!("cfg lookup failed image_id={id} err={e}");
                 None
@@ -97,14 +80,14 @@ impl Transfers {
     /// and reads nothing from disk: a config-dir transfer is found once an
     /// HTTP request loaded it. Closed transfers (being unregistered, or
     /// idle) are found too.
-    pub fn find(&self, id: &str) -> Option<(Arc<Transfer>, Origin)> {
+    pub fn find(&self, id: &str) -> Option<(Arc<Transfer>, Source)> {
         if !valid_transfer_id(id) {
             return None;
         }
         if let Some(t) = self.registry.get(id) {
-            return Some((t, Origin::Registered));
+            return Some((t, Source::Registered));
         }
-        self.config_dir.cached(id).map(|t| (t, Origin::ConfigDir))
+        self.config_dir.cached(id).map(|t| (t, Source::ConfigDir))
     }
 
     /// Every transfer currently held: registered ones (also those being
@@ -172,13 +155,13 @@ impl Transfers {
 }
 
 /// A lease on `t` for one request, or `None` (logged) once it is closed.
-fn lease(t: &Arc<Transfer>, origin: Origin) -> Option<Lease> {
+fn lease(t: &Arc<Transfer>, source: Source) -> Option<Lease> {
     let lease = t.lease();
     if lease.is_none() {
         let id = t.id();
-        match origin {
-            Origin::Registered => log::info!("image_id={id} refused: being unregistered"),
-            Origin::ConfigDir => log::info!(
+        match source {
+            Source::Registered => log::info!("image_id={id} refused: being unregistered"),
+            Source::ConfigDir => log::info!(
                 "image_id={id} refused: closed after its idle timeout until its config file changes"
             ),
         }
@@ -189,7 +172,7 @@ fn lease(t: &Arc<Transfer>, origin: Origin) -> Option<Lease> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, Source};
+    use crate::config::BackendConfig;
     use serde_json::json;
     use std::time::Duration;
 
@@ -224,7 +207,7 @@ mod tests {
             let lease = transfers.lookup("t").await.unwrap();
             assert_eq!(socket_of(&lease), PathBuf::from("/from-dir.sock"));
             drop(lease);
-            assert_eq!(transfers.find("t").unwrap().1, Origin::ConfigDir);
+            assert_eq!(transfers.find("t").unwrap().1, Source::ConfigDir);
 
             assert!(transfers.register("t", registered).unwrap().is_none());
             let lease = transfers.lookup("t").await.unwrap();
@@ -236,8 +219,8 @@ mod tests {
             // Being unregistered: refused, although the config dir has it.
             let t = transfers.begin_unregister("t").unwrap();
             assert!(transfers.lookup("t").await.is_none());
-            let (found, origin) = transfers.find("t").unwrap();
-            assert_eq!(origin, Origin::Registered);
+            let (found, source) = transfers.find("t").unwrap();
+            assert_eq!(source, Source::Registered);
             assert!(found.is_closed());
             assert_eq!(transfers.registered_count(), 0);
 
