@@ -80,10 +80,8 @@ impl ConfigDir {
             }
         };
         let stamp = Stamp::of(&md);
-        if let Some((cached, t)) = self.cache.lock().get(id) {
-            if *cached == stamp {
-                return Some(t.clone());
-            }
+        if let Some(t) = cached_version(&self.cache.lock(), id, stamp) {
+            return Some(t);
         }
         let loaded = if !md.is_file() {
             Err("not a regular file".to_string())
@@ -96,8 +94,17 @@ impl ConfigDir {
         };
         match loaded {
             Ok(cfg) => {
+                let mut cache = self.cache.lock();
+                // A concurrent request may have loaded the same version
+                // meanwhile: one transfer per version, or requests would
+                // split over transfers (pools, counters, unflushed writes)
+                // and those the cache does not hold would be dropped without
+                // the flush at shutdown, their connections closed.
+                if let Some(t) = cached_version(&cache, id, stamp) {
+                    return Some(t);
+                }
                 let t = Arc::new(Transfer::new(id.to_string(), cfg, &self.settings));
-                self.cache.lock().insert(id.to_string(), (stamp, t.clone()));
+                cache.insert(id.to_string(), (stamp, t.clone()));
                 Some(t)
             }
             Err(e) => {
@@ -121,6 +128,18 @@ impl ConfigDir {
             .map(|(_, t)| t.clone())
             .collect()
     }
+}
+
+/// The transfer made from version `stamp` of `id`'s config file, if cached.
+fn cached_version(
+    cache: &HashMap<String, (Stamp, Arc<Transfer>)>,
+    id: &str,
+    stamp: Stamp,
+) -> Option<Arc<Transfer>> {
+    cache
+        .get(id)
+        .filter(|(cached, _)| *cached == stamp)
+        .map(|(_, t)| t.clone())
 }
 
 fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -186,5 +205,34 @@ mod tests {
         std::fs::remove_file(dir.path().join("t1")).unwrap();
         assert!(reg.load("t1").is_none());
         assert!(reg.load("..").is_none());
+    }
+
+    #[test]
+    fn concurrent_first_loads_make_one_transfer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), r#"{"socket":"/a.sock"}"#).unwrap();
+        const THREADS: usize = 8;
+        for round in 0..50 {
+            let cfgs = ConfigDir::new(dir.path().to_path_buf(), Settings::default());
+            let start = std::sync::Barrier::new(THREADS);
+            let loaded: Vec<Arc<Transfer>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            cfgs.load("t").unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let cached = cfgs.cached("t").unwrap();
+            for t in &loaded {
+                assert!(
+                    Arc::ptr_eq(t, &cached),
+                    "round {round}: a request got a transfer the cache does not hold"
+                );
+            }
+        }
     }
 }
