@@ -26,15 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::web;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use crate::backend::Transfer;
 use crate::config::{valid_transfer_id, BackendConfig, Source, TransferConfig};
-use crate::http::AppState;
+use crate::transfers::{Transfer, Transfers};
 
 /// Where the agent expects the control socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
@@ -126,7 +124,7 @@ impl ControlSocket {
     /// bounds how long an unregister waits for requests in flight before
     /// it replies with an error (the transfer is still dropped once they
     /// end).
-    pub async fn serve(self, state: web::Data<AppState>, unregister_wait: Duration) {
+    pub async fn serve(self, state: Arc<Transfers>, unregister_wait: Duration) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = match self.listener.accept().await {
@@ -168,11 +166,11 @@ fn error(message: impl Into<String>) -> Value {
     json!({"status": "error", "message": message.into()})
 }
 
-fn ok(state: &AppState) -> Value {
-    json!({"status": "ok", "active_transfers": state.registry.active_count()})
+fn ok(state: &Transfers) -> Value {
+    json!({"status": "ok", "active_transfers": state.registered_count()})
 }
 
-async fn handle(mut stream: UnixStream, state: &web::Data<AppState>, unregister_wait: Duration) {
+async fn handle(mut stream: UnixStream, state: &Arc<Transfers>, unregister_wait: Duration) {
     let answer = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
         Err(_) => error("timed out reading the request"),
         Ok(Err(e)) => error(e),
@@ -239,7 +237,7 @@ async fn reply(mut stream: UnixStream, answer: Value) {
     .await;
 }
 
-async fn process(line: &[u8], state: &web::Data<AppState>, unregister_wait: Duration) -> Value {
+async fn process(line: &[u8], state: &Arc<Transfers>, unregister_wait: Duration) -> Value {
     let value: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return error(format!("invalid JSON: {e}")),
@@ -270,7 +268,7 @@ fn transfer_id(obj: &Map<String, Value>) -> Result<&str, Value> {
 }
 
 /// `status`, for the server or (with `transfer_id`) for one transfer.
-fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
+fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
     if matches!(obj.get("transfer_id"), None | Some(Value::Null)) {
         return ok(state);
     }
@@ -282,7 +280,7 @@ fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
         None => error("unknown transfer_id"),
         Some((t, source)) => {
             let mut reply = ok(state);
-            reply["transfer"] = transfer_status(&t, source, Instant::now());
+            reply["transfer"] = transfer_status(&t, source.name(), Instant::now());
             reply
         }
     }
@@ -340,7 +338,7 @@ fn describe(config: &TransferConfig) -> String {
     }
 }
 
-async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Value {
+async fn register(obj: &Map<String, Value>, state: &Arc<Transfers>) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id,
         Err(e) => return e,
@@ -359,7 +357,7 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
     };
     let detail = describe(&config);
     let idle = config.idle_timeout.as_secs();
-    match state.registry.register(id, config) {
+    match state.register(id, config) {
         Ok(replaced) => {
             log::info!("control: registered transfer_id={id} {detail} idle_timeout_s={idle}");
             if let Some(old) = replaced {
@@ -382,16 +380,12 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
     }
 }
 
-async fn unregister(
-    obj: &Map<String, Value>,
-    state: &web::Data<AppState>,
-    wait: Duration,
-) -> Value {
+async fn unregister(obj: &Map<String, Value>, state: &Arc<Transfers>, wait: Duration) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id.to_string(),
         Err(e) => return e,
     };
-    let Some(t) = state.registry.begin_unregister(&id) else {
+    let Some(t) = state.begin_unregister(&id) else {
         // Already gone (never registered, or dropped by its idle timeout):
         // nothing to do, and the agent only wants the count.
         log::info!("control: unregister of unknown transfer_id={id}");
@@ -407,7 +401,7 @@ async fn unregister(
         let id = id.clone();
         async move {
             t.drained().await;
-            state.registry.remove(&id, &t);
+            state.unregistered(&id, &t);
             let _ = actix_web::rt::task::spawn_blocking(move || t.retire("as it was unregistered"))
                 .await;
             log::info!("control: unregistered transfer_id={id}");

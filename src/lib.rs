@@ -10,7 +10,7 @@ pub mod head_timeout;
 pub mod http;
 pub mod nbd;
 pub mod ops;
-pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod tls;
+pub mod transfers;

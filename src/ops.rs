@@ -28,10 +28,11 @@ use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
-use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::backend::{BackendError, Handle};
 use crate::http::error::ApiError;
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
+use crate::transfers::{Lease, Transfer};
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB

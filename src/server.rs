@@ -6,6 +6,7 @@ use std::future::ready;
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_http::{error::DispatchError, HttpService, Protocol};
@@ -21,10 +22,10 @@ use actix_web::{web, App};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::ConfigDir;
 use crate::control::ControlSocket;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+use crate::transfers::{self, Transfers};
 
 /// An idle keep-alive connection is closed after this.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -72,12 +73,12 @@ pub struct Settings {
 }
 
 /// Closes transfers idle for longer than their idle timeout, forever.
-async fn sweep_idle(state: web::Data<AppState>) {
+async fn sweep_idle(transfers: Arc<Transfers>) {
     let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let expired = state.expire_idle(Instant::now());
+        let expired = transfers.expire_idle(Instant::now());
         if !expired.is_empty() {
             let _ = actix_web::rt::task::spawn_blocking(move || {
                 for t in expired {
@@ -91,7 +92,6 @@ async fn sweep_idle(state: web::Data<AppState>) {
 
 /// Runs the server; returns when it has stopped.
 pub async fn run(settings: Settings) -> std::io::Result<()> {
-    crate::backend::nbd::set_command_timeout(settings.nbd_timeout);
     // Everything that can fail at start fails before the server is up.
     let tls = match &settings.tls {
         Some(files) => Some(
@@ -110,14 +110,20 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
             settings.config_dir.display()
         );
     }
+    let transfers = Arc::new(Transfers::new(
+        settings.config_dir.clone(),
+        transfers::Settings {
+            nbd_timeout: settings.nbd_timeout,
+        },
+    ));
     let state = web::Data::new(AppState::new(
-        ConfigDir::new(settings.config_dir.clone()),
+        transfers.clone(),
         settings.max_readers,
         settings.max_writers,
         settings.max_requests,
         settings.body_timeout,
     ));
-    let (server, addrs) = http_server(&settings, tls, state.clone())?;
+    let (server, addrs) = http_server(&settings, tls, state)?;
     for (addr, scheme) in addrs {
         log::info!("listening on {scheme}://{addr}");
         println!("listening on {scheme}://{addr}");
@@ -128,9 +134,9 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     );
     if let Some(control) = control {
         log::info!("control socket listening on {}", control.path().display());
-        actix_web::rt::spawn(control.serve(state.clone(), settings.shutdown_timeout));
+        actix_web::rt::spawn(control.serve(transfers.clone(), settings.shutdown_timeout));
     }
-    actix_web::rt::spawn(sweep_idle(state.clone()));
+    actix_web::rt::spawn(sweep_idle(transfers.clone()));
     std::io::stdout().flush()?;
     let running = server.run();
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
@@ -138,7 +144,7 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     }
     running.await?;
     log::info!("server stopped accepting; flushing what was written");
-    let flushed = web::block(move || flush_written(&state)).await;
+    let flushed = web::block(move || flush_written(&transfers)).await;
     if let Err(e) = flushed {
         log::error!("flush at shutdown failed: {e}");
     }
@@ -318,8 +324,8 @@ impl ConnSettings {
 
 /// Flushes every transfer written since its last flush, then closes its
 /// NBD connections. Blocking.
-fn flush_written(state: &AppState) {
-    for t in state.transfers() {
+fn flush_written(transfers: &Transfers) {
+    for t in transfers.all() {
         t.retire("at shutdown");
     }
 }

@@ -19,11 +19,12 @@ use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::file::FileUpload;
-use crate::backend::{BackendError, Handle, Lease, Transfer};
+use crate::backend::{BackendError, Handle};
 use crate::checksum;
 use crate::config::BackendConfig;
 use crate::extents;
 use crate::ops::{self, OpLog, Sink};
+use crate::transfers::{Lease, Transfer};
 
 type Res = Result<HttpResponse, ApiError>;
 
@@ -83,13 +84,6 @@ async fn open(t: &Arc<Transfer>) -> Result<Handle, ApiError> {
     blocking(move || t.open_in_turn(turn).map_err(ApiError::from)).await
 }
 
-/// The transfer `id` for one request (see `AppState::lookup`), or 404.
-async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError> {
-    let state = state.clone();
-    let id = id.to_string();
-    blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
-}
-
 /// The single entry point: every request comes through here. What it asks
 /// for is decided by [`route`]; the request's lease ends in [`finish`], or
 /// with a GET's body.
@@ -107,7 +101,11 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         Route::MethodNotAllowed => return Err(method_not_allowed()),
         Route::Transfer(id, op) => (id, op),
     };
-    let t = lookup(&state, &id).await?;
+    let t = state
+        .transfers
+        .lookup(&id)
+        .await
+        .ok_or_else(ApiError::unknown_image)?;
     let result = match op {
         // The body holds the lease and counts the request when it ends.
         Op::Read => return get_image(&req, &state, t).await,
