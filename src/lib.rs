@@ -14,3 +14,4 @@ pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod tls;
+pub mod unix_socket;
