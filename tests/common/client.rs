@@ -71,6 +71,13 @@ impl Client<UnixStream> {
 }
 
 impl<S: Read + Write> Client<S> {
+    /// A client over a stream the test connected itself (e.g. TLS).
+    pub fn over(stream: S) -> Client<S> {
+        Client {
+            stream: BufReader::new(stream),
+        }
+    }
+
     pub fn stream(&mut self) -> &mut S {
         self.stream.get_mut()
     }
