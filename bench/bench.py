@@ -18,8 +18,8 @@ BENCH_SIZE_MIB (default 2048, a multiple of 8) is the size of the raw image
 quick check of the bench itself, not figures to compare.
 
 The imageio rows (imageio_rows) need the virtualenv `make test-clients` keeps
-in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and are skipped
-without it; BENCH_IMAGEIO_ONLY=1 runs only them.
+in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and openssl, and are
+skipped without them; BENCH_IMAGEIO_ONLY=1 runs only them.
 """
 
 import datetime
@@ -539,6 +539,7 @@ def bench(binary, floor_binary, tmp, procs):
               f"{mibs('floor: curl GET (1 stream)') / base:.2f}, parallel "
               f"{mibs('floor: curl GET ×4 ranged') / base:.2f}, upload "
               f"{mibs('floor: curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
+    imageio_rows(binary, tmp, data, image, procs)
 
 
 def imageio_venv_python():
@@ -575,10 +576,12 @@ def imageio_rows(binary, tmp, data, image, procs):
     with the TLS handshake where there is TLS). Its own qemu-nbd and
     servers; prints its table."""
     python = imageio_venv_python()
-    if not python:
-        log("imageio rows skipped: no imageio virtualenv (run `make test-clients` "
-            "once, or set BENCH_IMAGEIO_VENV)")
-        print("\n- imageio rows skipped: no imageio virtualenv (`make test-clients` makes it)")
+    missing = None if python else "no imageio virtualenv (`make test-clients` makes it, or set BENCH_IMAGEIO_VENV)"
+    if not shutil.which("openssl"):
+        missing = "no openssl (for the HTTPS rows' certificate)"
+    if missing:
+        log(f"imageio rows skipped: {missing}")
+        print(f"\n- imageio rows skipped: {missing}")
         return
     log("imageio client rows: HTTPS, HTTP, Unix socket beside each")
     work = os.path.join(tmp, "imageio")
