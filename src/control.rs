@@ -21,8 +21,7 @@
 //! HTTP workers.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,11 +32,12 @@ use tokio::sync::Semaphore;
 
 use crate::config::{valid_transfer_id, BackendConfig, Source, TransferConfig};
 use crate::transfers::{Transfer, Transfers};
+use crate::unix_socket::{self, SocketFile};
 
 /// Where the agent expects the control socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
 /// Mode of the socket file: the agent (root or the cloud group) only.
-pub const SOCKET_MODE: u32 = 0o660;
+pub use crate::unix_socket::SOCKET_MODE;
 /// Longest accepted request line.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Time a client has to send its whole request.
@@ -56,68 +56,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// is still the one we made).
 pub struct ControlSocket {
     listener: UnixListener,
-    path: PathBuf,
-    ino: u64,
+    file: SocketFile,
 }
 
 impl ControlSocket {
-    /// Binds `path`: creates its parent directory if missing, replaces a
-    /// stale socket file (one nobody listens on), refuses a live socket or
-    /// any other kind of file, and sets mode 0660. Must run inside the
-    /// tokio runtime.
+    /// Binds `path` (see [`unix_socket::bind`]: parent directory created,
+    /// a stale socket replaced, mode 0660). Must run inside the tokio
+    /// runtime.
     pub fn bind(path: &Path) -> io::Result<ControlSocket> {
-        let with_path = |e: io::Error, what: &str| {
-            io::Error::new(
-                e.kind(),
-                format!("control socket {}: {what}: {e}", path.display()),
-            )
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| with_path(e, "cannot create its directory"))?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(md) if md.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!(
-                            "control socket {} is in use by another process",
-                            path.display()
-                        ),
-                    ));
-                }
-                log::info!("replacing stale control socket {}", path.display());
-                std::fs::remove_file(path)
-                    .map_err(|e| with_path(e, "cannot remove the stale socket"))?;
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "control socket {} exists and is not a socket",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(with_path(e, "cannot stat")),
-        }
-        let listener = UnixListener::bind(path).map_err(|e| with_path(e, "cannot bind"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-            .map_err(|e| with_path(e, "cannot set its mode"))?;
-        let ino = std::fs::metadata(path)
-            .map_err(|e| with_path(e, "cannot stat"))?
-            .ino();
+        let (listener, file) = unix_socket::bind(path, "control socket")?;
+        listener.set_nonblocking(true)?;
         Ok(ControlSocket {
-            listener,
-            path: path.to_path_buf(),
-            ino,
+            listener: UnixListener::from_std(listener)?,
+            file,
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Accepts connections until the runtime stops. `unregister_wait`
@@ -150,14 +106,6 @@ impl ControlSocket {
                     });
                 }
             }
-        }
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|md| md.ino() == self.ino) {
-            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -14,3 +14,4 @@ pub mod server;
 pub mod stats;
 pub mod tls;
 pub mod transfers;
+pub mod unix_socket;

@@ -136,10 +136,11 @@ fn method_not_allowed() -> ApiError {
 
 /// The OPTIONS reply body: `max_readers`/`max_writers` are what one client
 /// may run in parallel on the transfer (nothing refuses more; see
-/// `super::limits`).
+/// `super::limits`); `unix_socket` is the HTTP Unix socket's path, which
+/// imageio clients on this host switch to (`null` when it is off).
 fn options_body(state: &AppState, features: &[&str], max_writers: usize) -> String {
     json!({
-        "unix_socket": null,
+        "unix_socket": state.unix_socket,
         "features": features,
         "max_readers": state.max_readers,
         "max_writers": max_writers,

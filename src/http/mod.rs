@@ -39,6 +39,8 @@ pub struct AppState {
     pub locks: ImageLocks,
     /// Longest wait for the next piece of a request body.
     pub body_timeout: Duration,
+    /// The HTTP Unix socket's path, as OPTIONS advertises it (`None`: off).
+    pub unix_socket: Option<String>,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             requests: RequestSlots::new(max_requests),
             locks: ImageLocks::new(),
             body_timeout,
+            unix_socket: None,
         }
     }
 }
