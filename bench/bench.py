@@ -16,6 +16,10 @@ BENCH_ROUNDS (default 3) is the number of interleaved rounds (best is kept);
 BENCH_SIZE_MIB (default 2048, a multiple of 8) is the size of the raw image
 (three quarters of it random data, the upload source): small values make a
 quick check of the bench itself, not figures to compare.
+
+The imageio rows (imageio_rows) need the virtualenv `make test-clients` keeps
+in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and openssl, and are
+skipped without them; BENCH_IMAGEIO_ONLY=1 runs only them.
 """
 
 import datetime
@@ -108,20 +112,23 @@ class QemuNbd(Proc):
 
 
 class Server(Proc):
-    def __init__(self, binary, config_dir, logfile):
+    def __init__(self, binary, config_dir, logfile, extra=()):
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         cmd = [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir]
-        if "--control-socket" in run([binary, "--help"]).stdout:
-            cmd += ["--control-socket", ""]  # no socket: never clash with a running server
+        usage = run([binary, "--help"]).stdout
+        # No sockets unless asked: never clash with a running server.
+        for flag in ("--control-socket", "--unix-socket"):
+            if flag in usage and flag not in extra:
+                cmd += [flag, ""]
         super().__init__(
-            cmd,
+            cmd + list(extra),
             stdout=subprocess.PIPE, stderr=open(logfile, "w"), env=env, text=True,
         )
         line = self.p.stdout.readline()
-        m = re.search(r"listening on http://(\S+)", line)
+        m = re.search(r"listening on (https?)://(\S+)", line)
         if not m:
             raise RuntimeError(f"server did not start: {line!r}; see {logfile}")
-        self.addr = m.group(1)
+        self.scheme, self.addr = m.groups()
         self.host, port = self.addr.rsplit(":", 1)
         self.port = int(port)
         self.config_dir = config_dir
@@ -135,7 +142,7 @@ class Server(Proc):
             json.dump(cfg, f)
 
     def url(self, tid):
-        return f"http://{self.addr}/images/{tid}"
+        return f"{self.scheme}://{self.addr}/images/{tid}"
 
 
 def client_cpu():
@@ -532,7 +539,149 @@ def bench(binary, floor_binary, tmp, procs):
               f"{mibs('floor: curl GET (1 stream)') / base:.2f}, parallel "
               f"{mibs('floor: curl GET ×4 ranged') / base:.2f}, upload "
               f"{mibs('floor: curl -T PUT') / mibs('nbdcopy FILE → nbd'):.2f}")
+    imageio_rows(binary, tmp, data, image, procs)
+
+
+def imageio_venv_python():
+    """The imageio client's interpreter (see the module doc), or None."""
+    venv = os.environ.get("BENCH_IMAGEIO_VENV") or os.path.join(
+        os.environ.get("CARGO_TARGET_DIR") or os.path.join(os.path.dirname(__file__), "..", "target"),
+        "imageio-venv")
+    python = os.path.join(venv, "bin", "python")
+    return python if os.access(python, os.X_OK) else None
+
+
+# One imageio client run: download or upload with 4 workers (its default and
+# what the server advertises), in its own process like a real client.
+IMAGEIO_CLIENT = """
+import logging
+import sys
+from ovirt_imageio import client
+op, url, path, cafile = sys.argv[1:5]
+# The client says on stderr when it switches to the server's Unix socket.
+logging.basicConfig(level=logging.DEBUG if len(sys.argv) > 5 else logging.WARNING)
+cafile = cafile or None
+if op == "download":
+    client.download(url, path, cafile, fmt="raw", max_workers=4)
+else:
+    client.upload(path, url, cafile, max_workers=4)
+"""
+
+
+def imageio_rows(binary, tmp, data, image, procs):
+    """ovirt-imageio's client downloading the image and uploading the data
+    file over loopback HTTPS and HTTP, and through the server's HTTP Unix
+    socket beside each (the client, given the TCP URL, switches to the
+    socket OPTIONS advertises; its first connection, OPTIONS only, is TCP,
+    with the TLS handshake where there is TLS). Its own qemu-nbd and
+    servers; prints its table."""
+    python = imageio_venv_python()
+    missing = None if python else "no imageio virtualenv (`make test-clients` makes it, or set BENCH_IMAGEIO_VENV)"
+    if not shutil.which("openssl"):
+        missing = "no openssl (for the HTTPS rows' certificate)"
+    if missing:
+        log(f"imageio rows skipped: {missing}")
+        print(f"\n- imageio rows skipped: {missing}")
+        return
+    log("imageio client rows: HTTPS, HTTP, Unix socket beside each")
+    work = os.path.join(tmp, "imageio")
+    os.mkdir(work)
+    cfg = os.path.join(work, "config")
+    os.mkdir(cfg)
+    cert, key = os.path.join(work, "server.crt"), os.path.join(work, "server.key")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert])
+    tls = ["--tls-enabled", "--tls-cert-file", cert, "--tls-key-file", key]
+    nbd = QemuNbd(image, os.path.join(work, "nbd.sock"), "raw")
+    procs.append(nbd)
+
+    def start(name, args):
+        return Server(binary, cfg, os.path.join(work, name + ".log"), args)
+
+    def unix(name):
+        return ["--unix-socket", os.path.join(work, name + ".sock")]
+
+    servers = {
+        "HTTPS, loopback": (start("https", tls), cert),
+        "Unix socket (TCP on HTTPS)": (start("https-unix", tls + unix("https-unix")), cert),
+        "HTTP, loopback": (start("http", []), ""),
+        "Unix socket (TCP on HTTP)": (start("http-unix", unix("http-unix")), ""),
+    }
+    for server, _ in servers.values():
+        procs.append(server)
+    servers["HTTPS, loopback"][0].add_nbd("raw", nbd)
+    # The client's own qemu-nbd opens local images with O_DIRECT where it
+    # can: keep its side in memory (tmpfs), so that the disk is not measured.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * IMAGE_SIZE else work
+    local = tempfile.mkdtemp(prefix="csis-bench-imageio-", dir=shm)
+    try:
+        src = os.path.join(local, "upload.raw")
+        shutil.copyfile(data, src)
+        out = os.path.join(local, "download.raw")
+        measure = Measure([None, nbd.pid])
+
+        def client(op, url, path, cafile, debug=()):
+            def go():
+                if op == "download" and os.path.exists(out):
+                    os.unlink(out)
+                return run([python, "-c", IMAGEIO_CLIENT, op, url, path, cafile, *debug]).stderr
+            return go
+
+        rows = {}
+        for name, (server, cafile) in servers.items():
+            url = server.url("raw")
+            for op, size, path in (("download", IMAGE_SIZE, out), ("upload", DATA_SIZE, src)):
+                # A first, unmeasured run warms the caches and shows which
+                # way the client went.
+                said = client(op, url, path, cafile, ["debug"])()
+                switched = "Connecting to unix socket" in said
+                if switched != ("Unix" in name):
+                    raise RuntimeError(f"imageio {op} to {url}: switched to a Unix socket: {switched}")
+                rows[f"imageio {op}, {name}"] = (size, server.pid, client(op, url, path, cafile))
+        best = {}
+        for r in range(ROUNDS):
+            log(f"imageio round {r + 1}/{ROUNDS}")
+            for name, (size, pid, fn) in rows.items():
+                dt, cpu, _ = measure(fn, pid)
+                if name not in best or dt < best[name][0]:
+                    best[name] = (dt, cpu)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+    print()
+    print("| imageio client, 4 workers (process start included) | bytes | best s | MiB/s "
+          "| server CPU s | qemu-nbd CPU s | client CPU s (incl. its qemu-nbd) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (size, _, _) in rows.items():
+        dt, cpu = best[name]
+        print(f"| {name} | {size} | {dt:.3f} | {size / MIB / dt:.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} | {cpu[2]:.2f} |")
+    print()
+    for op in ("download", "upload"):
+        def t(name):
+            return best[f"imageio {op}, {name}"][0]
+        print(f"- unix_vs_https_{op} = "
+              f"{t('HTTPS, loopback') / t('Unix socket (TCP on HTTPS)'):.2f} (target ≥ 1.5); "
+              f"unix_vs_http_{op} = {t('HTTP, loopback') / t('Unix socket (TCP on HTTP)'):.2f} "
+              f"(target ≥ 1.0)")
+
+
+def imageio_only():
+    """BENCH_IMAGEIO_ONLY=1: just the imageio rows, on their own data."""
+    binary = os.path.abspath(sys.argv[1])
+    tmp = tempfile.mkdtemp(prefix="csis-bench-", dir=os.environ.get("BENCH_TMP", "/var/tmp"))
+    procs = []
+    try:
+        data, image = make_data(tmp)
+        imageio_rows(binary, tmp, data, image, procs)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("BENCH_IMAGEIO_ONLY") and len(sys.argv) > 1:
+        imageio_only()
+    else:
+        main()

@@ -38,10 +38,12 @@ Demo transfer 'demo': $IMG (64 MiB qcow2) behind qemu-nbd on $SOCK
 Config: $CFG/demo
 Try:   curl -i -X OPTIONS http://127.0.0.1:$PORT/images/demo
        curl -s http://127.0.0.1:$PORT/images/demo/extents
+       curl -s --unix-socket $DIR/http.sock http://localhost/images/demo/extents
 Ctrl-C stops the server and qemu-nbd.
 
 MSG
-"$BIN" --listen 127.0.0.1 --port "$PORT" --config-dir "$CFG" --control-socket "$DIR/control.sock" &
+"$BIN" --listen 127.0.0.1 --port "$PORT" --config-dir "$CFG" --control-socket "$DIR/control.sock" \
+    --unix-socket "$DIR/http.sock" &
 SRV=$!
 trap 'kill $SRV 2>/dev/null || true; kill $NBD_PID 2>/dev/null || true; wait 2>/dev/null || true' EXIT INT TERM
 wait $SRV

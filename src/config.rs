@@ -1,16 +1,12 @@
-//! Transfer configuration: what a transfer id names, where that comes from
-//! (a JSON file in the config dir, cached by its mtime), and its validation.
+//! Transfer configuration: what a transfer's config says (a JSON object,
+//! from a config file or a control-socket registration), parsed and
+//! validated. Pure: no I/O, and nothing else of the crate (see
+//! `crate::transfers` for where configs come from and what they make).
 
-use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde_json::Value;
-
-use crate::backend::Transfer;
 
 /// A config file larger than this is refused (`image_server.py` reads 4 KiB).
 pub const MAX_CONFIG_BYTES: u64 = 4096;
@@ -35,6 +31,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// How the control socket's `status` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Registered => "registered",
+            Source::ConfigDir => "config_dir",
+        }
+    }
+
     /// The idle timeout of a config without `idle_timeout_seconds`.
     pub fn default_idle_timeout(self) -> Duration {
         match self {
@@ -168,130 +172,6 @@ pub fn valid_transfer_id(id: &str) -> bool {
         && id != "."
         && id != ".."
         && !id.contains(['/', '\\', '\0'])
-}
-
-/// What identifies one version of a config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    mtime_ns: i128,
-    ctime_ns: i128,
-    len: u64,
-    ino: u64,
-}
-
-impl Stamp {
-    fn of(md: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-            ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
-            len: md.len(),
-            ino: md.ino(),
-        }
-    }
-}
-
-/// Transfers configured as files `<dir>/<id>`, read on demand and cached
-/// while the file is unchanged.
-pub struct ConfigDir {
-    dir: PathBuf,
-    cache: Mutex<HashMap<String, (Stamp, Arc<Transfer>)>>,
-}
-
-impl ConfigDir {
-    pub fn new(dir: PathBuf) -> ConfigDir {
-        ConfigDir {
-            dir,
-            cache: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Every transfer loaded from the config dir and still cached.
-    pub fn cached(&self) -> Vec<Arc<Transfer>> {
-        self.cache.lock().values().map(|(_, t)| t.clone()).collect()
-    }
-
-    /// The transfer `id` if it is loaded (cached), without touching the
-    /// disk: possibly closed, possibly older than the file now on disk.
-    pub fn loaded(&self, id: &str) -> Option<Arc<Transfer>> {
-        self.cache.lock().get(id).map(|(_, t)| t.clone())
-    }
-
-    /// The transfer `id`, or `None` when the id is invalid or its config is
-    /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
-    pub fn lookup(&self, id: &str) -> Option<Arc<Transfer>> {
-        if !valid_transfer_id(id) {
-            return None;
-        }
-        let path = self.dir.join(id);
-        let md = match std::fs::metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.cache.lock().remove(id);
-                return None;
-            }
-            Err(e) => {
-                log::error!("cfg stat failed image_id={id} err={e}");
-                return None;
-            }
-        };
-        let stamp = Stamp::of(&md);
-        if let Some((cached, t)) = self.cache.lock().get(id) {
-            if *cached == stamp {
-                return Some(t.clone());
-            }
-        }
-        let loaded = if !md.is_file() {
-            Err("not a regular file".to_string())
-        } else if md.len() > MAX_CONFIG_BYTES {
-            Err(format!("larger than {MAX_CONFIG_BYTES} bytes"))
-        } else {
-            read_limited(&path)
-                .map_err(|e| format!("read failed: {e}"))
-                .and_then(|raw| TransferConfig::parse(&raw))
-        };
-        match loaded {
-            Ok(cfg) => {
-                let t = Arc::new(Transfer::new(id.to_string(), cfg));
-                self.cache.lock().insert(id.to_string(), (stamp, t.clone()));
-                Some(t)
-            }
-            Err(e) => {
-                log::error!("cfg invalid image_id={id} err={e}");
-                self.cache.lock().remove(id);
-                None
-            }
-        }
-    }
-}
-
-impl ConfigDir {
-    /// Closes every cached transfer idle for longer than its idle timeout
-    /// and returns them (still to be retired: see [`Transfer::retire`]). They
-    /// stay cached, closed, so the id is refused until its file changes.
-    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
-        self.cache
-            .lock()
-            .values()
-            .filter(|(_, t)| t.close_if_idle(now))
-            .map(|(_, t)| t.clone())
-            .collect()
-    }
-}
-
-fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut buf)?;
-    if buf.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(std::io::Error::other("config too large"));
-    }
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -428,52 +308,5 @@ mod tests {
             assert!(parse(v.clone()).is_err(), "{v}");
         }
         assert!(TransferConfig::parse(b"{not json").is_err());
-    }
-
-    #[test]
-    fn config_dir_caches_and_reloads() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = ConfigDir::new(dir.path().to_path_buf());
-        assert!(reg.lookup("t1").is_none());
-        std::fs::write(dir.path().join("t1"), r#"{"socket":"/a.sock"}"#).unwrap();
-        let a = reg.lookup("t1").unwrap();
-        let b = reg.lookup("t1").unwrap();
-        assert!(
-            Arc::ptr_eq(&a, &b),
-            "unchanged file is served from the cache"
-        );
-        std::fs::write(dir.path().join("t1"), r#"{"socket":"/bb.sock"}"#).unwrap();
-        let c = reg.lookup("t1").unwrap();
-        assert!(!Arc::ptr_eq(&a, &c));
-        assert_eq!(
-            c.config().backend,
-            BackendConfig::Nbd {
-                socket: "/bb.sock".into(),
-                export: None,
-                export_bitmap: None
-            }
-        );
-        // Idle expiry keeps the closed transfer until the file changes.
-        std::fs::write(
-            dir.path().join("t1"),
-            r#"{"socket":"/bb.sock","idle_timeout_seconds":1}"#,
-        )
-        .unwrap();
-        let d = reg.lookup("t1").unwrap();
-        let expired = reg.expire_idle(Instant::now() + Duration::from_secs(2));
-        assert_eq!(expired.len(), 1);
-        assert!(Arc::ptr_eq(&d, &expired[0]));
-        assert!(reg.lookup("t1").unwrap().is_closed());
-        std::fs::write(
-            dir.path().join("t1"),
-            r#"{"socket":"/cc.sock","idle_timeout_seconds":1}"#,
-        )
-        .unwrap();
-        assert!(!reg.lookup("t1").unwrap().is_closed());
-        std::fs::write(dir.path().join("t1"), "x".repeat(5000)).unwrap();
-        assert!(reg.lookup("t1").is_none());
-        std::fs::remove_file(dir.path().join("t1")).unwrap();
-        assert!(reg.lookup("t1").is_none());
-        assert!(reg.lookup("..").is_none());
     }
 }

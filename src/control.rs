@@ -21,25 +21,23 @@
 //! HTTP workers.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::web;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use crate::backend::Transfer;
 use crate::config::{valid_transfer_id, BackendConfig, Source, TransferConfig};
-use crate::http::AppState;
+use crate::transfers::{Transfer, Transfers};
+use crate::unix_socket::{self, SocketFile};
 
 /// Where the agent expects the control socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
 /// Mode of the socket file: the agent (root or the cloud group) only.
-pub const SOCKET_MODE: u32 = 0o660;
+pub use crate::unix_socket::SOCKET_MODE;
 /// Longest accepted request line.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Time a client has to send its whole request.
@@ -58,75 +56,31 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// is still the one we made).
 pub struct ControlSocket {
     listener: UnixListener,
-    path: PathBuf,
-    ino: u64,
+    file: SocketFile,
 }
 
 impl ControlSocket {
-    /// Binds `path`: creates its parent directory if missing, replaces a
-    /// stale socket file (one nobody listens on), refuses a live socket or
-    /// any other kind of file, and sets mode 0660. Must run inside the
-    /// tokio runtime.
+    /// Binds `path` (see [`unix_socket::bind`]: parent directory created,
+    /// a stale socket replaced, mode 0660). Must run inside the tokio
+    /// runtime.
     pub fn bind(path: &Path) -> io::Result<ControlSocket> {
-        let with_path = |e: io::Error, what: &str| {
-            io::Error::new(
-                e.kind(),
-                format!("control socket {}: {what}: {e}", path.display()),
-            )
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| with_path(e, "cannot create its directory"))?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(md) if md.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!(
-                            "control socket {} is in use by another process",
-                            path.display()
-                        ),
-                    ));
-                }
-                log::info!("replacing stale control socket {}", path.display());
-                std::fs::remove_file(path)
-                    .map_err(|e| with_path(e, "cannot remove the stale socket"))?;
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "control socket {} exists and is not a socket",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(with_path(e, "cannot stat")),
-        }
-        let listener = UnixListener::bind(path).map_err(|e| with_path(e, "cannot bind"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-            .map_err(|e| with_path(e, "cannot set its mode"))?;
-        let ino = std::fs::metadata(path)
-            .map_err(|e| with_path(e, "cannot stat"))?
-            .ino();
+        let (listener, file) = unix_socket::bind(path, "control socket")?;
+        listener.set_nonblocking(true)?;
         Ok(ControlSocket {
-            listener,
-            path: path.to_path_buf(),
-            ino,
+            listener: UnixListener::from_std(listener)?,
+            file,
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Accepts connections until the runtime stops. `unregister_wait`
     /// bounds how long an unregister waits for requests in flight before
     /// it replies with an error (the transfer is still dropped once they
     /// end).
-    pub async fn serve(self, state: web::Data<AppState>, unregister_wait: Duration) {
+    pub async fn serve(self, state: Arc<Transfers>, unregister_wait: Duration) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = match self.listener.accept().await {
@@ -156,23 +110,15 @@ impl ControlSocket {
     }
 }
 
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|md| md.ino() == self.ino) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 fn error(message: impl Into<String>) -> Value {
     json!({"status": "error", "message": message.into()})
 }
 
-fn ok(state: &AppState) -> Value {
-    json!({"status": "ok", "active_transfers": state.registry.active_count()})
+fn ok(state: &Transfers) -> Value {
+    json!({"status": "ok", "active_transfers": state.registered_count()})
 }
 
-async fn handle(mut stream: UnixStream, state: &web::Data<AppState>, unregister_wait: Duration) {
+async fn handle(mut stream: UnixStream, state: &Arc<Transfers>, unregister_wait: Duration) {
     let answer = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
         Err(_) => error("timed out reading the request"),
         Ok(Err(e)) => error(e),
@@ -239,7 +185,7 @@ async fn reply(mut stream: UnixStream, answer: Value) {
     .await;
 }
 
-async fn process(line: &[u8], state: &web::Data<AppState>, unregister_wait: Duration) -> Value {
+async fn process(line: &[u8], state: &Arc<Transfers>, unregister_wait: Duration) -> Value {
     let value: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return error(format!("invalid JSON: {e}")),
@@ -270,7 +216,7 @@ fn transfer_id(obj: &Map<String, Value>) -> Result<&str, Value> {
 }
 
 /// `status`, for the server or (with `transfer_id`) for one transfer.
-fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
+fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
     if matches!(obj.get("transfer_id"), None | Some(Value::Null)) {
         return ok(state);
     }
@@ -282,7 +228,7 @@ fn status(obj: &Map<String, Value>, state: &AppState) -> Value {
         None => error("unknown transfer_id"),
         Some((t, source)) => {
             let mut reply = ok(state);
-            reply["transfer"] = transfer_status(&t, source, Instant::now());
+            reply["transfer"] = transfer_status(&t, source.name(), Instant::now());
             reply
         }
     }
@@ -340,7 +286,7 @@ fn describe(config: &TransferConfig) -> String {
     }
 }
 
-async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Value {
+async fn register(obj: &Map<String, Value>, state: &Arc<Transfers>) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id,
         Err(e) => return e,
@@ -359,7 +305,7 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
     };
     let detail = describe(&config);
     let idle = config.idle_timeout.as_secs();
-    match state.registry.register(id, config) {
+    match state.register(id, config) {
         Ok(replaced) => {
             log::info!("control: registered transfer_id={id} {detail} idle_timeout_s={idle}");
             if let Some(old) = replaced {
@@ -382,16 +328,12 @@ async fn register(obj: &Map<String, Value>, state: &web::Data<AppState>) -> Valu
     }
 }
 
-async fn unregister(
-    obj: &Map<String, Value>,
-    state: &web::Data<AppState>,
-    wait: Duration,
-) -> Value {
+async fn unregister(obj: &Map<String, Value>, state: &Arc<Transfers>, wait: Duration) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id.to_string(),
         Err(e) => return e,
     };
-    let Some(t) = state.registry.begin_unregister(&id) else {
+    let Some(t) = state.begin_unregister(&id) else {
         // Already gone (never registered, or dropped by its idle timeout):
         // nothing to do, and the agent only wants the count.
         log::info!("control: unregister of unknown transfer_id={id}");
@@ -407,7 +349,7 @@ async fn unregister(
         let id = id.clone();
         async move {
             t.drained().await;
-            state.registry.remove(&id, &t);
+            state.unregistered(&id, &t);
             let _ = actix_web::rt::task::spawn_blocking(move || t.retire("as it was unregistered"))
                 .await;
             log::info!("control: unregistered transfer_id={id}");

@@ -71,6 +71,17 @@ struct Cli {
     /// turns it off.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     control_socket: String,
+    /// Also serve the HTTP API, plain HTTP (never TLS), on this Unix socket
+    /// for clients on this host (mode 0660: the server's user and group;
+    /// its directory is created if missing). OPTIONS advertises it as
+    /// `unix_socket`, and ovirt-imageio's client switches to it by itself
+    /// when its TCP connection is local: local transfers skip TLS and TCP.
+    /// On by default, next to the control socket, as the packaged service
+    /// (root, RuntimeDirectory=cloudstack) wants it; a server run by an
+    /// ordinary user names a writable path here, as for --control-socket.
+    /// An empty value turns it off.
+    #[arg(long, default_value = server::DEFAULT_UNIX_SOCKET)]
+    unix_socket: String,
     /// Serve HTTPS with --tls-cert-file and --tls-key-file (both required
     /// then). As CloudStack's newer image server: without this flag the
     /// server speaks plain HTTP even when a certificate and key are given
@@ -133,6 +144,7 @@ fn main() -> ExitCode {
         control_socket: Some(PathBuf::from(cli.control_socket))
             .filter(|p| !p.as_os_str().is_empty()),
         tls,
+        unix_socket: Some(PathBuf::from(cli.unix_socket)).filter(|p| !p.as_os_str().is_empty()),
     };
     match actix_web::rt::System::new().block_on(server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,11 +31,12 @@ use tokio::sync::mpsc;
 
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
-use crate::backend::{BackendError, Handle, Lease, Transfer, Writer};
+use crate::backend::{BackendError, Handle, Writer};
 use crate::checksum;
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
+use crate::transfers::{Lease, Transfer};
 use crate::zeroes::is_zero;
 
 /// Why an operation failed. The HTTP layer turns each into its response

@@ -1,11 +1,15 @@
 //! Builds the actix-web server from the settings and runs it until SIGTERM
 //! or SIGINT (then in-flight requests get `shutdown_timeout` to finish).
+//! The same application is served on TCP (HTTP or HTTPS) and, when
+//! configured, as plain HTTP on a Unix socket for local clients.
 //! Next to it, on the same runtime: the control socket and the idle sweeper.
 
 use std::future::ready;
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_http::{error::DispatchError, HttpService, Protocol};
@@ -16,15 +20,25 @@ use actix_service::{
 use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
 use actix_tls::accept::TlsError;
 use actix_web::dev::AppConfig;
-use actix_web::rt::net::TcpStream;
+use actix_web::rt::net::{TcpStream, UnixStream};
 use actix_web::{web, App};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::ConfigDir;
 use crate::control::ControlSocket;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+use crate::transfers::{self, Transfers};
+use crate::unix_socket;
+
+/// Where the HTTP API is also served, as plain HTTP, on a Unix socket for
+/// clients on this host (ovirt-imageio's client switches to it by itself
+/// once OPTIONS advertises it): next to the control socket, in the
+/// directory the packaged service's `RuntimeDirectory=cloudstack` makes.
+pub const DEFAULT_UNIX_SOCKET: &str = "/var/run/cloudstack/image-server-http.sock";
+
+/// How the HTTP Unix socket is named in errors and the log.
+const UNIX_SOCKET_NAME: &str = "HTTP unix socket";
 
 /// An idle keep-alive connection is closed after this.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -69,15 +83,17 @@ pub struct Settings {
     pub control_socket: Option<PathBuf>,
     /// HTTPS instead of HTTP when set.
     pub tls: Option<TlsFiles>,
+    /// The same API, plain HTTP, on this Unix socket too (`None`: TCP only).
+    pub unix_socket: Option<PathBuf>,
 }
 
 /// Closes transfers idle for longer than their idle timeout, forever.
-async fn sweep_idle(state: web::Data<AppState>) {
+async fn sweep_idle(transfers: Arc<Transfers>) {
     let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let expired = state.expire_idle(Instant::now());
+        let expired = transfers.expire_idle(Instant::now());
         if !expired.is_empty() {
             let _ = actix_web::rt::task::spawn_blocking(move || {
                 for t in expired {
@@ -91,7 +107,6 @@ async fn sweep_idle(state: web::Data<AppState>) {
 
 /// Runs the server; returns when it has stopped.
 pub async fn run(settings: Settings) -> std::io::Result<()> {
-    crate::backend::nbd::set_command_timeout(settings.nbd_timeout);
     // Everything that can fail at start fails before the server is up.
     let tls = match &settings.tls {
         Some(files) => Some(
@@ -104,23 +119,50 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         Some(path) => Some(ControlSocket::bind(path)?),
         None => None,
     };
+    let unix = match &settings.unix_socket {
+        // Made absolute: OPTIONS advertises it to clients, whatever their
+        // working directory.
+        Some(path) => Some(unix_socket::bind(
+            &std::path::absolute(path)?,
+            UNIX_SOCKET_NAME,
+        )?),
+        None => None,
+    };
     if !settings.config_dir.is_dir() {
         log::warn!(
             "config dir {} does not exist (yet): every transfer is unknown until it does",
             settings.config_dir.display()
         );
     }
-    let state = web::Data::new(AppState::new(
-        ConfigDir::new(settings.config_dir.clone()),
+    let transfers = Arc::new(Transfers::new(
+        settings.config_dir.clone(),
+        transfers::Settings {
+            nbd_timeout: settings.nbd_timeout,
+        },
+    ));
+    let mut state = AppState::new(
+        transfers.clone(),
         settings.max_readers,
         settings.max_writers,
         settings.max_requests,
         settings.body_timeout,
-    ));
-    let (server, addrs) = http_server(&settings, tls, state.clone())?;
+    );
+    state.unix_socket = unix
+        .as_ref()
+        .map(|(_, file)| file.path().to_string_lossy().into_owned());
+    let state = web::Data::new(state);
+    let (unix_listener, unix_file) = unix.unzip();
+    let (server, addrs) = http_server(&settings, tls, unix_listener, state)?;
     for (addr, scheme) in addrs {
         log::info!("listening on {scheme}://{addr}");
         println!("listening on {scheme}://{addr}");
+    }
+    if let Some(file) = &unix_file {
+        log::info!(
+            "{UNIX_SOCKET_NAME} listening on {} (plain HTTP)",
+            file.path().display()
+        );
+        println!("listening on unix:{}", file.path().display());
     }
     log::info!(
         "image configs are read from {}/<transferId>",
@@ -128,17 +170,20 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     );
     if let Some(control) = control {
         log::info!("control socket listening on {}", control.path().display());
-        actix_web::rt::spawn(control.serve(state.clone(), settings.shutdown_timeout));
+        actix_web::rt::spawn(control.serve(transfers.clone(), settings.shutdown_timeout));
     }
-    actix_web::rt::spawn(sweep_idle(state.clone()));
+    actix_web::rt::spawn(sweep_idle(transfers.clone()));
     std::io::stdout().flush()?;
     let running = server.run();
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         log::debug!("sd_notify: {e}");
     }
     running.await?;
+    // Nobody is accepted on it any more: new local clients fail to connect
+    // instead of waiting on a socket nobody serves.
+    drop(unix_file);
     log::info!("server stopped accepting; flushing what was written");
-    let flushed = web::block(move || flush_written(&state)).await;
+    let flushed = web::block(move || flush_written(&transfers)).await;
     if let Err(e) = flushed {
         log::error!("flush at shutdown failed: {e}");
     }
@@ -147,7 +192,9 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 }
 
 /// Binds `settings.listen:settings.port` (every address it resolves to, as
-/// actix-web's `HttpServer::bind` does) and builds the HTTP(S) server on it.
+/// actix-web's `HttpServer::bind` does) and builds the HTTP(S) server on it,
+/// and plain HTTP on `unix` if given (TLS never applies there: only local
+/// users in the socket's group reach it).
 ///
 /// Not `HttpServer`: it hands actix-http the accepted stream as is, and
 /// every request head must be bounded (see `head_timeout`), so each stream
@@ -155,6 +202,7 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 fn http_server(
     settings: &Settings,
     tls: Option<rustls::ServerConfig>,
+    unix: Option<StdUnixListener>,
     state: web::Data<AppState>,
 ) -> io::Result<(ServerBuilder, Vec<(SocketAddr, &'static str)>)> {
     let mut builder =
@@ -175,7 +223,7 @@ fn http_server(
             None => {
                 addrs.push((addr, "http"));
                 builder.listen(format!("http-{addr}"), lst, move || {
-                    let http = conn.http_service(addr);
+                    let http = conn.http_service(Some(addr));
                     let conn = conn.clone();
                     fn_service(move |io: TcpStream| {
                         let peer = io.peer_addr().ok();
@@ -191,7 +239,7 @@ fn http_server(
                 // What actix-web's rustls listener offers (no HTTP/2 here).
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
                 builder.listen(format!("https-{addr}"), lst, move || {
-                    let http = conn.http_service(addr);
+                    let http = conn.http_service(Some(addr));
                     let conn = conn.clone();
                     fn_service(|io: TcpStream| {
                         set_nodelay(&io);
@@ -206,6 +254,14 @@ fn http_server(
                 })?
             }
         };
+    }
+    if let Some(lst) = unix {
+        let conn = conn.clone();
+        builder = builder.listen_uds("http-unix", lst, move || {
+            let http = conn.http_service(None);
+            let conn = conn.clone();
+            fn_service(move |io: UnixStream| ready(conn.wrap(io, None))).and_then(http)
+        })?;
     }
     Ok((builder, addrs))
 }
@@ -273,10 +329,11 @@ impl ConnSettings {
     }
 
     /// actix-http's HTTP/1 service for streams of type `T`, serving the
-    /// application, with the connection timeouts.
+    /// application, with the connection timeouts: the one service behind
+    /// every listener (TCP, TLS, Unix). `local`: the TCP listener's address.
     fn http_service<T>(
         &self,
-        local: SocketAddr,
+        local: Option<SocketAddr>,
     ) -> impl ServiceFactory<
         (HeadDeadline<T>, Protocol, Option<SocketAddr>),
         Config = (),
@@ -298,7 +355,7 @@ impl ConnSettings {
         // and `url_for`, which the handlers do not use.
         let app = map_config(app, |()| AppConfig::default());
         let shutdown = self.shutdown.clone();
-        HttpService::build()
+        let mut service = HttpService::build()
             .graceful_shutdown_signal(move || {
                 let shutdown = shutdown.clone();
                 async move { shutdown.notified().await }
@@ -307,8 +364,11 @@ impl ConnSettings {
             // actix's own deadline for a connection's first head (answered
             // with a bare 408); `HeadDeadline` covers every head.
             .client_request_timeout(self.header_timeout)
-            .client_disconnect_timeout(Duration::from_secs(2))
-            .local_addr(local)
+            .client_disconnect_timeout(Duration::from_secs(2));
+        if let Some(local) = local {
+            service = service.local_addr(local);
+        }
+        service
             .on_connect_ext(|io: &HeadDeadline<T>, data| {
                 data.insert(io.clock());
             })
@@ -318,8 +378,8 @@ impl ConnSettings {
 
 /// Flushes every transfer written since its last flush, then closes its
 /// NBD connections. Blocking.
-fn flush_written(state: &AppState) {
-    for t in state.transfers() {
+fn flush_written(transfers: &Transfers) {
+    for t in transfers.all() {
         t.retire("at shutdown");
     }
 }

@@ -1,8 +1,8 @@
 //! Per-transfer accounting: what the control socket's `status` reports for
 //! one transfer. Byte counters are bumped once per chunk (2 MiB) on the data
 //! path with a relaxed atomic add; request outcomes once per request when
-//! its [`crate::backend::Lease`] ends. Requests in flight and idleness come
-//! from the lease tracking in [`crate::backend::Transfer`], not from here.
+//! its [`crate::transfers::Lease`] ends. Requests in flight and idleness come
+//! from the lease tracking in [`crate::transfers::Transfer`], not from here.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -7,8 +7,8 @@ Real HTTP clients against the real server.
 
 Checks ovirt-imageio's client library (what backup products use through
 CloudStack's oVirt-compatible API) against cloudstack-image-server with the
-server's default flags, over plain HTTP and over HTTPS (a self-signed
-certificate passed as cafile):
+server's default flags (but no HTTP Unix socket: these run over TCP), over
+plain HTTP and over HTTPS (a self-signed certificate passed as cafile):
 
 - OPTIONS advertises 4 writers and 8 readers, so the client runs 4 workers;
 - upload() with 4 workers of a qcow2 with random data, allocated zeroes and
@@ -22,6 +22,12 @@ certificate passed as cafile):
 - GET /checksum (default blake2b, and sha256 with 1 MiB blocks) of a qcow2
   and of a raw image, each with data, zeroes and holes, equals what the
   client library's checksum() computes for the same local image.
+
+Then, with `--unix-socket` on, beside HTTP and beside HTTPS: the client,
+given the TCP URL, switches to the socket OPTIONS advertises (it checks its
+TCP connection is local first); upload() and download() with 4 workers,
+`qemu-img compare`, and the TCP port (behind a byte-counting proxy) carried
+only the first OPTIONS, not the image.
 
 Then, over HTTP on one server with its default flags:
 
@@ -171,15 +177,18 @@ class QemuNbd:
 
 class Server:
     """The server binary with its default limits on an ephemeral port, with
-    its control socket."""
+    its control socket, and its HTTP Unix socket at `unix_socket` (off
+    unless given)."""
 
-    def __init__(self, binary, workdir, tls=None):
+    def __init__(self, binary, workdir, tls=None, unix_socket=None):
         self.cfg = os.path.join(workdir, "config")
         os.makedirs(self.cfg, exist_ok=True)
         self.control_socket = os.path.join(workdir, "control.sock")
+        self.unix_socket = unix_socket
         cmd = [binary, "--listen", "127.0.0.1", "--port", "0",
                "--config-dir", self.cfg,
-               "--control-socket", self.control_socket]
+               "--control-socket", self.control_socket,
+               "--unix-socket", unix_socket or ""]
         if tls:
             cmd += ["--tls-enabled", "--tls-cert-file", tls[0],
                     "--tls-key-file", tls[1]]
@@ -432,6 +441,132 @@ def imageio_scenario(binary, workdir, src, tls):
                 n.stop()
 
 
+class CountingProxy:
+    """Forwards TCP connections from 127.0.0.1:<port> to `target` (host,
+    port) as they are (TLS included) and counts the bytes both ways."""
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client_side, _ = self.listener.accept()
+            except OSError:
+                return
+            server_side = socket.create_connection(self.target, timeout=TIMEOUT)
+            with self.lock:
+                self.connections += 1
+            for src, dst in ((client_side, server_side), (server_side, client_side)):
+                threading.Thread(target=self._pump, args=(src, dst),
+                                 daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(256 * KiB)
+                if not data:
+                    break
+                with self.lock:
+                    self.bytes += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def counts(self):
+        with self.lock:
+            return self.bytes, self.connections
+
+    def close(self):
+        # shutdown() wakes the accept() blocked in the other thread.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def unix_socket_scenario(binary, workdir, src, tls):
+    """ovirt-imageio's client, given the TCP URL of a server with
+    --unix-socket, uploads and downloads through the socket."""
+    scheme = "https" if tls else "http"
+    cafile = tls[0] if tls else None
+    sock = os.path.join(workdir, scheme + "-imageio-http.sock")
+    server = Server(binary, os.path.join(workdir, scheme + "-unix"), tls=tls,
+                    unix_socket=sock)
+    proxy = CountingProxy((server.host, server.port))
+    nbds = []
+    try:
+        if not server.base.startswith(scheme + "://"):
+            raise RuntimeError("server says " + server.base)
+        dst = os.path.join(workdir, scheme + "-unix-dst.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
+        dst_nbd = QemuNbd(dst, "qcow2", os.path.join(workdir, scheme + "-unix-dst.sock"))
+        nbds.append(dst_nbd)
+        server.register("dst", dst_nbd)
+        # What the client is given: the TCP URL (through the proxy).
+        url = "{}://127.0.0.1:{}/images/dst".format(scheme, proxy.port)
+
+        def advertised():
+            got = options(server, "dst", cafile)
+            want = {"unix_socket": sock, "features": ["extents", "zero", "flush"],
+                    "max_readers": 8, "max_writers": WORKERS}
+            if got != want:
+                raise AssertionError("OPTIONS {} != {}".format(got, want))
+        check(scheme + "+unix: OPTIONS advertises the socket's path", advertised)
+
+        def only_options_over_tcp(what, transfer):
+            """Runs `transfer`; raises unless it used at least one TCP
+            connection (so the proxy is in the path) and moved the image
+            elsewhere: the TCP bytes are far fewer than the image's data."""
+            before, conns_before = proxy.counts()
+            transfer()
+            after, conns_after = proxy.counts()
+            tcp_bytes, conns = after - before, conns_after - conns_before
+            if conns < 1:
+                raise AssertionError(what + " never connected over TCP")
+            # The image holds 27 MiB of data; OPTIONS (and, for HTTPS, the
+            # handshake) take a few KiB per connection.
+            if tcp_bytes > 256 * KiB:
+                raise AssertionError("{} sent {} bytes over {} TCP connections: "
+                                     "not through the socket".format(what, tcp_bytes, conns))
+
+        def upload():
+            only_options_over_tcp("upload", lambda: client.upload(
+                src, url, cafile, max_workers=WORKERS))
+            compare(src, dst_nbd.uri())
+        check(scheme + "+unix: upload through the socket, 4 workers, qemu-img compare",
+              upload)
+
+        def download():
+            out = os.path.join(workdir, scheme + "-unix-download.qcow2")
+            only_options_over_tcp("download", lambda: client.download(
+                url, out, cafile, fmt="qcow2", max_workers=WORKERS))
+            compare(src, out)
+        check(scheme + "+unix: download through the socket, 4 workers, qemu-img compare",
+              download)
+    finally:
+        proxy.close()
+        try:
+            server.stop()
+        finally:
+            for n in nbds:
+                n.stop()
+        if os.path.exists(sock):
+            raise AssertionError(sock + " left behind after a clean stop")
+
+
 def response(r, status, what):
     """The body of r; raises unless its status is `status`."""
     body = r.read()
@@ -613,6 +748,10 @@ def main():
               lambda: imageio_scenario(binary, workdir, src, None))
         check("https: imageio server, exports, registration, clean stop",
               lambda: imageio_scenario(binary, workdir, src, make_cert(workdir)))
+        check("http+unix: imageio through the socket, clean stop",
+              lambda: unix_socket_scenario(binary, workdir, src, None))
+        check("https+unix: imageio through the socket, clean stop",
+              lambda: unix_socket_scenario(binary, workdir, src, make_cert(workdir)))
         check("http: clients server, exports, registration, clean stop",
               lambda: clients_scenario(binary, workdir, src))
     finally:

@@ -558,3 +558,31 @@ fn a_pipeline_needs_a_runtime_and_a_live_connection() {
     let e = Pipeline::new(c).err().expect("no runtime");
     assert_eq!(e.errno(), libc::EINVAL, "{e}");
 }
+
+/// The command timeout bounds how long the server keeps a waiting caller
+/// waiting, not how long the caller leaves its queued commands alone (a GET
+/// reader waits for its HTTP client with reads in flight): a pause longer
+/// than the timeout between queueing and retiring is no timeout.
+#[test]
+fn time_away_from_poll_oldest_does_not_count_against_the_server() {
+    let size = 8 * MIB;
+    let data = pattern_bytes(size as usize, 8);
+    let ex = Export::raw("q-away", size, &data);
+    let rt = runtime();
+    let _guard = rt.enter();
+    let timeout = Duration::from_secs(1);
+    let mut p = Pipeline::new(ex.connect(Some(timeout))).unwrap();
+    for retire_one_first in [false, true] {
+        // 8 MiB of replies: far more than the socket buffers hold, so the
+        // server is still sending when the caller comes back.
+        p.queue_read(vec![0; size as usize], size as usize, 0, 256 * KIB as usize)
+            .unwrap();
+        if retire_one_first {
+            retire(&rt, &mut p).unwrap();
+        }
+        std::thread::sleep(2 * timeout);
+        let reads = drain(&rt, &mut p);
+        assert_eq!(reads.len(), 1);
+        assert_same(&reads[0].0[..reads[0].1], &data, "read after a pause");
+    }
+}

@@ -199,7 +199,7 @@ for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
 printf '{"backend":"nbd","socket":"%s"}\n' "$SOCK" >"$WORK/conf/$ID"
 
 "$BIN" --listen 127.0.0.1 --port 0 --config-dir "$WORK/conf" \
-    --control-socket "$WORK/ctl.sock" >"$WORK/server.out" 2>"$WORK/server.err" &
+    --control-socket "$WORK/ctl.sock" --unix-socket "$WORK/http.sock" >"$WORK/server.out" 2>"$WORK/server.err" &
 SERVER_PID=$!
 PORT=""
 for _ in $(seq 300); do

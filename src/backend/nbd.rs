@@ -34,7 +34,7 @@
 //! multi-conn; a request that then learns it is gives its turn back at once.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,9 +43,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{BackendError, Caps, Result, Transfer};
+use super::{BackendError, Caps, Result};
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
+use crate::transfers::Transfer;
 use crate::zeroes::ZEROES;
 
 /// Idle connections kept per transfer.
@@ -64,29 +65,9 @@ pub const PIPELINE_REQUEST: usize = 256 * 1024;
 /// an upload has one writer, so the page faults above do not show).
 pub const WRITE_REQUEST: usize = 512 * 1024;
 
-/// `--nbd-timeout`'s default: seconds an NBD command may go without a reply.
+/// `--nbd-timeout`'s default: seconds an NBD command may go without a reply
+/// (see [`Pool::new`]).
 pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 120;
-
-/// The command timeout of new connections, in seconds (0: none). A setting
-/// of the whole server (`--nbd-timeout`), set once at start by
-/// [`set_command_timeout`].
-static COMMAND_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(DEFAULT_COMMAND_TIMEOUT_SECS);
-
-/// Sets how long an NBD command of a new connection may go without a reply
-/// before its request fails and the connection is discarded (`None`: no
-/// limit).
-pub fn set_command_timeout(timeout: Option<Duration>) {
-    let secs = timeout.map_or(0, |t| t.as_secs().max(1));
-    COMMAND_TIMEOUT_SECS.store(secs, Ordering::Relaxed);
-}
-
-/// See [`set_command_timeout`].
-pub fn command_timeout() -> Option<Duration> {
-    match COMMAND_TIMEOUT_SECS.load(Ordering::Relaxed) {
-        0 => None,
-        secs => Some(Duration::from_secs(secs)),
-    }
-}
 
 /// A request's turn to hold the one connection of a transfer whose export
 /// is not multi-conn (`None`: no turn needed or held). Given back when dropped.
@@ -101,6 +82,8 @@ pub struct Pool {
     /// What the last connection said: the export is multi-conn, so requests
     /// need no turn.
     multi_conn: AtomicBool,
+    /// How long a command of a new connection may go without a reply.
+    command_timeout: Option<Duration>,
 }
 
 struct PoolInner {
@@ -112,7 +95,10 @@ struct PoolInner {
 }
 
 impl Pool {
-    pub fn new() -> Pool {
+    /// A transfer's pool, empty. Its new connections fail a command (and are
+    /// discarded) when the server does not reply within `command_timeout`
+    /// (`--nbd-timeout`; `None`: no limit).
+    pub fn new(command_timeout: Option<Duration>) -> Pool {
         Pool {
             inner: Mutex::new(PoolInner {
                 idle: Vec::new(),
@@ -121,6 +107,7 @@ impl Pool {
             }),
             turns: Arc::new(Semaphore::new(1)),
             multi_conn: AtomicBool::new(false),
+            command_timeout,
         }
     }
 
@@ -177,12 +164,6 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         self.inner.lock().idle.len()
-    }
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -374,7 +355,7 @@ impl NbdHandle {
                     export,
                     meta_contexts: &contexts,
                     timeout: CONNECT_TIMEOUT,
-                    command_timeout: command_timeout(),
+                    command_timeout: pool.command_timeout,
                 })
                 .map_err(|e| {
                     log::error!(

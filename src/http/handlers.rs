@@ -19,9 +19,10 @@ use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
-use crate::backend::{Caps, KnownCaps, Lease};
+use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
 use crate::ops::{self, OpLog};
+use crate::transfers::Lease;
 
 type Res = Result<HttpResponse, ApiError>;
 
@@ -61,13 +62,6 @@ fn json_ok(value: &Value) -> HttpResponse {
         .body(value.to_string())
 }
 
-/// The transfer `id` for one request (see `AppState::lookup`), or 404.
-async fn lookup(state: &web::Data<AppState>, id: &str) -> Result<Lease, ApiError> {
-    let state = state.clone();
-    let id = id.to_string();
-    ops::blocking(move || state.lookup(&id).ok_or_else(ApiError::unknown_image)).await
-}
-
 /// The single entry point: every request comes through here. What it asks
 /// for is decided by [`route`]; the request's lease ends in [`finish`], or
 /// with a GET's body.
@@ -85,7 +79,11 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         Route::MethodNotAllowed => return Err(method_not_allowed()),
         Route::Transfer(id, op) => (id, op),
     };
-    let t = lookup(&state, &id).await?;
+    let t = state
+        .transfers
+        .lookup(&id)
+        .await
+        .ok_or_else(ApiError::unknown_image)?;
     let result = match op {
         // The body holds the lease and counts the request when it ends.
         Op::Read => return get_image(&req, &state, t).await,
@@ -116,9 +114,10 @@ fn method_not_allowed() -> ApiError {
 
 /// The OPTIONS reply for a backend that can do `caps`. `max_readers` /
 /// `max_writers` are what one client may run in parallel on the transfer
-/// (nothing refuses more; see `super::limits`). PATCH carries zero and
-/// flush where ranged writes are taken; elsewhere a flush is `POST
-/// /images/{id}/flush`.
+/// (nothing refuses more; see `super::limits`); `unix_socket` is the HTTP
+/// Unix socket's path, which imageio clients on this host switch to
+/// (`null` when it is off). PATCH carries zero and flush where ranged
+/// writes are taken; elsewhere a flush is `POST /images/{id}/flush`.
 fn options_reply(state: &AppState, caps: Caps) -> HttpResponse {
     let writable = !caps.read_only;
     let mut methods = vec!["GET"];
@@ -142,7 +141,7 @@ fn options_reply(state: &AppState, caps: Caps) -> HttpResponse {
     }
     methods.push("OPTIONS");
     let body = json!({
-        "unix_socket": null,
+        "unix_socket": state.unix_socket,
         "features": features,
         "max_readers": state.max_readers,
         "max_writers": if writable { state.max_writers } else { 0 },

@@ -61,8 +61,11 @@ struct Queued {
 /// can free a buffer libnbd still uses.
 ///
 /// Every reply must come within the connection's command timeout
-/// ([`Connection::command_timeout`]), counted from the last retired command
-/// (or from queueing onto an empty pipeline). The first fatal error (the
+/// ([`Connection::command_timeout`]) of the caller waiting for it, counted
+/// from the last retired command or from when the caller started waiting in
+/// [`Pipeline::poll_oldest`], whichever is later: time the caller spends
+/// elsewhere with commands in flight (a GET reader waiting for its HTTP
+/// client) does not count against the server. The first fatal error (the
 /// server died, a timeout) is returned by every later call.
 pub struct Pipeline {
     // Fields drop in declaration order: the registration (and the duplicate
@@ -78,9 +81,11 @@ pub struct Pipeline {
     queue: VecDeque<Queued>,
     /// The first fatal error.
     failed: Option<Error>,
-    /// When the last command retired, or the first was queued onto an empty
-    /// pipeline: the next reply is due within the command timeout of it.
+    /// When the last command retired, or the caller started waiting: the
+    /// next reply is due within the command timeout of it.
     progress: Instant,
+    /// The last `poll_oldest` returned `Pending`: the caller is waiting.
+    waiting: bool,
     /// Armed the first time `poll_oldest` waits; re-armed from `progress`
     /// only when it fires, so there is no timer work per command.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -125,6 +130,7 @@ impl Pipeline {
             queue: VecDeque::new(),
             failed: None,
             progress: Instant::now(),
+            waiting: false,
             deadline: None,
         })
     }
@@ -169,15 +175,6 @@ impl Pipeline {
         e
     }
 
-    /// Before queueing: the deadline of an empty pipeline starts now.
-    fn will_queue(&mut self) -> Result<()> {
-        self.usable()?;
-        if self.queue.is_empty() {
-            self.progress = Instant::now();
-        }
-        Ok(())
-    }
-
     /// Queues a read of `len` bytes at `offset` into the start of `buf`, as
     /// commands of at most `piece` bytes (and of what the server accepts);
     /// the filled buffer comes back from [`Pipeline::poll_oldest`] when the
@@ -191,7 +188,7 @@ impl Pipeline {
         offset: u64,
         piece: usize,
     ) -> Result<()> {
-        self.will_queue()?;
+        self.usable()?;
         if len > buf.len() {
             return Err(Error::new(
                 libc::EINVAL,
@@ -244,7 +241,7 @@ impl Pipeline {
     /// bytes (and of what the server accepts). The bytes are kept until the
     /// commands retire.
     pub fn queue_write(&mut self, data: Bytes, offset: u64, piece: usize) -> Result<()> {
-        self.will_queue()?;
+        self.usable()?;
         let base = data.as_ptr();
         let step = self.conn.request_step(piece);
         let queue = &mut self.queue;
@@ -284,7 +281,7 @@ impl Pipeline {
     /// commands the protocol can carry. The server must be able to zero
     /// ([`Connection::can_zero`]).
     pub fn queue_zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.will_queue()?;
+        self.usable()?;
         let queue = &mut self.queue;
         let r = self.conn.start_chunks(
             offset,
@@ -307,7 +304,7 @@ impl Pipeline {
     /// Queues NBD FLUSH: once it retires, every write that retired before
     /// it was queued is durable.
     pub fn queue_flush(&mut self) -> Result<()> {
-        self.will_queue()?;
+        self.usable()?;
         if let Err(e) = self.conn.check_alive() {
             return Err(self.note(e));
         }
@@ -335,6 +332,18 @@ impl Pipeline {
     /// commands stay queued (their buffers are freed with the pipeline) and
     /// every later call fails the same way.
     pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Retired>> {
+        if !self.waiting {
+            // The caller starts waiting: the time since it last did (the
+            // server may have been waiting for it) is not the server's.
+            self.progress = Instant::now();
+        }
+        let r = self.retire_oldest(cx);
+        self.waiting = r.is_pending();
+        r
+    }
+
+    /// [`Pipeline::poll_oldest`], but for the start of the wait.
+    fn retire_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Retired>> {
         if let Err(e) = self.usable() {
             return Poll::Ready(Err(e));
         }

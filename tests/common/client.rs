@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 use super::server::Server;
@@ -36,9 +38,10 @@ impl Response {
     }
 }
 
-/// A keep-alive HTTP/1.1 client over one TCP connection.
-pub struct Client {
-    stream: BufReader<TcpStream>,
+/// A keep-alive HTTP/1.1 client over one connection: TCP, or the server's
+/// HTTP Unix socket.
+pub struct Client<S = TcpStream> {
+    stream: BufReader<S>,
 }
 
 impl Client {
@@ -52,8 +55,30 @@ impl Client {
             stream: BufReader::new(stream),
         }
     }
+}
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+impl Client<UnixStream> {
+    pub fn connect_unix(path: &Path) -> Client<UnixStream> {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("set timeout");
+        Client {
+            stream: BufReader::new(stream),
+        }
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// A client over a stream the test connected itself (e.g. TLS).
+    pub fn over(stream: S) -> Client<S> {
+        Client {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut S {
         self.stream.get_mut()
     }
 
@@ -150,7 +175,7 @@ impl Client {
     }
 
     /// The buffered reader of the connection (to read a body piecewise).
-    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+    pub fn reader(&mut self) -> &mut BufReader<S> {
         &mut self.stream
     }
 

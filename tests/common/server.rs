@@ -24,6 +24,9 @@ pub struct Server {
     /// The control socket (`<config_dir>/.control.sock` unless the test
     /// passed its own `--control-socket`).
     pub control_socket: PathBuf,
+    /// The HTTP Unix socket: off (`--unix-socket ''`) unless the test
+    /// passed its own `--unix-socket`.
+    pub unix_socket: Option<PathBuf>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -33,8 +36,9 @@ pub fn server_binary() -> PathBuf {
 
 impl Server {
     /// Starts the server with `--config-dir config_dir --port 0
-    /// --control-socket config_dir/.control.sock` plus `extra` (which may
-    /// name another `--control-socket`).
+    /// --control-socket config_dir/.control.sock --unix-socket ''` plus
+    /// `extra` (which may name another `--control-socket`, or a
+    /// `--unix-socket`).
     pub fn start(config_dir: &Path, extra: &[&str]) -> Server {
         Self::start_with_env(config_dir, extra, &[])
     }
@@ -53,6 +57,18 @@ impl Server {
                 let p = config_dir.join(".control.sock");
                 cmd.arg("--control-socket").arg(&p);
                 p
+            }
+        };
+        let unix_socket = match extra.iter().position(|a| *a == "--unix-socket") {
+            Some(i) => extra
+                .get(i + 1)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+            None => {
+                // Not the binary's default (/var/run/cloudstack): tests run
+                // side by side, and as ordinary users.
+                cmd.arg("--unix-socket").arg("");
+                None
             }
         };
         cmd.args(extra)
@@ -105,6 +121,7 @@ impl Server {
             scheme,
             config_dir: config_dir.to_path_buf(),
             control_socket,
+            unix_socket,
             log,
         }
     }
@@ -180,6 +197,11 @@ impl Server {
 
     pub fn client(&self) -> Client {
         Client::connect(self.addr)
+    }
+
+    /// A client on the HTTP Unix socket (the test must have turned it on).
+    pub fn unix_client(&self) -> Client<UnixStream> {
+        Client::connect_unix(self.unix_socket.as_deref().expect("--unix-socket given"))
     }
 
     /// One request on a fresh connection.

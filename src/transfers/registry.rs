@@ -1,6 +1,6 @@
 //! Transfers registered over the control socket: held in memory for the
 //! life of the process, next to the config-dir ones (a registered id wins;
-//! see `AppState::lookup`).
+//! see [`super::Transfers::lookup`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,20 +8,24 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::backend::Transfer;
+use super::{Settings, Transfer};
 use crate::config::{valid_transfer_id, TransferConfig};
 
 /// Most transfers registered at once; more are refused.
 pub const MAX_REGISTERED: usize = 4096;
 
-#[derive(Default)]
 pub struct Registry {
     map: Mutex<HashMap<String, Arc<Transfer>>>,
+    /// What every transfer registered here gets.
+    settings: Settings,
 }
 
 impl Registry {
-    pub fn new() -> Registry {
-        Registry::default()
+    pub fn new(settings: Settings) -> Registry {
+        Registry {
+            map: Mutex::new(HashMap::new()),
+            settings,
+        }
     }
 
     /// Registers (or re-registers) `id`. Registering the same config again
@@ -49,7 +53,7 @@ impl Registry {
         } else if map.len() >= MAX_REGISTERED {
             return Err(format!("too many transfers (at most {MAX_REGISTERED})"));
         }
-        let new = Arc::new(Transfer::new(id.to_string(), config));
+        let new = Arc::new(Transfer::new(id.to_string(), config, &self.settings));
         let old = map.insert(id.to_string(), new);
         if let Some(old) = &old {
             old.mark_closed();
@@ -122,7 +126,7 @@ mod tests {
 
     #[test]
     fn register_replace_and_unregister() {
-        let r = Registry::new();
+        let r = Registry::new(Settings::default());
         assert!(r.register("a/b", cfg("/s", 10)).is_err());
         assert!(r.register("", cfg("/s", 10)).is_err());
         assert!(r.register("t", cfg("/s", 10)).unwrap().is_none());
@@ -149,7 +153,7 @@ mod tests {
 
     #[test]
     fn idle_expiry_spares_busy_transfers() {
-        let r = Registry::new();
+        let r = Registry::new(Settings::default());
         r.register("busy", cfg("/s", 1)).unwrap();
         r.register("idle", cfg("/s", 1)).unwrap();
         r.register("long", cfg("/s", 1000)).unwrap();
@@ -177,7 +181,11 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let t = Arc::new(Transfer::new("x".into(), cfg("/s", 10)));
+        let t = Arc::new(Transfer::new(
+            "x".into(),
+            cfg("/s", 10),
+            &Settings::default(),
+        ));
         let a = t.lease().unwrap();
         let b = t.lease().unwrap();
         assert_eq!(t.in_flight(), 2);

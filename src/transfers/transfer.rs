@@ -1,0 +1,383 @@
+//! One transfer: its config, its NBD connection pool and the requests in
+//! flight on it ([`Lease`]), from the moment the server makes it (registered,
+//! or its config file loaded) until it is retired.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::backend::{file, nbd, Handle, Result, Writer};
+use crate::config::{BackendConfig, TransferConfig};
+use crate::stats::TransferStats;
+
+/// What every transfer of the server gets, whatever its config says: the
+/// server's command-line settings for transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Longest wait for a reply to an NBD command before its request fails
+    /// and the connection is discarded (`--nbd-timeout`; `None`: no limit).
+    pub nbd_timeout: Option<Duration>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            nbd_timeout: Some(Duration::from_secs(nbd::DEFAULT_COMMAND_TIMEOUT_SECS)),
+        }
+    }
+}
+
+/// One configured transfer: its config plus runtime state (the NBD
+/// connection pool, the requests in flight). A changed config file or a new
+/// registration makes a new `Transfer`, so a stale connection is never reused.
+///
+/// Requests use a transfer through a [`Lease`]. Once the transfer is closed
+/// (unregistered, or idle for longer than its `idle_timeout`) it grants no
+/// more leases, so the id is unknown to new requests.
+pub struct Transfer {
+    id: String,
+    config: TransferConfig,
+    pool: nbd::Pool,
+    activity: Mutex<Activity>,
+    /// Woken whenever the last lease is returned.
+    drained: Notify,
+    /// Writes (or zeroes) completed, counted per request once none of its
+    /// writes is in flight (see [`Transfer::mark_written`]).
+    writes_completed: AtomicU64,
+    /// The most `writes_completed` a successful flush covers: a flush covers
+    /// the writes completed before it started. Behind `writes_completed`,
+    /// a shutdown (or retiring the transfer) must still flush. Counts rather
+    /// than a flag because requests run concurrently: a flush that ends
+    /// while another request's write is still in flight must not count as
+    /// covering it.
+    flushed_upto: AtomicU64,
+    /// Bytes moved and requests ended, for the control socket's `status`.
+    stats: Arc<TransferStats>,
+}
+
+/// What closing and the idle timeout look at.
+struct Activity {
+    in_flight: usize,
+    closed: bool,
+    /// When the last request started or ended (or the transfer was made).
+    last_active: Instant,
+}
+
+impl Transfer {
+    pub fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
+        Transfer {
+            id,
+            config,
+            pool: nbd::Pool::new(settings.nbd_timeout),
+            activity: Mutex::new(Activity {
+                in_flight: 0,
+                closed: false,
+                last_active: Instant::now(),
+            }),
+            drained: Notify::new(),
+            writes_completed: AtomicU64::new(0),
+            flushed_upto: AtomicU64::new(0),
+            stats: Arc::new(TransferStats::new()),
+        }
+    }
+
+    /// This transfer's counters.
+    pub fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
+    }
+
+    /// Whether a completed write is not covered by a flush yet.
+    pub fn is_unflushed(&self) -> bool {
+        self.writes_completed.load(Ordering::Acquire) > self.flushed_upto.load(Ordering::Acquire)
+    }
+
+    /// Counts a request's writes as completed: call once none of them is in
+    /// flight any more.
+    pub(crate) fn mark_written(&self) {
+        self.writes_completed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// What a flush starting now covers: pass it to
+    /// [`Transfer::mark_flushed`] once the flush succeeded.
+    pub(crate) fn writes_completed(&self) -> u64 {
+        self.writes_completed.load(Ordering::Acquire)
+    }
+
+    /// A flush that started when [`Transfer::writes_completed`] was `covers`
+    /// succeeded.
+    pub(crate) fn mark_flushed(&self, covers: u64) {
+        self.flushed_upto.fetch_max(covers, Ordering::AcqRel);
+    }
+
+    /// Flushes the transfer if anything was written since the last flush
+    /// (used at shutdown). Blocking.
+    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
+        if !self.is_unflushed() {
+            return Ok(false);
+        }
+        let covers = self.writes_completed();
+        let mut h = self.open()?;
+        h.flush()?;
+        self.mark_flushed(covers);
+        Ok(true)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> &TransferConfig {
+        &self.config
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.config.is_file()
+    }
+
+    /// Starts a request on this transfer; `None` once it is closed.
+    pub fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let mut a = self.activity.lock();
+        if a.closed {
+            return None;
+        }
+        a.in_flight += 1;
+        a.last_active = Instant::now();
+        Some(Lease {
+            transfer: self.clone(),
+            served: false,
+        })
+    }
+
+    /// Counts as activity (restarts the idle timeout) without being a
+    /// request; false once the transfer is closed.
+    pub fn touch(&self) -> bool {
+        let mut a = self.activity.lock();
+        if a.closed {
+            return false;
+        }
+        a.last_active = Instant::now();
+        true
+    }
+
+    /// Requests holding a lease right now.
+    pub fn in_flight(&self) -> usize {
+        self.activity.lock().in_flight
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.activity.lock().closed
+    }
+
+    /// Refuses new leases from now on. Requests in flight go on; see
+    /// [`Transfer::drained`] and [`Transfer::close_connections`].
+    pub fn mark_closed(&self) {
+        self.activity.lock().closed = true;
+    }
+
+    /// Closes the transfer if no request is in flight and none has started
+    /// or ended for `idle_timeout` before `now`. True when this call closed it.
+    pub fn close_if_idle(&self, now: Instant) -> bool {
+        let mut a = self.activity.lock();
+        if a.closed || a.in_flight > 0 {
+            return false;
+        }
+        if now.saturating_duration_since(a.last_active) < self.config.idle_timeout {
+            return false;
+        }
+        a.closed = true;
+        true
+    }
+
+    /// How long the transfer has been without a request (zero while one is
+    /// in flight).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        let a = self.activity.lock();
+        if a.in_flight > 0 {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(a.last_active)
+        }
+    }
+
+    /// Waits until no request holds a lease.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a lease returned in between
+            // still wakes us.
+            notified.as_mut().enable();
+            if self.activity.lock().in_flight == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the pooled NBD connections, and every connection still lent
+    /// out as soon as it comes back. Blocking (NBD disconnects).
+    pub fn close_connections(&self) {
+        self.pool.close();
+    }
+
+    /// The end of a transfer (unregistered, replaced, idle, or the server
+    /// stopping): what was written since the last flush is flushed, then
+    /// its connections are closed. Call it once no request is in flight, or
+    /// requests still running may write after the flush. `when` completes
+    /// the log lines ("at shutdown"). Blocking.
+    pub fn retire(self: &Arc<Self>, when: &str) {
+        match self.flush_if_written() {
+            Ok(true) => log::info!("flushed image_id={} {when}", self.id),
+            Ok(false) => {}
+            Err(e) => log::error!("flush {when} failed image_id={} err={e}", self.id),
+        }
+        self.close_connections();
+    }
+
+    /// Waits (without blocking a thread) for a request's turn to open the
+    /// storage: only a not-multi-conn NBD export makes requests take turns
+    /// (see [`nbd::Pool::turn`]). Pass it to [`Transfer::open_in_turn`].
+    pub async fn turn(&self) -> nbd::Turn {
+        if self.is_file() {
+            return None;
+        }
+        self.pool.turn().await
+    }
+
+    /// Opens the storage without waiting for a turn: for the blocking paths
+    /// that run once no request is in flight. Blocking.
+    pub fn open(self: &Arc<Self>) -> Result<Handle> {
+        let turn = if self.is_file() {
+            None
+        } else {
+            self.pool.try_turn()
+        };
+        self.open_in_turn(turn)
+    }
+
+    /// Opens the storage (an NBD connection, from the pool when one is idle,
+    /// or the file) in the request's `turn`. Blocking.
+    pub fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
+        self.open_as(turn, Handle::Nbd, |path| {
+            file::FileHandle::open(path).map(Handle::File)
+        })
+    }
+
+    /// Opens the storage for a write request in the request's `turn`, the
+    /// way this backend takes writes: positioned writes into the export
+    /// for NBD, a whole new file (the old one need not exist) for a file.
+    /// Blocking.
+    pub fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
+        self.open_as(turn, Writer::At, |path| {
+            file::FileUpload::create(path).map(Writer::Replace)
+        })
+    }
+
+    /// An NBD connection made into `T` by `nbd`, or the file's path by `file`.
+    fn open_as<T>(
+        self: &Arc<Self>,
+        turn: nbd::Turn,
+        nbd: fn(nbd::NbdHandle) -> T,
+        file: fn(&std::path::Path) -> Result<T>,
+    ) -> Result<T> {
+        match &self.config.backend {
+            BackendConfig::Nbd {
+                socket,
+                export,
+                export_bitmap,
+            } => nbd::NbdHandle::open(
+                self.clone(),
+                socket,
+                export.as_deref(),
+                export_bitmap.as_deref(),
+                turn,
+            )
+            .map(nbd),
+            BackendConfig::File { path } => file(path),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &nbd::Pool {
+        &self.pool
+    }
+}
+
+/// One request's use of a transfer: while any lease is alive the transfer
+/// counts as busy (never idle, and unregistering waits for it). Dropping it
+/// ends the request's use, whatever way the request ended, and counts the
+/// request as served if [`Lease::served`] was called, else as failed.
+pub struct Lease {
+    transfer: Arc<Transfer>,
+    served: bool,
+}
+
+impl Lease {
+    pub fn transfer(&self) -> &Arc<Transfer> {
+        &self.transfer
+    }
+
+    /// Marks the request as served (completed successfully).
+    pub fn served(&mut self) {
+        self.served = true;
+    }
+}
+
+impl Deref for Lease {
+    type Target = Transfer;
+    fn deref(&self) -> &Transfer {
+        &self.transfer
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Counted before the request leaves the in-flight count, so that
+        // served + failed + in flight never misses a finished request.
+        self.transfer.stats.add_request(self.served);
+        let mut a = self.transfer.activity.lock();
+        a.in_flight -= 1;
+        a.last_active = Instant::now();
+        let last = a.in_flight == 0;
+        drop(a);
+        if last {
+            self.transfer.drained.notify_waiters();
+        }
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lease({})", self.transfer.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_covers_only_writes_completed_before_it_started() {
+        let cfg = TransferConfig::parse(br#"{"socket": "/s"}"#).unwrap();
+        let t = Transfer::new("t".into(), cfg, &Settings::default());
+        assert!(!t.is_unflushed());
+        t.mark_written();
+        assert!(t.is_unflushed());
+        // A flush starts; another request's write completes meanwhile.
+        let covers = t.writes_completed();
+        t.mark_written();
+        t.mark_flushed(covers);
+        assert!(t.is_unflushed(), "the later write is not covered");
+        // A flush that started after it covers it; an older flush ending
+        // last does not undo that.
+        let old = covers;
+        let covers = t.writes_completed();
+        t.mark_flushed(covers);
+        t.mark_flushed(old);
+        assert!(!t.is_unflushed());
+    }
+}
