@@ -103,17 +103,17 @@ where
 /// turn (only a not-multi-conn NBD export makes requests of a transfer take
 /// turns; see `crate::backend::nbd`).
 pub async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
-    let turn = t.turn().await;
-    let t = t.clone();
-    blocking(move || t.open_in_turn(turn).map_err(OpError::from)).await
+    let turn = t.storage().turn().await;
+    let s = t.storage().clone();
+    blocking(move || s.open_in_turn(turn).map_err(OpError::from)).await
 }
 
 /// Opens the transfer's storage for a write request, in its turn (see
 /// [`open`]); a read-only image is [`OpError::ReadOnly`].
 pub async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
-    let turn = t.turn().await;
-    let t = t.clone();
-    let writer = blocking(move || t.open_writer(turn).map_err(OpError::from)).await?;
+    let turn = t.storage().turn().await;
+    let s = t.storage().clone();
+    let writer = blocking(move || s.open_writer(turn).map_err(OpError::from)).await?;
     if writer.caps()?.read_only {
         return Err(OpError::ReadOnly);
     }
@@ -654,13 +654,7 @@ pub async fn write(
             Ok(caps) => write_nbd(&mut body, h, offset, caps.can_zero, flush, &mut written).await,
             Err(e) => Err(Failure::Backend(e)),
         },
-        Writer::Replace(u) => {
-            let r = write_file(&mut body, u, flush, &mut written).await;
-            if r.is_ok() && !flush {
-                t.mark_written();
-            }
-            r
-        }
+        Writer::Replace(u) => write_file(&mut body, u, flush, &mut written).await,
     };
     log.bytes = written.bytes;
     match result {

@@ -97,3 +97,40 @@ fn sigint_with_idle_keepalive_connection_exits_zero() {
         server.log()
     );
 }
+
+/// Shutdown flushes a file transfer only when the file backend says a
+/// completed upload is not covered by a flush: an upload without `flush`
+/// is fsynced at shutdown; one with `flush`, or one followed by a flush
+/// request, is not fsynced again.
+#[test]
+fn file_uploads_are_flushed_at_shutdown_only_when_no_flush_covered_them() {
+    for (tag, put, flush_after, flushed_at_shutdown) in [
+        ("fsd-unflushed", "/images/f", false, 1),
+        ("fsd-put-flush", "/images/f?flush=y", false, 0),
+        ("fsd-flushed", "/images/f", true, 0),
+    ] {
+        let mut env = Env::new(tag, &[]);
+        let path = env.dir.join("disk.img");
+        std::fs::write(&path, b"old bytes").unwrap();
+        env.file_transfer("f", &path);
+        let r = env.server.request("PUT", put, &[], b"new bytes!");
+        assert_eq!(r.status, 200, "{tag}: {}", r.text());
+        if flush_after {
+            let r = env.server.request("POST", "/images/f/flush", &[], b"");
+            assert_eq!(r.status, 200, "{tag}: {}", r.text());
+        }
+        env.server.signal(libc::SIGTERM);
+        let status = env
+            .server
+            .wait_exit(Duration::from_secs(30))
+            .expect("server exits");
+        assert!(status.success(), "{tag}: exit status {status:?}");
+        assert_eq!(
+            env.server.log_count("flushed image_id=f at shutdown"),
+            flushed_at_shutdown,
+            "{tag}: {}",
+            env.server.log()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"new bytes!", "{tag}");
+    }
+}

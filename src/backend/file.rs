@@ -1,13 +1,16 @@
 //! The file backend: the raw bytes of a local file. GET reads ranges of it,
 //! a full PUT replaces it (written beside it, renamed over it when the whole
-//! body arrived), flush is fsync.
+//! body arrived), flush is fsync. An upload counts as a write in the
+//! transfer's [`Unflushed`] once renamed, and a flush (of a handle, or of
+//! an upload asked to flush) clears what it covers.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{BackendError, Result};
+use super::{BackendError, Result, Unflushed};
 
 fn unavailable(path: &Path, e: std::io::Error) -> BackendError {
     log::error!("file open failed path={} err={e}", path.display());
@@ -18,10 +21,16 @@ fn unavailable(path: &Path, e: std::io::Error) -> BackendError {
 pub struct FileHandle {
     file: File,
     size: u64,
+    unflushed: Arc<Unflushed>,
+    /// The uploads a flush of this handle covers: those renamed over the
+    /// file before it was opened (a later one is another file).
+    covers: u64,
 }
 
 impl FileHandle {
-    pub fn open(path: &Path) -> Result<FileHandle> {
+    /// Opens the file at `path`, whose writes and flushes `unflushed` counts.
+    pub fn open(path: &Path, unflushed: Arc<Unflushed>) -> Result<FileHandle> {
+        let covers = unflushed.flush_starts();
         let file = File::open(path).map_err(|e| unavailable(path, e))?;
         let md = file.metadata().map_err(|e| unavailable(path, e))?;
         if !md.is_file() {
@@ -30,6 +39,8 @@ impl FileHandle {
         Ok(FileHandle {
             file,
             size: md.len(),
+            unflushed,
+            covers,
         })
     }
 
@@ -51,10 +62,13 @@ impl FileHandle {
         })
     }
 
+    /// fsync: covers the uploads completed before the file was opened.
     pub fn flush(&mut self) -> Result<()> {
         self.file
             .sync_all()
-            .map_err(|e| BackendError::Io(e.to_string()))
+            .map_err(|e| BackendError::Io(e.to_string()))?;
+        self.unflushed.flushed(self.covers);
+        Ok(())
     }
 }
 
@@ -67,10 +81,13 @@ pub struct FileUpload {
     tmp: PathBuf,
     target: PathBuf,
     written: u64,
+    unflushed: Arc<Unflushed>,
 }
 
 impl FileUpload {
-    pub fn create(target: &Path) -> Result<FileUpload> {
+    /// Starts replacing `target`, whose writes and flushes `unflushed`
+    /// counts.
+    pub fn create(target: &Path, unflushed: Arc<Unflushed>) -> Result<FileUpload> {
         let dir = target
             .parent()
             .ok_or_else(|| BackendError::Unavailable("file has no parent directory".into()))?;
@@ -97,6 +114,7 @@ impl FileUpload {
             tmp,
             target: target.to_path_buf(),
             written: 0,
+            unflushed,
         })
     }
 
@@ -108,7 +126,10 @@ impl FileUpload {
         Ok(())
     }
 
-    /// Optionally fsyncs, then renames the new file over the target.
+    /// Optionally fsyncs, then renames the new file over the target (and
+    /// fsyncs the directory). Counts as a completed write, and with `flush`
+    /// as flushed: full uploads of one image run one at a time (see
+    /// `crate::http::limits`), so no other upload completes in between.
     pub fn commit(mut self, flush: bool) -> Result<u64> {
         let f = self.file.take().expect("open until commit");
         if flush {
@@ -116,12 +137,15 @@ impl FileUpload {
         }
         drop(f);
         std::fs::rename(&self.tmp, &self.target).map_err(|e| BackendError::Io(e.to_string()))?;
+        self.unflushed.wrote();
         if flush {
+            let covers = self.unflushed.flush_starts();
             if let Some(dir) = self.target.parent() {
                 if let Ok(d) = File::open(dir) {
                     let _ = d.sync_all();
                 }
             }
+            self.unflushed.flushed(covers);
         }
         Ok(self.written)
     }

@@ -7,6 +7,9 @@
 
 pub mod file;
 pub mod nbd;
+mod storage;
+
+pub use storage::{Storage, Unflushed};
 
 use std::fmt;
 
@@ -106,8 +109,7 @@ impl KnownCaps {
     }
 }
 
-/// A backend opened for a write request (see
-/// [`crate::transfers::Transfer::open_writer`]).
+/// A backend opened for a write request (see [`Storage::open_writer`]).
 pub enum Writer {
     /// Writes at offsets into the image (NBD).
     At(nbd::NbdHandle),

@@ -43,10 +43,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{BackendError, Caps, Result};
+use super::{BackendError, Caps, Result, Storage};
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
-use crate::transfers::Transfer;
 use crate::zeroes::ZEROES;
 
 /// Idle connections kept per transfer.
@@ -216,18 +215,18 @@ impl Drop for Connecting<'_> {
 
 /// What a request's connection carries besides the connection itself.
 struct Lent {
-    transfer: Arc<Transfer>,
+    storage: Arc<Storage>,
     /// Cleared by a fatal error (or `discard`): the connection is closed
     /// when the request ends instead of going back to the pool.
     reusable: bool,
     /// A timeout was logged already (one line per request).
     timeout_logged: bool,
-    /// Wrote or zeroed since the last flush of this request: the transfer
-    /// counts the writes as completed when the request's connection goes
-    /// back or flushes.
+    /// Wrote or zeroed since the last flush of this request: the storage's
+    /// [`super::Unflushed`] counts the writes as completed when the
+    /// request's connection goes back or flushes.
     wrote: bool,
     /// What the flush started by this request covers (see
-    /// [`Transfer::writes_completed`]).
+    /// [`super::Unflushed::flush_starts`]).
     flush_covers: u64,
     /// The turn of a not-multi-conn export, given back after the connection
     /// is closed (the owner's `Drop` closes or pools the connection; fields
@@ -236,9 +235,9 @@ struct Lent {
 }
 
 impl Lent {
-    fn new(transfer: Arc<Transfer>, turn: Turn) -> Lent {
+    fn new(storage: Arc<Storage>, turn: Turn) -> Lent {
         Lent {
-            transfer,
+            storage,
             reusable: true,
             timeout_logged: false,
             wrote: false,
@@ -251,7 +250,7 @@ impl Lent {
     /// becomes), leaving nothing to count or give back here.
     fn take(&mut self) -> Lent {
         Lent {
-            transfer: self.transfer.clone(),
+            storage: self.storage.clone(),
             reusable: self.reusable,
             timeout_logged: self.timeout_logged,
             wrote: std::mem::take(&mut self.wrote),
@@ -260,24 +259,24 @@ impl Lent {
         }
     }
 
-    /// Counts this request's writes as completed on the transfer: call once
-    /// none is in flight.
+    /// Counts this request's writes as completed: call once none is in
+    /// flight.
     fn writes_done(&mut self) {
         if std::mem::take(&mut self.wrote) {
-            self.transfer.mark_written();
+            self.storage.unflushed().wrote();
         }
     }
 
     /// What a flush starting now covers (this request's writes included).
     fn start_flush(&mut self) -> u64 {
         self.writes_done();
-        self.flush_covers = self.transfer.writes_completed();
+        self.flush_covers = self.storage.unflushed().flush_starts();
         self.flush_covers
     }
 
     /// The flush started by [`Lent::start_flush`] succeeded.
     fn flushed(&self) {
-        self.transfer.mark_flushed(self.flush_covers);
+        self.storage.unflushed().flushed(self.flush_covers);
     }
 
     /// Maps an NBD error for the request. A fatal one makes the connection
@@ -291,7 +290,7 @@ impl Lent {
             self.timeout_logged = true;
             log::error!(
                 "NBD timeout image_id={} err={e}: request failed, connection discarded",
-                self.transfer.id()
+                self.storage.id()
             );
         }
         io_err(e)
@@ -301,7 +300,7 @@ impl Lent {
     /// request; else it is closed here.
     fn give_back(&self, conn: Connection) {
         if self.reusable && !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
-            self.transfer.pool().put(conn);
+            self.storage.pool().put(conn);
         }
     }
 }
@@ -326,7 +325,7 @@ impl NbdHandle {
     /// request's turn (see [`Pool::turn`]); kept while the connection turns
     /// out not to be multi-conn.
     pub fn open(
-        transfer: Arc<Transfer>,
+        storage: Arc<Storage>,
         socket: &Path,
         export: Option<&str>,
         export_bitmap: Option<&str>,
@@ -334,7 +333,7 @@ impl NbdHandle {
     ) -> Result<NbdHandle> {
         let bitmap_context =
             export_bitmap.map(|b| format!("{}{b}", nbd::CONTEXT_DIRTY_BITMAP_PREFIX));
-        let pool = transfer.pool();
+        let pool = storage.pool();
         // Counted as connecting before the second look into the pool: a
         // connection returned in between is found there, one returned
         // after is closed rather than pooled (see `Pool::put`).
@@ -360,7 +359,7 @@ impl NbdHandle {
                 .map_err(|e| {
                     log::error!(
                         "NBD connect failed image_id={} socket={} err={e}",
-                        transfer.id(),
+                        storage.id(),
                         socket.display()
                     );
                     BackendError::Unavailable(e.to_string())
@@ -373,7 +372,7 @@ impl NbdHandle {
         Ok(NbdHandle {
             // On a multi-conn export the turn goes back at once, so that
             // requests that queued for it before that was known go ahead.
-            lent: Lent::new(transfer, if multi_conn { None } else { turn }),
+            lent: Lent::new(storage, if multi_conn { None } else { turn }),
             conn: Some(conn),
             bitmap_context,
         })
@@ -522,7 +521,7 @@ impl NbdHandle {
         if !self.conn_ref().can_meta_context(&ctx).unwrap_or(false) {
             log::warn!(
                 "dirty bitmap context {ctx:?} not negotiated image_id={}",
-                self.lent.transfer.id()
+                self.lent.storage.id()
             );
             return Ok(None);
         }
@@ -646,7 +645,7 @@ impl NbdQueue {
         }
     }
 
-    /// Marks the transfer flushed up to what the flush started by
+    /// Marks the storage flushed up to what the flush started by
     /// [`NbdQueue::start_flush`] covers (it retired).
     pub fn flushed(&self) {
         self.lent.flushed();

@@ -161,7 +161,7 @@ fn options_all(state: &AppState) -> HttpResponse {
 /// `OPTIONS /images/{id}`: what its backend can do, asking the export when
 /// its config does not tell.
 async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
-    let caps = match KnownCaps::of(&t.config().backend) {
+    let caps = match t.storage().known_caps() {
         KnownCaps::All(caps) => caps,
         KnownCaps::AtMost(_) => ops::open(t.transfer()).await?.caps()?,
     };
@@ -170,7 +170,7 @@ async fn options(state: &web::Data<AppState>, t: &Lease) -> Res {
 
 /// What the transfer's backend can do at most, without opening it.
 fn caps_at_most(t: &Lease) -> Caps {
-    KnownCaps::of(&t.config().backend).at_most()
+    t.storage().known_caps().at_most()
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {

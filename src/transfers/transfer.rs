@@ -1,18 +1,17 @@
-//! One transfer: its config, its NBD connection pool and the requests in
-//! flight on it ([`Lease`]), from the moment the server makes it (registered,
+//! One transfer: its config, its storage (`backend::Storage`: the NBD
+//! connection pool, what is unflushed) and the requests in flight on it ([`Lease`]), from the moment the server makes it (registered,
 //! or its config file loaded) until it is retired.
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::backend::{file, nbd, Handle, Result, Writer};
-use crate::config::{BackendConfig, TransferConfig};
+use crate::backend::{nbd, Storage};
+use crate::config::TransferConfig;
 use crate::stats::TransferStats;
 
 /// What every transfer of the server gets, whatever its config says: the
@@ -32,8 +31,8 @@ impl Default for Settings {
     }
 }
 
-/// One configured transfer: its config plus runtime state (the NBD
-/// connection pool, the requests in flight). A changed config file or a new
+/// One configured transfer: its config plus runtime state (its storage,
+/// the requests in flight). A changed config file or a new
 /// registration makes a new `Transfer`, so a stale connection is never reused.
 ///
 /// Requests use a transfer through a [`Lease`]. Once the transfer is closed
@@ -42,20 +41,11 @@ impl Default for Settings {
 pub struct Transfer {
     id: String,
     config: TransferConfig,
-    pool: nbd::Pool,
+    /// The storage: how it is opened, the NBD pool, what is unflushed.
+    storage: Arc<Storage>,
     activity: Mutex<Activity>,
     /// Woken whenever the last lease is returned.
     drained: Notify,
-    /// Writes (or zeroes) completed, counted per request once none of its
-    /// writes is in flight (see [`Transfer::mark_written`]).
-    writes_completed: AtomicU64,
-    /// The most `writes_completed` a successful flush covers: a flush covers
-    /// the writes completed before it started. Behind `writes_completed`,
-    /// a shutdown (or retiring the transfer) must still flush. Counts rather
-    /// than a flag because requests run concurrently: a flush that ends
-    /// while another request's write is still in flight must not count as
-    /// covering it.
-    flushed_upto: AtomicU64,
     /// Bytes moved and requests ended, for the control socket's `status`.
     stats: Arc<TransferStats>,
 }
@@ -70,18 +60,17 @@ struct Activity {
 
 impl Transfer {
     pub fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
+        let pool = nbd::Pool::new(settings.nbd_timeout);
         Transfer {
+            storage: Storage::new(&id, config.backend.clone(), pool),
             id,
             config,
-            pool: nbd::Pool::new(settings.nbd_timeout),
             activity: Mutex::new(Activity {
                 in_flight: 0,
                 closed: false,
                 last_active: Instant::now(),
             }),
             drained: Notify::new(),
-            writes_completed: AtomicU64::new(0),
-            flushed_upto: AtomicU64::new(0),
             stats: Arc::new(TransferStats::new()),
         }
     }
@@ -91,40 +80,9 @@ impl Transfer {
         &self.stats
     }
 
-    /// Whether a completed write is not covered by a flush yet.
-    pub fn is_unflushed(&self) -> bool {
-        self.writes_completed.load(Ordering::Acquire) > self.flushed_upto.load(Ordering::Acquire)
-    }
-
-    /// Counts a request's writes as completed: call once none of them is in
-    /// flight any more.
-    pub(crate) fn mark_written(&self) {
-        self.writes_completed.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// What a flush starting now covers: pass it to
-    /// [`Transfer::mark_flushed`] once the flush succeeded.
-    pub(crate) fn writes_completed(&self) -> u64 {
-        self.writes_completed.load(Ordering::Acquire)
-    }
-
-    /// A flush that started when [`Transfer::writes_completed`] was `covers`
-    /// succeeded.
-    pub(crate) fn mark_flushed(&self, covers: u64) {
-        self.flushed_upto.fetch_max(covers, Ordering::AcqRel);
-    }
-
-    /// Flushes the transfer if anything was written since the last flush
-    /// (used at shutdown). Blocking.
-    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
-        if !self.is_unflushed() {
-            return Ok(false);
-        }
-        let covers = self.writes_completed();
-        let mut h = self.open()?;
-        h.flush()?;
-        self.mark_flushed(covers);
-        Ok(true)
+    /// The storage: open it, flush it, what it can do.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
     }
 
     pub fn id(&self) -> &str {
@@ -222,7 +180,7 @@ impl Transfer {
     /// Closes the pooled NBD connections, and every connection still lent
     /// out as soon as it comes back. Blocking (NBD disconnects).
     pub fn close_connections(&self) {
-        self.pool.close();
+        self.storage.close();
     }
 
     /// The end of a transfer (unregistered, replaced, idle, or the server
@@ -231,79 +189,12 @@ impl Transfer {
     /// requests still running may write after the flush. `when` completes
     /// the log lines ("at shutdown"). Blocking.
     pub fn retire(self: &Arc<Self>, when: &str) {
-        match self.flush_if_written() {
+        match self.storage.flush_if_written() {
             Ok(true) => log::info!("flushed image_id={} {when}", self.id),
             Ok(false) => {}
             Err(e) => log::error!("flush {when} failed image_id={} err={e}", self.id),
         }
         self.close_connections();
-    }
-
-    /// Waits (without blocking a thread) for a request's turn to open the
-    /// storage: only a not-multi-conn NBD export makes requests take turns
-    /// (see [`nbd::Pool::turn`]). Pass it to [`Transfer::open_in_turn`].
-    pub async fn turn(&self) -> nbd::Turn {
-        if self.is_file() {
-            return None;
-        }
-        self.pool.turn().await
-    }
-
-    /// Opens the storage without waiting for a turn: for the blocking paths
-    /// that run once no request is in flight. Blocking.
-    pub fn open(self: &Arc<Self>) -> Result<Handle> {
-        let turn = if self.is_file() {
-            None
-        } else {
-            self.pool.try_turn()
-        };
-        self.open_in_turn(turn)
-    }
-
-    /// Opens the storage (an NBD connection, from the pool when one is idle,
-    /// or the file) in the request's `turn`. Blocking.
-    pub fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
-        self.open_as(turn, Handle::Nbd, |path| {
-            file::FileHandle::open(path).map(Handle::File)
-        })
-    }
-
-    /// Opens the storage for a write request in the request's `turn`, the
-    /// way this backend takes writes: positioned writes into the export
-    /// for NBD, a whole new file (the old one need not exist) for a file.
-    /// Blocking.
-    pub fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
-        self.open_as(turn, Writer::At, |path| {
-            file::FileUpload::create(path).map(Writer::Replace)
-        })
-    }
-
-    /// An NBD connection made into `T` by `nbd`, or the file's path by `file`.
-    fn open_as<T>(
-        self: &Arc<Self>,
-        turn: nbd::Turn,
-        nbd: fn(nbd::NbdHandle) -> T,
-        file: fn(&std::path::Path) -> Result<T>,
-    ) -> Result<T> {
-        match &self.config.backend {
-            BackendConfig::Nbd {
-                socket,
-                export,
-                export_bitmap,
-            } => nbd::NbdHandle::open(
-                self.clone(),
-                socket,
-                export.as_deref(),
-                export_bitmap.as_deref(),
-                turn,
-            )
-            .map(nbd),
-            BackendConfig::File { path } => file(path),
-        }
-    }
-
-    pub(crate) fn pool(&self) -> &nbd::Pool {
-        &self.pool
     }
 }
 
@@ -353,31 +244,5 @@ impl Drop for Lease {
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Lease({})", self.transfer.id)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flush_covers_only_writes_completed_before_it_started() {
-        let cfg = TransferConfig::parse(br#"{"socket": "/s"}"#).unwrap();
-        let t = Transfer::new("t".into(), cfg, &Settings::default());
-        assert!(!t.is_unflushed());
-        t.mark_written();
-        assert!(t.is_unflushed());
-        // A flush starts; another request's write completes meanwhile.
-        let covers = t.writes_completed();
-        t.mark_written();
-        t.mark_flushed(covers);
-        assert!(t.is_unflushed(), "the later write is not covered");
-        // A flush that started after it covers it; an older flush ending
-        // last does not undo that.
-        let old = covers;
-        let covers = t.writes_completed();
-        t.mark_flushed(covers);
-        t.mark_flushed(old);
-        assert!(!t.is_unflushed());
     }
 }
