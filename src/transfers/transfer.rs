@@ -93,10 +93,6 @@ impl Transfer {
         &self.config
     }
 
-    pub fn is_file(&self) -> bool {
-        self.config.is_file()
-    }
-
     /// Starts a request on this transfer; `None` once it is closed.
     pub fn lease(self: &Arc<Self>) -> Option<Lease> {
         let mut a = self.activity.lock();
