@@ -65,10 +65,13 @@ bench: build
 	$(CARGO) build --release --locked --example bench-floor
 	python3 bench/bench.py $(BIN) $(FLOOR)
 
+# fmt, clippy, and the module order docs/architecture.md declares
+# (scripts/layers.py: no cycles, each module uses only those below it).
 lint:
 	@scripts/deps.sh --build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	python3 scripts/layers.py --check
 
 # Packages for Debian/Ubuntu and RHEL/Fedora, from the release binary:
 #   $(TARGET_DIR)/debian/cloudstack-image-server_<version>-1_<arch>.deb

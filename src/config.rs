@@ -69,10 +69,6 @@ pub struct TransferConfig {
 }
 
 impl TransferConfig {
-    pub fn is_file(&self) -> bool {
-        matches!(self.backend, BackendConfig::File { .. })
-    }
-
     /// Parses and validates a config file's raw JSON bytes.
     pub fn parse(raw: &[u8]) -> Result<TransferConfig, String> {
         let value: Value = serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -277,7 +273,6 @@ mod tests {
                 path: "/var/lib/x.img".into()
             }
         );
-        assert!(c.is_file());
     }
 
     #[test]
