@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::ConfigDir;
 use crate::control::ControlSocket;
+use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
 
@@ -151,7 +152,8 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 ///
 /// Not `HttpServer`: it hands actix-http the accepted stream as is, and
 /// every request head must be bounded (see `head_timeout`), so each stream
-/// is wrapped in a [`HeadDeadline`] first.
+/// is wrapped in a [`HeadDeadline`] first, and that in a [`DirectIo`] for
+/// GET bodies written without actix-http's copy (see `direct_body`).
 fn http_server(
     settings: &Settings,
     tls: Option<rustls::ServerConfig>,
@@ -248,6 +250,9 @@ fn bind_all(addr: impl ToSocketAddrs) -> io::Result<Vec<std::net::TcpListener>> 
     }
 }
 
+/// An accepted stream of type `T` as actix-http's service takes it.
+type Accepted<T> = (DirectIo<HeadDeadline<T>>, Protocol, Option<SocketAddr>);
+
 /// What every worker's HTTP service is built from.
 #[derive(Clone)]
 struct ConnSettings {
@@ -258,15 +263,12 @@ struct ConnSettings {
 
 impl ConnSettings {
     /// An accepted stream, its request heads bounded (see `head_timeout`),
-    /// as actix-http takes it.
-    fn wrap<T>(
-        &self,
-        io: T,
-        peer: Option<SocketAddr>,
-    ) -> Result<(HeadDeadline<T>, Protocol, Option<SocketAddr>), DispatchError> {
+    /// as actix-http takes it, able to write GET bodies uncopied (see
+    /// `direct_body`).
+    fn wrap<T>(&self, io: T, peer: Option<SocketAddr>) -> Result<Accepted<T>, DispatchError> {
         let idle = KEEP_ALIVE + self.header_timeout;
         Ok((
-            HeadDeadline::new(io, self.header_timeout, idle),
+            DirectIo::new(HeadDeadline::new(io, self.header_timeout, idle)),
             Protocol::Http1,
             peer,
         ))
@@ -278,7 +280,7 @@ impl ConnSettings {
         &self,
         local: SocketAddr,
     ) -> impl ServiceFactory<
-        (HeadDeadline<T>, Protocol, Option<SocketAddr>),
+        Accepted<T>,
         Config = (),
         Response = (),
         Error = DispatchError,
@@ -309,8 +311,9 @@ impl ConnSettings {
             .client_request_timeout(self.header_timeout)
             .client_disconnect_timeout(Duration::from_secs(2))
             .local_addr(local)
-            .on_connect_ext(|io: &HeadDeadline<T>, data| {
-                data.insert(io.clock());
+            .on_connect_ext(|io: &DirectIo<HeadDeadline<T>>, data| {
+                data.insert(io.get_ref().clock());
+                data.insert(io.outbox());
             })
             .finish(track_heads(app))
     }
