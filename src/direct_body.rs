@@ -172,7 +172,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             p.chunk.advance(n);
-            emptied = p.chunk.is_empty();
+            if p.chunk.is_empty() {
+                // An empty view still holds the chunk's buffer: let it go
+                // back to its transfer now, not with the next chunk (or,
+                // after a connection's last GET, never).
+                p.chunk = Bytes::new();
+                emptied = true;
+            }
         }
         if emptied {
             cx.waker().wake_by_ref();
@@ -256,5 +262,119 @@ where
                 return Poll::Pending;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A chunk's buffer that counts its drops.
+    struct Owned(Vec<u8>, Arc<AtomicUsize>);
+
+    impl AsRef<[u8]> for Owned {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn chunks(parts: &[&[u8]], drops: &Arc<AtomicUsize>) -> Vec<io::Result<Bytes>> {
+        parts
+            .iter()
+            .map(|p| Ok(Bytes::from_owner(Owned(p.to_vec(), drops.clone()))))
+            .collect()
+    }
+
+    type Body = DirectBody<futures_util::stream::Iter<std::vec::IntoIter<io::Result<Bytes>>>>;
+
+    /// What actix's dispatcher does with a body until it ends: poll it, then
+    /// flush the stream. Returns how the body ended.
+    async fn send(io: &mut DirectIo<DuplexStream>, body: &mut Body) -> io::Result<()> {
+        loop {
+            let next = poll_fn(|cx| match Pin::new(&mut *body).poll_next(cx) {
+                Poll::Pending => Poll::Ready(None),
+                ready => ready.map(Some),
+            })
+            .await;
+            match next {
+                Some(None) => return io.flush().await,
+                Some(Some(r)) => {
+                    assert!(r?.is_empty(), "the body yielded bytes to actix");
+                }
+                None => io.flush().await?,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_follow_the_head_in_order_and_their_buffers_are_released() {
+        let (mut client, server) = duplex(7);
+        let mut io = DirectIo::new(server);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut body = DirectBody::new(
+            futures_util::stream::iter(chunks(&[b"hello ", b"", b"world", b"!"], &drops)),
+            12,
+            io.outbox(),
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.map(|_| got)
+        });
+        io.write_all(b"HEAD\r\n\r\n").await.unwrap();
+        send(&mut io, &mut body).await.unwrap();
+        // Every chunk's buffer went back once written, the last one too.
+        assert_eq!(drops.load(Ordering::SeqCst), 4);
+        assert!(io.outbox.is_empty());
+        io.write_all(b"NEXT").await.unwrap();
+        io.shutdown().await.unwrap();
+        drop(io);
+        assert_eq!(
+            reader.await.unwrap().unwrap(),
+            b"HEAD\r\n\r\nhello world!NEXT"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_or_longer_than_promised_fails() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        for (len, message) in [
+            (13, "response body ended early"),
+            (11, "response body longer than its Content-Length"),
+        ] {
+            let (_client, server) = duplex(64);
+            let mut io = DirectIo::new(server);
+            let mut body = DirectBody::new(
+                futures_util::stream::iter(chunks(&[b"hello ", b"world!"], &drops)),
+                len,
+                io.outbox(),
+            );
+            let e = send(&mut io, &mut body).await.unwrap_err();
+            assert_eq!(e.to_string(), message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_would_overtake_a_partly_written_chunk_fails() {
+        let (_client, server) = duplex(4);
+        let mut io = DirectIo::new(server);
+        io.outbox().put(Bytes::from_static(b"0123456789"));
+        // Four bytes fit; the rest waits for the client.
+        let flushed = poll_fn(|cx| Poll::Ready(Pin::new(&mut io).poll_flush(cx))).await;
+        assert!(flushed.is_pending());
+        let e = io.write_all(b"next head").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a write would overtake a response body chunk"
+        );
     }
 }
