@@ -1186,6 +1186,9 @@ fn keep_alive_serves_many_requests_on_one_connection() {
 /// requests sent before the previous response was read (their heads wait
 /// in the server's read buffer while a multi-chunk body is still going
 /// out) get their responses whole and in order, framed by Content-Length.
+/// (No HEAD among them: actix-http 3.20 takes "is HEAD" from the last
+/// request it decoded, not from the one it answers, and gets a pipelined
+/// HEAD wrong with or without this server's body path.)
 #[test]
 fn pipelined_requests_behind_a_large_get_come_back_whole_and_in_order() {
     let mut env = Env::new("pipelined", &[]);
