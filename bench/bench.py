@@ -11,6 +11,10 @@ how much of the gap to nbdcopy is the server's and how much is HTTP over TCP.
 Needs qemu-img, qemu-nbd, qemu-io, nbdcopy, curl and wrk. Python stdlib only.
 Prints markdown tables ready to paste into bench/RESULTS.md.
 
+qemu-nbd runs with MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824
+(QEMU_NBD_TUNING) except for the rows marked "qemu-nbd untuned", which use a second
+qemu-nbd of the same image started without them.
+
 Environment: BENCH_TMP (default /var/tmp) holds the ~3.5 GiB of test files;
 BENCH_ROUNDS (default 3) is the number of interleaved rounds (best is kept);
 BENCH_SIZE_MIB (default 2048, a multiple of 8) is the size of the raw image
@@ -45,6 +49,9 @@ IMAGE_SIZE = int(os.environ.get("BENCH_SIZE_MIB", "2048")) * MIB
 DATA_SIZE = IMAGE_SIZE // 4 * 3
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# glibc settings that stop qemu-nbd's heap from giving each request's bounce
+# buffer back to the kernel and faulting it in again (README, "Performance").
+QEMU_NBD_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
 def log(msg):
@@ -97,11 +104,16 @@ class Proc:
 
 
 class QemuNbd(Proc):
-    def __init__(self, image, sock, fmt, bitmap=None):
+    def __init__(self, image, sock, fmt, bitmap=None, tuned=True):
         cmd = ["qemu-nbd", "--socket", sock, "--shared=0", "--persistent", "--cache=writeback", "-f", fmt]
         if bitmap:
             cmd += ["-B", bitmap]
-        super().__init__(cmd + [image], stdout=subprocess.DEVNULL)
+        env = dict(os.environ)
+        for k in QEMU_NBD_TUNING:
+            env.pop(k, None)
+        if tuned:
+            env.update(QEMU_NBD_TUNING)
+        super().__init__(cmd + [image], stdout=subprocess.DEVNULL, env=env)
         self.sock = sock
         self.uri = f"nbd+unix:///?socket={sock}"
         deadline = time.time() + 20
@@ -152,27 +164,20 @@ def client_cpu():
     return r.ru_utime + r.ru_stime + THREAD_CPU.total
 
 
-class Measure:
-    """Times a command and the CPU the server, qemu-nbd and the client
-    (curl or nbdcopy, or the bench's upload threads) spent meanwhile."""
-
-    def __init__(self, pids):
-        self.pids = pids  # [server, qemu-nbd]
-
-    def __call__(self, fn, server_pid=None):
-        pids = [server_pid or self.pids[0]] + self.pids[1:]
-        cpu0 = [cpu_seconds(p) for p in pids] + [client_cpu()]
-        flt0 = minor_faults(self.nbd_pid)
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        cpu1 = [cpu_seconds(p) for p in pids] + [client_cpu()]
-        cpu = [b - a for a, b in zip(cpu0, cpu1)]
-        return dt, cpu, minor_faults(self.nbd_pid) - flt0
-
-    @property
-    def nbd_pid(self):
-        return self.pids[1]
+def measure(fn, server_pid, nbd_pid):
+    """Times a command and the CPU the server (or the floor), qemu-nbd and
+    the client (curl or nbdcopy, or the bench's upload threads) spent
+    meanwhile: (seconds, [server, qemu-nbd, client] CPU s, qemu-nbd's minor
+    faults)."""
+    pids = [server_pid, nbd_pid]
+    cpu0 = [cpu_seconds(p) for p in pids] + [client_cpu()]
+    flt0 = minor_faults(nbd_pid)
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    cpu1 = [cpu_seconds(p) for p in pids] + [client_cpu()]
+    cpu = [b - a for a, b in zip(cpu0, cpu1)]
+    return dt, cpu, minor_faults(nbd_pid) - flt0
 
 
 def make_data(tmp):
@@ -294,9 +299,11 @@ def call(cmd):
 
 
 def extents_latency(server, tid, query=""):
-    """Best and median wall time of GET .../extents on a fresh connection, and the extent count."""
+    """Best and median wall time of GET .../extents on a fresh connection,
+    the extent count and the server's CPU seconds per call."""
     times = []
     count = 0
+    cpu0 = cpu_seconds(server.pid)
     for _ in range(5):
         t0 = time.perf_counter()
         c = http.client.HTTPConnection(server.host, server.port, timeout=120)
@@ -308,20 +315,22 @@ def extents_latency(server, tid, query=""):
         if r.status != 200:
             raise RuntimeError(f"extents {tid}{query}: {r.status} {body[:200]!r}")
         count = len(json.loads(body))
+    cpu = (cpu_seconds(server.pid) - cpu0) / len(times)
     times.sort()
-    return times[0], times[len(times) // 2], count
+    return times[0], times[len(times) // 2], count, cpu
 
 
 def wrk(url, conns, secs):
     out = run(["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{secs}s",
                "-H", "Range: bytes=0-4095", url]).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     m = re.search(r"Latency\s+([\d.]+)(us|ms|s)\b", out)
     lat_ms = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"wrk saw errors: {out}")
-    return rps, lat_ms
+    return rps, lat_ms, requests
 
 
 class RssPoller:
@@ -383,13 +392,28 @@ class Floor(Proc):
         return f"{self.base}/images/{tid}"
 
 
+UNTUNED = " (qemu-nbd untuned)"
+
+
 def reference(name):
     """The nbdcopy run a transfer is compared with (None for nbdcopy's own)."""
     if name.startswith("nbdcopy"):
         return None
+    if name.endswith(UNTUNED):
+        return "nbdcopy --no-extents → null:" + UNTUNED
     if "PUT" in name:
         return "nbdcopy FILE → nbd"
     return "nbdcopy --no-extents → null:"
+
+
+def floor_row(name):
+    """The floor's run of the same transfer (None if it has none)."""
+    return {
+        "curl GET (1 stream)": "floor: curl GET (1 stream)",
+        "curl GET ×4 ranged": "floor: curl GET ×4 ranged",
+        "curl -T PUT": "floor: curl -T PUT",
+        "PUT ×4 ranged (imageio workers)": "floor: PUT ×4 ranged",
+    }.get(name)
 
 
 def bench(binary, floor_binary, tmp, procs):
@@ -409,6 +433,9 @@ def bench(binary, floor_binary, tmp, procs):
     os.mkdir(config_dir)
     nbd = QemuNbd(image, os.path.join(tmp, "raw.sock"), "raw")
     procs.append(nbd)
+    # The same image served by a qemu-nbd without QEMU_NBD_TUNING (reads only).
+    nbd_untuned = QemuNbd(image, os.path.join(tmp, "raw-untuned.sock"), "raw", tuned=False)
+    procs.append(nbd_untuned)
     nbd_big = QemuNbd(big, os.path.join(tmp, "big.sock"), "qcow2", "b0")
     procs.append(nbd_big)
     nbd_frag = QemuNbd(frag, os.path.join(tmp, "frag.sock"), "qcow2", "b0")
@@ -416,10 +443,10 @@ def bench(binary, floor_binary, tmp, procs):
     server = Server(binary, config_dir, os.path.join(tmp, "server.log"))
     procs.append(server)
     server.add_nbd("raw", nbd)
+    server.add_nbd("raw-untuned", nbd_untuned)
     server.add_nbd("big", nbd_big, "b0")
     server.add_nbd("frag", nbd_frag, "b0")
     url = server.url("raw")
-    measure = Measure([server.pid, nbd.pid])
     floor = None
     if floor_binary:
         floor = Floor(floor_binary, nbd)
@@ -428,6 +455,7 @@ def bench(binary, floor_binary, tmp, procs):
     log("warming the page cache")
     run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
     run(curl_get(url))
+    run(curl_get(server.url("raw-untuned")))
 
     def par_cmds(u, n=4):
         return [curl_get(u, f"{off}-{off + ln - 1}") for off, ln in parts(IMAGE_SIZE, n)]
@@ -443,6 +471,9 @@ def bench(binary, floor_binary, tmp, procs):
         "nbdcopy FILE → nbd": (DATA_SIZE, call(["nbdcopy", data, nbd.uri])),
         "curl -T PUT": (DATA_SIZE, call(curl_put(url))),
         "PUT ×4 ranged (imageio workers)": (DATA_SIZE, lambda: parallel([], put_ranges(url, data, 4))),
+        "nbdcopy --no-extents → null:" + UNTUNED:
+            (IMAGE_SIZE, call(["nbdcopy", "--no-extents", nbd_untuned.uri, "null:"])),
+        "curl GET (1 stream)" + UNTUNED: (IMAGE_SIZE, call(curl_get(server.url("raw-untuned")))),
     }
     if floor:
         furl = floor.url("raw")
@@ -450,9 +481,11 @@ def bench(binary, floor_binary, tmp, procs):
             "floor: curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(furl))),
             "floor: curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(furl))),
             "floor: curl -T PUT": (DATA_SIZE, call(curl_put(furl))),
+            "floor: PUT ×4 ranged": (DATA_SIZE, lambda: parallel([], put_ranges(furl, data, 4))),
         })
     ratios = {k: [] for k in tests}
     faults = {k: [] for k in tests}
+    cpus = {k: [] for k in tests}  # [server, qemu-nbd, client] CPU s per round
     best = {}
     rss_peak = 0
     for r in range(ROUNDS):
@@ -460,14 +493,16 @@ def bench(binary, floor_binary, tmp, procs):
         times = {}
         for name, (size, fn) in tests.items():
             pid = floor.pid if name.startswith("floor") else server.pid
+            nbd_pid = nbd_untuned.pid if name.endswith(UNTUNED) else nbd.pid
             if name == "curl GET ×4 ranged":
                 with RssPoller(server.pid) as poll:
-                    dt, cpu, flt = measure(fn, pid)
+                    dt, cpu, flt = measure(fn, pid, nbd_pid)
                 rss_peak = max(rss_peak, poll.peak)
             else:
-                dt, cpu, flt = measure(fn, pid)
+                dt, cpu, flt = measure(fn, pid, nbd_pid)
             times[name] = dt
             faults[name].append(flt)
+            cpus[name].append(cpu)
             if name not in best or dt < best[name][0]:
                 best[name] = (dt, cpu)
         for name in tests:
@@ -491,7 +526,11 @@ def bench(binary, floor_binary, tmp, procs):
 
     log("small requests (wrk)")
     wrk(url, 1, 1)  # warm the connection pool
-    small = {c: wrk(url, c, 5) for c in (1, 4)}
+    small = {}
+    for c in (1, 4):
+        cpu0 = cpu_seconds(server.pid)
+        rps, lat, requests = wrk(url, c, 5)
+        small[c] = (rps, lat, (cpu_seconds(server.pid) - cpu0) / requests)
 
     load1 = os.getloadavg()
     elapsed = time.time() - started
@@ -515,15 +554,17 @@ def bench(binary, floor_binary, tmp, procs):
         print(f"| {name} | {size} | {dt:.3f} | {mibs(name):.0f} | {cpu[0]:.2f} | {cpu[1]:.2f} "
               f"| {cpu[2]:.2f} | {med} | {statistics.median(faults[name]):.0f} |")
     print()
-    print("| extents | count | best ms | median ms |")
-    print("|---|---:|---:|---:|")
-    for name, (b, med, count) in ext.items():
-        print(f"| {name} | {count} | {b * 1000:.1f} | {med * 1000:.1f} |")
+    print_cpu_per_gib(tests, cpus)
     print()
-    print("| 4 KiB ranged GET, keep-alive (wrk) | requests/s | mean latency ms |")
-    print("|---|---:|---:|")
-    for c, (rps, lat) in small.items():
-        print(f"| {c} connection{'s' if c > 1 else ''} | {rps:.0f} | {lat:.3f} |")
+    print("| extents | count | best ms | median ms | server CPU ms per call |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (b, med, count, cpu) in ext.items():
+        print(f"| {name} | {count} | {b * 1000:.1f} | {med * 1000:.1f} | {cpu * 1000:.1f} |")
+    print()
+    print("| 4 KiB ranged GET, keep-alive (wrk) | requests/s | mean latency ms | server CPU ms per request |")
+    print("|---|---:|---:|---:|")
+    for c, (rps, lat, cpu) in small.items():
+        print(f"| {c} connection{'s' if c > 1 else ''} | {rps:.0f} | {lat:.3f} | {cpu * 1000:.3f} |")
     print()
     print(f"- server peak RSS during 4 parallel downloads: {rss_peak / 1024:.1f} MiB "
           f"(VmHWM over the whole run {hwm / 1024:.1f} MiB)")
@@ -678,6 +719,33 @@ def imageio_only():
         for p in reversed(procs):
             p.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_cpu_per_gib(tests, cpus):
+    """CPU seconds per GiB moved, median of the rounds, per process; the
+    server's beside the floor's for the same transfer (ratio per round,
+    then the median). For nbdcopy rows the client is nbdcopy."""
+    def med(values):
+        return statistics.median(values) if values else float("nan")
+
+    def per_gib(name, i):
+        size = tests[name][0]
+        return [c[i] * GIB / size for c in cpus[name]]
+
+    print("| CPU s per GiB, median of rounds | server (floor rows: the floor) | floor | server ÷ floor "
+          "| qemu-nbd | client |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in tests:
+        srv = per_gib(name, 0)
+        fl = floor_row(name)
+        floor_cell = ratio_cell = ""
+        if fl in tests:
+            fsrv = per_gib(fl, 0)
+            floor_cell = f"{med(fsrv):.3f}"
+            ratio_cell = f"{med([a / b for a, b in zip(srv, fsrv) if b > 0]):.2f}"
+        server_cell = "" if name.startswith("nbdcopy") else f"{med(srv):.3f}"
+        print(f"| {name} | {server_cell} | {floor_cell} | {ratio_cell} "
+              f"| {med(per_gib(name, 1)):.3f} | {med(per_gib(name, 2)):.3f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 //! One blocking thread per connection, no HTTP framework, no keep-alive, no
 //! limits, locks or validation: it answers exactly the requests the
 //! benchmark makes (`GET` of the whole image or of `Range: bytes=A-B`, `PUT`
-//! with `Content-Length`) by moving bytes between one 2 MiB buffer, libnbd
+//! with `Content-Length`, at the offset of `Content-Range: bytes A-B/*` if
+//! given) by moving bytes between one 2 MiB buffer, libnbd
 //! (through the server's own `nbd::Connection`, requests pipelined as the
 //! server does) and the client socket. It is a measuring stick, not a
 //! server: never expose it.
@@ -65,6 +66,8 @@ struct Head {
     method: String,
     range: Option<(u64, u64)>,
     content_length: u64,
+    /// Where a PUT's body goes (`Content-Range`'s first byte; 0 without).
+    put_offset: u64,
     expect_continue: bool,
     early_body: Vec<u8>,
 }
@@ -96,6 +99,7 @@ fn read_head(s: &mut TcpStream) -> io::Result<Head> {
         method,
         range: None,
         content_length: 0,
+        put_offset: 0,
         expect_continue: false,
         early_body: buf[end..].to_vec(),
     };
@@ -107,6 +111,13 @@ fn read_head(s: &mut TcpStream) -> io::Result<Head> {
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
                 head.content_length = value.parse().map_err(|_| other("bad Content-Length"))?
+            }
+            "content-range" => {
+                head.put_offset = value
+                    .strip_prefix("bytes ")
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, _)| a.parse().ok())
+                    .ok_or_else(|| other("bad Content-Range"))?
             }
             "expect" => head.expect_continue = value.eq_ignore_ascii_case("100-continue"),
             "range" => {
@@ -158,8 +169,10 @@ fn serve(mut s: TcpStream, socket: &Path) -> io::Result<()> {
         }
         "PUT" => {
             let len = head.content_length;
-            if len > conn.size() {
-                return Err(other("body larger than the image"));
+            let start = head.put_offset;
+            match start.checked_add(len) {
+                Some(end) if end <= conn.size() => {}
+                _ => return Err(other("body beyond the end of the image")),
             }
             if head.expect_continue {
                 s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -172,7 +185,7 @@ fn serve(mut s: TcpStream, socket: &Path) -> io::Result<()> {
                 buf[..k].copy_from_slice(&early[..k]);
                 early = &early[k..];
                 s.read_exact(&mut buf[k..want])?;
-                conn.pwrite_pipelined(&buf[..want], off, WRITE_REQUEST)
+                conn.pwrite_pipelined(&buf[..want], start + off, WRITE_REQUEST)
                     .map_err(|e| other(e.to_string()))?;
                 off += want as u64;
             }

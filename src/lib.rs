@@ -5,6 +5,7 @@ pub mod backend;
 pub mod checksum;
 pub mod config;
 pub mod control;
+pub mod direct_body;
 pub mod extents;
 pub mod head_timeout;
 pub mod http;

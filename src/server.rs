@@ -26,6 +26,7 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::control::ControlSocket;
+use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
 use crate::transfers::{self, Transfers};
@@ -198,7 +199,8 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 ///
 /// Not `HttpServer`: it hands actix-http the accepted stream as is, and
 /// every request head must be bounded (see `head_timeout`), so each stream
-/// is wrapped in a [`HeadDeadline`] first.
+/// is wrapped in a [`HeadDeadline`] first, and that in a [`DirectIo`] for
+/// GET bodies written without actix-http's copy (see `direct_body`).
 fn http_server(
     settings: &Settings,
     tls: Option<rustls::ServerConfig>,
@@ -304,6 +306,9 @@ fn bind_all(addr: impl ToSocketAddrs) -> io::Result<Vec<std::net::TcpListener>> 
     }
 }
 
+/// An accepted stream of type `T` as actix-http's service takes it.
+type Accepted<T> = (DirectIo<HeadDeadline<T>>, Protocol, Option<SocketAddr>);
+
 /// What every worker's HTTP service is built from.
 #[derive(Clone)]
 struct ConnSettings {
@@ -314,15 +319,12 @@ struct ConnSettings {
 
 impl ConnSettings {
     /// An accepted stream, its request heads bounded (see `head_timeout`),
-    /// as actix-http takes it.
-    fn wrap<T>(
-        &self,
-        io: T,
-        peer: Option<SocketAddr>,
-    ) -> Result<(HeadDeadline<T>, Protocol, Option<SocketAddr>), DispatchError> {
+    /// as actix-http takes it, able to write GET bodies uncopied (see
+    /// `direct_body`).
+    fn wrap<T>(&self, io: T, peer: Option<SocketAddr>) -> Result<Accepted<T>, DispatchError> {
         let idle = KEEP_ALIVE + self.header_timeout;
         Ok((
-            HeadDeadline::new(io, self.header_timeout, idle),
+            DirectIo::new(HeadDeadline::new(io, self.header_timeout, idle)),
             Protocol::Http1,
             peer,
         ))
@@ -335,7 +337,7 @@ impl ConnSettings {
         &self,
         local: Option<SocketAddr>,
     ) -> impl ServiceFactory<
-        (HeadDeadline<T>, Protocol, Option<SocketAddr>),
+        Accepted<T>,
         Config = (),
         Response = (),
         Error = DispatchError,
@@ -369,8 +371,9 @@ impl ConnSettings {
             service = service.local_addr(local);
         }
         service
-            .on_connect_ext(|io: &HeadDeadline<T>, data| {
-                data.insert(io.clock());
+            .on_connect_ext(|io: &DirectIo<HeadDeadline<T>>, data| {
+                data.insert(io.get_ref().clock());
+                data.insert(io.outbox());
             })
             .finish(track_heads(app))
     }

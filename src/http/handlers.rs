@@ -21,6 +21,7 @@ use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
+use crate::direct_body::{DirectBody, Outbox};
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -210,7 +211,14 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     // out) before it is a JSON error, not a truncated body.
     let mut body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
     body.first_chunk().await?;
-    Ok(resp.body(SizedStream::new(len, body)))
+    // Written around actix-http's write buffer where the connection can
+    // (every connection of this server; see `direct_body`).
+    match req.conn_data::<Outbox>() {
+        Some(outbox) => Ok(resp
+            .no_chunking(len)
+            .body(DirectBody::new(body, len, outbox.clone()))),
+        None => Ok(resp.body(SizedStream::new(len, body))),
+    }
 }
 
 /// The body of a HEAD reply: declares the size a GET would send (actix
