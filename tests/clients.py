@@ -328,6 +328,27 @@ def options(server, transfer_id, cafile):
         return json.load(r)
 
 
+def empty_destination(server, workdir, name, nbds):
+    """An empty qcow2 of SIZE bytes, exported by a qemu-nbd (added to
+    `nbds`, for the caller to stop) and registered as transfer "dst".
+    Returns (path, qemu-nbd)."""
+    dst = os.path.join(workdir, name + ".qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
+    dst_nbd = QemuNbd(dst, "qcow2", os.path.join(workdir, name + ".sock"))
+    nbds.append(dst_nbd)
+    server.register("dst", dst_nbd)
+    return dst, dst_nbd
+
+
+def advertises(server, cafile, unix_socket):
+    """Raises unless OPTIONS of "dst" is the default one, with `unix_socket`."""
+    got = options(server, "dst", cafile)
+    want = {"unix_socket": unix_socket, "features": ["extents", "zero", "flush"],
+            "max_readers": 8, "max_writers": WORKERS}
+    if got != want:
+        raise AssertionError("OPTIONS {} != {}".format(got, want))
+
+
 def imageio_scenario(binary, workdir, src, tls):
     scheme = "https" if tls else "http"
     cafile = tls[0] if tls else None
@@ -337,20 +358,9 @@ def imageio_scenario(binary, workdir, src, tls):
         if not server.base.startswith(scheme + "://"):
             raise RuntimeError("server says " + server.base)
 
-        dst = os.path.join(workdir, scheme + "-dst.qcow2")
-        run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
-        dst_nbd = QemuNbd(dst, "qcow2", os.path.join(workdir, scheme + "-dst.sock"))
-        nbds.append(dst_nbd)
-        server.register("dst", dst_nbd)
-
-        def advertised():
-            got = options(server, "dst", cafile)
-            want = {"unix_socket": None, "features": ["extents", "zero", "flush"],
-                    "max_readers": 8, "max_writers": WORKERS}
-            if got != want:
-                raise AssertionError("OPTIONS {} != {}".format(got, want))
+        dst, dst_nbd = empty_destination(server, workdir, scheme + "-dst", nbds)
         check(scheme + ": OPTIONS advertises 8 readers and 4 writers by default",
-              advertised)
+              lambda: advertises(server, cafile, None))
 
         def upload():
             # upload() runs min(max_workers, the server's max_writers)
@@ -510,21 +520,12 @@ def unix_socket_scenario(binary, workdir, src, tls):
     try:
         if not server.base.startswith(scheme + "://"):
             raise RuntimeError("server says " + server.base)
-        dst = os.path.join(workdir, scheme + "-unix-dst.qcow2")
-        run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
-        dst_nbd = QemuNbd(dst, "qcow2", os.path.join(workdir, scheme + "-unix-dst.sock"))
-        nbds.append(dst_nbd)
-        server.register("dst", dst_nbd)
+        dst, dst_nbd = empty_destination(server, workdir, scheme + "-unix-dst", nbds)
         # What the client is given: the TCP URL (through the proxy).
         url = "{}://127.0.0.1:{}/images/dst".format(scheme, proxy.port)
 
-        def advertised():
-            got = options(server, "dst", cafile)
-            want = {"unix_socket": sock, "features": ["extents", "zero", "flush"],
-                    "max_readers": 8, "max_writers": WORKERS}
-            if got != want:
-                raise AssertionError("OPTIONS {} != {}".format(got, want))
-        check(scheme + "+unix: OPTIONS advertises the socket's path", advertised)
+        check(scheme + "+unix: OPTIONS advertises the socket's path",
+              lambda: advertises(server, cafile, sock))
 
         def only_options_over_tcp(what, transfer):
             """Runs `transfer`; raises unless it used at least one TCP

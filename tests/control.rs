@@ -526,21 +526,12 @@ fn stale_socket_is_replaced_and_a_live_one_refused() {
     );
 
     // A second server on the same (live) socket refuses to start.
-    let out = std::process::Command::new(server_binary())
-        .args([
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--control-socket",
-            sock_str,
-        ])
-        .arg("--config-dir")
-        .arg(cfg.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = failed_start(&[
+        "--control-socket",
+        sock_str,
+        "--config-dir",
+        cfg.path().to_str().unwrap(),
+    ]);
     assert!(
         stderr.contains(&format!(
             "control socket {sock_str} is in use by another process"
@@ -562,21 +553,12 @@ fn stale_socket_is_replaced_and_a_live_one_refused() {
 
     // A regular file in the way is not removed.
     std::fs::write(&sock, b"not a socket").unwrap();
-    let out = std::process::Command::new(server_binary())
-        .args([
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--control-socket",
-            sock_str,
-        ])
-        .arg("--config-dir")
-        .arg(cfg.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = failed_start(&[
+        "--control-socket",
+        sock_str,
+        "--config-dir",
+        cfg.path().to_str().unwrap(),
+    ]);
     assert!(stderr.contains("exists and is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
 }

@@ -305,17 +305,15 @@ fn empty_path_turns_it_off() {
 fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     let (env, _) = env_with_socket("unix-live", &[]);
     let sock = env.server.unix_socket.clone().unwrap();
-    let out = std::process::Command::new(server_binary())
-        .args(["--listen", "127.0.0.1", "--port", "0", "--config-dir"])
-        .arg(env.dir.path())
-        .arg("--control-socket")
-        .arg(env.dir.join("other-control.sock"))
-        .arg("--unix-socket")
-        .arg(&sock)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let other_control = env.dir.join("other-control.sock");
+    let stderr = failed_start(&[
+        "--config-dir".as_ref(),
+        env.dir.path().as_os_str(),
+        "--control-socket".as_ref(),
+        other_control.as_os_str(),
+        "--unix-socket".as_ref(),
+        sock.as_os_str(),
+    ]);
     assert!(
         stderr.contains(&format!(
             "HTTP unix socket {} is in use by another process",

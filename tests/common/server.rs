@@ -34,6 +34,18 @@ pub fn server_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cloudstack-image-server"))
 }
 
+/// Runs the server on `127.0.0.1`, an ephemeral port and `args`, expecting
+/// it to refuse to start: returns its stderr (panics if it started).
+pub fn failed_start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = Command::new(server_binary())
+        .args(["--listen", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .output()
+        .expect("run the server binary");
+    assert!(!out.status.success(), "the server started with {:?}", out);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 impl Server {
     /// Starts the server with `--config-dir config_dir --port 0
     /// --control-socket config_dir/.control.sock --unix-socket ''` plus
