@@ -59,6 +59,8 @@ test-clients:
 # Throughput and latency of the server against qemu-nbd's own client on the
 # same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
 # Results and how to read them: bench/RESULTS.md.
+# BENCH_PYTHON_SERVER=/path/to/image_server.py adds CloudStack's Python server
+# (needs python3-libnbd) on the same export in the same rounds, CPU beside ours.
 FLOOR := $(or $(CARGO_TARGET_DIR),target)/release/examples/bench-floor
 bench: build
 	@scripts/deps.sh wrk

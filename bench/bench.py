@@ -24,6 +24,14 @@ quick check of the bench itself, not figures to compare.
 The imageio rows (imageio_rows) need the virtualenv `make test-clients` keeps
 in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and openssl, and are
 skipped without them; BENCH_IMAGEIO_ONLY=1 runs only them.
+
+BENCH_PYTHON_SERVER=/path/to/image_server.py adds the rows "python: ...":
+CloudStack's Python image_server.py (the server this one replaces; needs
+python3-libnbd for /usr/bin/python3) on the same tuned qemu-nbd export, in the
+same rounds, with its CPU beside ours per GiB. It reads transfers only from
+/tmp/imagetransfer, so the bench writes one config file there (a unique name,
+removed at the end). Its PUT refuses Content-Range and takes one writer, so
+it has no "PUT ×4 ranged" row.
 """
 
 import datetime
@@ -392,7 +400,64 @@ class Floor(Proc):
         return f"{self.base}/images/{tid}"
 
 
+class PythonServer(Proc):
+    """CloudStack's image_server.py (BENCH_PYTHON_SERVER) on a free loopback
+    port. It reads transfer configs only from /tmp/imagetransfer: `add_nbd`
+    writes one there under a unique name, and `stop` removes it."""
+
+    CFG_DIR = "/tmp/imagetransfer"
+    PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else "python3"
+
+    def __init__(self, script, logfile):
+        run([self.PYTHON, "-c", "import nbd"])  # python3-libnbd, or a clear failure
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        super().__init__([self.PYTHON, script, "--listen", "127.0.0.1", "--port", str(self.port)],
+                         stdout=subprocess.DEVNULL, stderr=open(logfile, "w"))
+        self.files = []
+        self.made_dir = not os.path.isdir(self.CFG_DIR)
+        os.makedirs(self.CFG_DIR, exist_ok=True)
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.p.poll() is not None:
+                    raise RuntimeError(f"{script} did not start; see {logfile}")
+                time.sleep(0.05)
+
+    def add_nbd(self, nbd):
+        """The transfer id of a new config for `nbd`."""
+        tid = f"csis-bench-{os.getpid()}-{len(self.files)}"
+        path = os.path.join(self.CFG_DIR, tid)
+        with open(path, "w") as f:
+            json.dump({"backend": "nbd", "socket": nbd.sock}, f)
+        self.files.append(path)
+        return tid
+
+    def url(self, tid):
+        return f"http://127.0.0.1:{self.port}/images/{tid}"
+
+    def stop(self):
+        super().stop()
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if self.made_dir:
+            try:
+                os.rmdir(self.CFG_DIR)
+            except OSError:
+                pass
+
+
 UNTUNED = " (qemu-nbd untuned)"
+PYTHON = "python: "
+# The transfers image_server.py is benched on (its PUT takes no Content-Range).
+PYTHON_ROWS = ("curl GET (1 stream)", "curl GET ×4 ranged", "curl -T PUT")
 
 
 def reference(name):
@@ -451,6 +516,12 @@ def bench(binary, floor_binary, tmp, procs):
     if floor_binary:
         floor = Floor(floor_binary, nbd)
         procs.append(floor)
+    python = None
+    if os.environ.get("BENCH_PYTHON_SERVER"):
+        python = PythonServer(os.environ["BENCH_PYTHON_SERVER"], os.path.join(tmp, "python.log"))
+        procs.append(python)
+        purl = python.url(python.add_nbd(nbd))
+        run(curl_get(purl, "0-4095"))  # it serves the export
 
     log("warming the page cache")
     run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
@@ -483,6 +554,12 @@ def bench(binary, floor_binary, tmp, procs):
             "floor: curl -T PUT": (DATA_SIZE, call(curl_put(furl))),
             "floor: PUT ×4 ranged": (DATA_SIZE, lambda: parallel([], put_ranges(furl, data, 4))),
         })
+    if python:
+        tests.update({
+            PYTHON + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(purl))),
+            PYTHON + "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(purl))),
+            PYTHON + "curl -T PUT": (DATA_SIZE, call(curl_put(purl))),
+        })
     ratios = {k: [] for k in tests}
     faults = {k: [] for k in tests}
     cpus = {k: [] for k in tests}  # [server, qemu-nbd, client] CPU s per round
@@ -492,7 +569,8 @@ def bench(binary, floor_binary, tmp, procs):
         log(f"round {r + 1}/{ROUNDS}")
         times = {}
         for name, (size, fn) in tests.items():
-            pid = floor.pid if name.startswith("floor") else server.pid
+            pid = (floor.pid if name.startswith("floor")
+                   else python.pid if name.startswith(PYTHON) else server.pid)
             nbd_pid = nbd_untuned.pid if name.endswith(UNTUNED) else nbd.pid
             if name == "curl GET ×4 ranged":
                 with RssPoller(server.pid) as poll:
@@ -555,6 +633,7 @@ def bench(binary, floor_binary, tmp, procs):
               f"| {cpu[2]:.2f} | {med} | {statistics.median(faults[name]):.0f} |")
     print()
     print_cpu_per_gib(tests, cpus)
+    print_python_ratios(tests, cpus)
     print()
     print("| extents | count | best ms | median ms | server CPU ms per call |")
     print("|---|---:|---:|---:|---:|")
@@ -720,10 +799,10 @@ def imageio_only():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_cpu_per_gib(tests, cpus):
-    """CPU seconds per GiB moved, median of the rounds, per process; the
-    server's beside the floor's for the same transfer (ratio per round,
-    then the median). For nbdcopy rows the client is nbdcopy."""
+def cpu_stats(tests, cpus):
+    """(med, per_gib, ratio): the median of a list; a row's CPU s per GiB of
+    process i (0 server, 1 qemu-nbd, 2 client) per round; and the median over
+    rounds of row a's server CPU per GiB divided by row b's."""
     def med(values):
         return statistics.median(values) if values else float("nan")
 
@@ -731,6 +810,35 @@ def print_cpu_per_gib(tests, cpus):
         size = tests[name][0]
         return [c[i] * GIB / size for c in cpus[name]]
 
+    def ratio(a, b):
+        return med([x / y for x, y in zip(per_gib(a, 0), per_gib(b, 0)) if y > 0])
+
+    return med, per_gib, ratio
+
+
+def print_python_ratios(tests, cpus):
+    """Our server's CPU per GiB against image_server.py's on each transfer
+    both served (BENCH_PYTHON_SERVER), or how to get them."""
+    if PYTHON + PYTHON_ROWS[0] not in tests:
+        log("python rows skipped: BENCH_PYTHON_SERVER unset")
+        print("\n- python rows: set BENCH_PYTHON_SERVER=/path/to/image_server.py "
+              "(CloudStack's; needs python3-libnbd) to bench it in the same rounds")
+        return
+    med, per_gib, ratio = cpu_stats(tests, cpus)
+    print()
+    for name in PYTHON_ROWS:
+        print(f"- server ÷ python CPU per GiB, {name}: {ratio(name, PYTHON + name):.2f} "
+              f"({med(per_gib(name, 0)):.3f} s against {med(per_gib(PYTHON + name, 0)):.3f} s; "
+              f"target < 1)")
+    print("- python: PUT ×4 ranged not run: image_server.py's PUT refuses Content-Range "
+          "and it takes one writer at a time")
+
+
+def print_cpu_per_gib(tests, cpus):
+    """CPU seconds per GiB moved, median of the rounds, per process; the
+    server's beside the floor's for the same transfer (ratio per round,
+    then the median). For nbdcopy rows the client is nbdcopy."""
+    med, per_gib, ratio = cpu_stats(tests, cpus)
     print("| CPU s per GiB, median of rounds | server (floor rows: the floor) | floor | server ÷ floor "
           "| qemu-nbd | client |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -739,9 +847,8 @@ def print_cpu_per_gib(tests, cpus):
         fl = floor_row(name)
         floor_cell = ratio_cell = ""
         if fl in tests:
-            fsrv = per_gib(fl, 0)
-            floor_cell = f"{med(fsrv):.3f}"
-            ratio_cell = f"{med([a / b for a, b in zip(srv, fsrv) if b > 0]):.2f}"
+            floor_cell = f"{med(per_gib(fl, 0)):.3f}"
+            ratio_cell = f"{ratio(name, fl):.2f}"
         server_cell = "" if name.startswith("nbdcopy") else f"{med(srv):.3f}"
         print(f"| {name} | {server_cell} | {floor_cell} | {ratio_cell} "
               f"| {med(per_gib(name, 1)):.3f} | {med(per_gib(name, 2)):.3f} |")
