@@ -235,6 +235,14 @@ impl Inbox {
         }
     }
 
+    /// How full the chunk being read into is (`None`: none given).
+    pub fn filled(&self) -> Option<usize> {
+        match &self.0.borrow().mode {
+            Mode::Direct { buf: Some(b), .. } => Some(b.len()),
+            _ => None,
+        }
+    }
+
     /// The next chunk to read into, after [`Inbox::take_full`].
     pub fn give(&self, chunk: Vec<u8>, size: usize) {
         let mut s = self.0.borrow_mut();
@@ -345,8 +353,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for DirectIo<T> {
                 ))?;
                 if got == 0 {
                     // The client closed mid-body: actix sees the end of the
-                    // stream as it would have, and fails the body.
-                    s.mode = Mode::Off;
+                    // stream as it would have, and fails the body. The
+                    // chunk stays, so that the body reader can say how
+                    // much arrived.
+                    *budget = 0;
                     return Poll::Ready(Ok(()));
                 }
                 *budget -= got as u64;

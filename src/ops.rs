@@ -683,6 +683,17 @@ impl<'a> BodyChunks<'a> {
         }
     }
 
+    /// Body bytes that arrived so far: taken from actix or read directly
+    /// (not placeholders, which actix may drop when the stream ends).
+    fn arrived(&self) -> u64 {
+        match &self.direct {
+            Direct::Reading(inbox) => {
+                self.copied + inbox.filled().map_or(0, |n| (n - self.given) as u64)
+            }
+            _ => self.received,
+        }
+    }
+
     /// Leaves the rest of the body to actix.
     fn stop_direct(&mut self) {
         if let Direct::Probing(inbox) | Direct::Reading(inbox) =
@@ -720,16 +731,16 @@ impl<'a> BodyChunks<'a> {
                 }
                 Err(_) => {
                     return Err(OpError::BodyTimeout {
-                        received: self.received,
+                        received: self.arrived(),
                     })
                 }
                 Ok(Some(Ok(piece))) => piece,
                 Ok(end) => {
                     if let Some(Err(e)) = end {
-                        log::info!("request body error after {} bytes: {e}", self.received);
+                        log::info!("request body error after {} bytes: {e}", self.arrived());
                     }
                     return Err(OpError::BodyEnded {
-                        received: self.received,
+                        received: self.arrived(),
                     });
                 }
             };
