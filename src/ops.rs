@@ -33,6 +33,7 @@ use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Handle, Writer};
 use crate::checksum;
+use crate::direct_body::Inbox;
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
@@ -139,6 +140,8 @@ pub struct OpLog {
     id: String,
     started: Instant,
     pub bytes: u64,
+    /// For a write: the body bytes read straight from the stream.
+    pub direct: Option<u64>,
 }
 
 impl OpLog {
@@ -149,14 +152,19 @@ impl OpLog {
             id: id.to_string(),
             started: Instant::now(),
             bytes: 0,
+            direct: None,
         }
     }
 }
 
 impl Drop for OpLog {
     fn drop(&mut self) {
+        let direct = match self.direct {
+            Some(n) => format!(" direct_bytes={n}"),
+            None => String::new(),
+        };
         log::info!(
-            "{} end image_id={} bytes={} duration_s={:.3}",
+            "{} end image_id={} bytes={} duration_s={:.3}{direct}",
             self.op,
             self.id,
             self.bytes,
@@ -517,20 +525,48 @@ enum Failure {
     Backend(BackendError),
 }
 
+/// Bodies at least this long are read around actix (see [`Direct`]).
+const DIRECT_MIN: u64 = 1024 * 1024;
+/// How long a probe may stay unanswered before the body is left to actix:
+/// only a change in actix-http would make it (see `direct_body`), or a
+/// client that stops sending right after the head.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// How the rest of a body is read.
+enum Direct {
+    /// Through actix's payload only.
+    Never,
+    /// Through the payload; the connection's stream can be asked for the
+    /// rest once the body is long enough.
+    Possible(Inbox),
+    /// Asked: through the payload until the piece that ends at the probe.
+    Probing(Inbox),
+    /// Straight from the stream into the chunk the inbox holds; the
+    /// payload brings only placeholders (counted, not copied).
+    Reading(Inbox),
+}
+
 /// The request body as `CHUNK`-sized chunks (the last one shorter).
 ///
-/// Each piece actix hands over is copied into the chunk being filled and
-/// dropped at once, before anything awaits: the piece is a view of actix's
-/// read buffer, and only once no view is left can actix reuse that buffer
-/// whole and read the next 128 KiB from the socket in one call. A piece kept
-/// alive (even an empty slice of it) makes actix start a fresh 8 KiB buffer
-/// and read in 8-64 KiB steps: five times the receive calls, each of which
-/// can send a window update that wakes the client (measured: 44k receive
-/// calls per 1.5 GiB upload against 26k, and less server CPU).
+/// A body goes through actix-http's payload in pieces of at most 128 KiB
+/// (its read size), each a view of actix's read buffer that is copied here
+/// into the chunk being filled. A body of at least `DIRECT_MIN` is read
+/// around that: once the [`Inbox`] shows that every body byte actix read is
+/// here, the rest is read from the stream straight into the chunk, in reads
+/// as large as the chunk's room (see `direct_body`). Chunk boundaries stay
+/// where they would be either way.
+///
+/// Each piece is copied and dropped before anything awaits: only once no
+/// view is left can actix reuse its read buffer whole and read the next
+/// 128 KiB in one call. A piece kept alive (even an empty slice of it)
+/// makes actix start a fresh 8 KiB buffer and read in 8-64 KiB steps: five
+/// times the receive calls, each of which can send a window update that
+/// wakes the client (measured: 44k receive calls per 1.5 GiB upload against
+/// 26k, and less server CPU).
 struct BodyChunks<'a> {
     payload: &'a mut Payload,
     length: u64,
-    /// Body bytes taken from the payload so far.
+    /// Body bytes taken from the payload so far (placeholders included).
     received: u64,
     timeout: Duration,
     /// Chunks filled and not yet returned (at most the few one piece ends).
@@ -538,44 +574,121 @@ struct BodyChunks<'a> {
     filling: Vec<u8>,
     /// Size of the chunk being filled (0: none started).
     want: usize,
-    /// Body bytes copied into chunks so far.
+    /// Body bytes in chunks so far (copied or read directly).
     copied: u64,
     buffers: Buffers,
+    direct: Direct,
+    /// How full the chunk was when it was given to the inbox.
+    given: usize,
+    /// Body bytes read straight from the stream.
+    direct_bytes: u64,
 }
 
 impl<'a> BodyChunks<'a> {
-    fn new(payload: &'a mut Payload, length: u64, timeout: Duration) -> BodyChunks<'a> {
+    fn new(body: Body<'a>) -> BodyChunks<'a> {
+        let length = body.length;
         BodyChunks {
-            payload,
+            payload: body.payload,
             length,
             received: 0,
-            timeout,
+            timeout: body.timeout,
             ready: std::collections::VecDeque::new(),
             filling: Vec::new(),
             want: 0,
             copied: 0,
             buffers: Buffers::new(CHUNK.min(usize::try_from(length).unwrap_or(usize::MAX))),
+            direct: body.direct.map_or(Direct::Never, Direct::Possible),
+            given: 0,
+            direct_bytes: 0,
         }
+    }
+
+    /// Starts a chunk if none is being filled.
+    fn start_chunk(&mut self) {
+        if self.want == 0 {
+            let left = self.length - self.copied;
+            self.want = self.buffers.size.min(left as usize);
+            self.filling = self.buffers.get_empty();
+        }
+    }
+
+    /// Queues the chunk being filled (full).
+    fn finish_chunk(&mut self, full: Vec<u8>) {
+        self.want = 0;
+        let len = full.len();
+        self.ready.push_back(self.buffers.lend(full, len));
     }
 
     /// Copies all of `piece` into chunks, queueing the ones it completes.
     fn absorb(&mut self, mut piece: &[u8]) {
         while !piece.is_empty() {
-            if self.want == 0 {
-                let left = self.length - self.copied;
-                self.want = self.buffers.size.min(left as usize);
-                self.filling = self.buffers.get_empty();
-            }
+            self.start_chunk();
             let n = (self.want - self.filling.len()).min(piece.len());
             self.filling.extend_from_slice(&piece[..n]);
             piece = &piece[n..];
             self.copied += n as u64;
             if self.filling.len() == self.want {
-                self.want = 0;
-                let len = self.filling.len();
                 let full = std::mem::take(&mut self.filling);
-                self.ready.push_back(self.buffers.lend(full, len));
+                self.finish_chunk(full);
             }
+        }
+    }
+
+    /// Asks the stream for the rest of a long body, once.
+    fn arm(&mut self) {
+        if let Direct::Possible(inbox) = &self.direct {
+            if self.length - self.received >= DIRECT_MIN {
+                let inbox = inbox.clone();
+                self.direct = if inbox.arm() {
+                    Direct::Probing(inbox)
+                } else {
+                    Direct::Never
+                };
+            }
+        }
+    }
+
+    /// The piece that ended at the probe was taken: the rest of the body
+    /// is the next bytes of the stream.
+    fn start_reading(&mut self, inbox: Inbox) {
+        let budget = self.length - self.received;
+        if budget == 0 {
+            inbox.release();
+            self.direct = Direct::Never;
+            return;
+        }
+        self.start_chunk();
+        self.given = self.filling.len();
+        inbox.start(std::mem::take(&mut self.filling), self.want, budget);
+        self.direct = Direct::Reading(inbox);
+    }
+
+    /// Queues the inbox's chunk once full, and gives it the next.
+    fn take_direct(&mut self) {
+        let Direct::Reading(inbox) = &self.direct else {
+            return;
+        };
+        let Some(full) = inbox.take_full() else {
+            return;
+        };
+        let inbox = inbox.clone();
+        let n = (full.len() - self.given) as u64;
+        self.direct_bytes += n;
+        self.copied += n;
+        self.finish_chunk(full);
+        if self.copied < self.length {
+            self.start_chunk();
+            self.given = 0;
+            inbox.give(std::mem::take(&mut self.filling), self.want);
+        }
+    }
+
+    /// Leaves the rest of the body to actix.
+    fn stop_direct(&mut self) {
+        if let Direct::Probing(inbox) | Direct::Reading(inbox) =
+            std::mem::replace(&mut self.direct, Direct::Never)
+        {
+            inbox.release();
         }
     }
 
@@ -584,13 +697,27 @@ impl<'a> BodyChunks<'a> {
     /// is kept in `self`.
     async fn next(&mut self) -> Result<Option<Bytes>, OpError> {
         loop {
+            self.take_direct();
             if let Some(chunk) = self.ready.pop_front() {
                 return Ok(Some(chunk));
             }
             if self.received == self.length {
+                self.stop_direct();
                 return Ok(None);
             }
-            let piece = match tokio::time::timeout(self.timeout, self.payload.next()).await {
+            self.arm();
+            let probing = matches!(self.direct, Direct::Probing(_));
+            let wait = if probing {
+                self.timeout.min(PROBE_WAIT)
+            } else {
+                self.timeout
+            };
+            let piece = match tokio::time::timeout(wait, self.payload.next()).await {
+                Err(_) if probing && wait < self.timeout => {
+                    log::info!("request body left to actix: probe unanswered");
+                    self.stop_direct();
+                    continue;
+                }
                 Err(_) => {
                     return Err(OpError::BodyTimeout {
                         received: self.received,
@@ -608,18 +735,38 @@ impl<'a> BodyChunks<'a> {
             };
             let take = piece.len().min((self.length - self.received) as usize);
             self.received += take as u64;
-            self.absorb(&piece[..take]);
+            match &self.direct {
+                // Placeholders for bytes already in the inbox's chunk.
+                Direct::Reading(_) => {}
+                Direct::Probing(inbox) => {
+                    let inbox = inbox.clone();
+                    self.absorb(&piece[..take]);
+                    if inbox.is_probe_end(piece.as_ptr_range().end as usize) {
+                        self.start_reading(inbox);
+                    }
+                }
+                Direct::Never | Direct::Possible(_) => self.absorb(&piece[..take]),
+            }
             // `piece` is dropped here, before the next await.
         }
     }
 }
 
+impl Drop for BodyChunks<'_> {
+    fn drop(&mut self) {
+        self.stop_direct();
+    }
+}
+
 /// The body of a write request: `length` bytes, with at most `timeout`
-/// between its pieces.
+/// between its pieces. `direct`: the connection's [`Inbox`], when the body
+/// is framed by its Content-Length alone (so that the rest of it can be
+/// read around actix).
 pub struct Body<'a> {
     pub payload: &'a mut Payload,
     pub length: u64,
     pub timeout: Duration,
+    pub direct: Option<Inbox>,
 }
 
 /// Writes exactly `length` bytes of the request body to `writer` at
@@ -644,7 +791,7 @@ pub async fn write(
             "ranged writes are not supported by the file backend",
         ));
     }
-    let mut body = BodyChunks::new(body.payload, body.length, body.timeout);
+    let mut body = BodyChunks::new(body);
     let mut written = Written {
         bytes: 0,
         stats: t.stats().clone(),
@@ -657,6 +804,7 @@ pub async fn write(
         Writer::Replace(u) => write_file(&mut body, u, flush, &mut written).await,
     };
     log.bytes = written.bytes;
+    log.direct = Some(body.direct_bytes);
     match result {
         Ok(()) => Ok(written.bytes),
         Err(Failure::Client(e)) => Err(e),

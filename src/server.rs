@@ -374,6 +374,7 @@ impl ConnSettings {
             .on_connect_ext(|io: &DirectIo<HeadDeadline<T>>, data| {
                 data.insert(io.get_ref().clock());
                 data.insert(io.outbox());
+                data.insert(io.inbox());
             })
             .finish(track_heads(app))
     }

@@ -21,7 +21,7 @@ use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
-use crate::direct_body::{DirectBody, Outbox};
+use crate::direct_body::{DirectBody, Inbox, Outbox};
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -55,6 +55,16 @@ fn content_length(req: &HttpRequest) -> Result<u64, ApiError> {
     v.trim()
         .parse::<u64>()
         .map_err(|_| ApiError::bad_request("Invalid Content-Length"))
+}
+
+/// The connection's [`Inbox`] for a body framed by its Content-Length
+/// alone (`content_length` required one): a chunked body has framing of its
+/// own between its bytes and is left to actix.
+fn direct_inbox(req: &HttpRequest) -> Option<Inbox> {
+    if req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    req.conn_data::<Inbox>().cloned()
 }
 
 fn json_ok(value: &Value) -> HttpResponse {
@@ -366,6 +376,7 @@ async fn put(
         payload: &mut payload,
         length,
         timeout: state.body_timeout,
+        direct: direct_inbox(req),
     };
     let written = ops::write(body, writer, start, flush, &mut log, t.transfer()).await?;
     Ok(json_ok(
@@ -478,6 +489,7 @@ async fn patch_range(
         payload: &mut payload,
         length,
         timeout: state.body_timeout,
+        direct: direct_inbox(req),
     };
     let written = ops::write(body, writer, a, false, &mut log, t.transfer()).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
