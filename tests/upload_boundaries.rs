@@ -482,6 +482,44 @@ fn keep_alive_small_large_small_then_get() {
     );
 }
 
+/// Ranged PUTs of lengths around 1 MiB (where a body starts to be long
+/// enough to read directly, with or without what actix read with the head)
+/// at odd offsets, then a GET of the whole image: first one request at a
+/// time, then all pipelined in one write. (Pipelined last: today, after
+/// pipelined PUTs, the server may answer with `Connection: close` and close
+/// the connection once it has answered what it had read.)
+#[test]
+fn bodies_around_the_direct_threshold() {
+    let mut up = Up::tcp("ub-threshold", &[], LARGE);
+    let m = MIB as usize;
+    let lens = [m - 1, m, m + 1, m + 128 * 1024 + 1, 2 * WRITE_CHUNK + 7];
+    let mut c = up.connect();
+    for (round, pipelined) in [false, true].into_iter().enumerate() {
+        let mut offset = 777 + round;
+        let mut all = Vec::new();
+        for (i, len) in lens.into_iter().enumerate() {
+            let data = pattern_bytes(len, 80 + (round * lens.len() + i) as u64);
+            all.extend(put("img", Some(offset), &data));
+            if !pipelined {
+                send(&mut c, &std::mem::take(&mut all));
+                assert_put_ok(&c.read_response(false), len);
+            }
+            up.wrote(offset, &data);
+            offset += len + 4099;
+        }
+        all.extend(get("img", None));
+        send(&mut c, &all);
+        if pipelined {
+            for len in lens {
+                assert_put_ok(&c.read_response(false), len);
+            }
+        }
+        assert_get(&c.read_response(false), &up.want);
+        up.verify();
+    }
+    assert_direct(up.server(), "img", &[Direct::Any; 10]);
+}
+
 #[test]
 fn four_concurrent_ranged_puts() {
     let mut up = Up::tcp("ub-conc", &[], 4 * LARGE);
