@@ -178,7 +178,7 @@ impl Drop for OpLog {
 struct Lent {
     buf: Vec<u8>,
     len: usize,
-    home: std::sync::mpsc::Sender<Vec<u8>>,
+    home: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl AsRef<[u8]> for Lent {
@@ -189,32 +189,34 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        let _ = self.home.send(std::mem::take(&mut self.buf));
+        self.home.lock().push(std::mem::take(&mut self.buf));
     }
 }
 
 /// The buffers of one transfer: reused once their `Bytes` are dropped, so
-/// at most as many exist as are in use at once.
+/// at most as many exist as are in use at once. The one given back last is
+/// reused first: it is the likeliest to be in the CPU's cache still.
 struct Buffers {
-    home: std::sync::mpsc::Sender<Vec<u8>>,
-    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
     size: usize,
 }
 
 impl Buffers {
     fn new(size: usize) -> Buffers {
-        let (home, free) = std::sync::mpsc::channel();
-        Buffers { home, free, size }
+        Buffers {
+            free: Arc::default(),
+            size,
+        }
     }
 
     /// A buffer of `size` initialised bytes.
     fn get(&self) -> Vec<u8> {
-        self.free.try_recv().unwrap_or_else(|_| vec![0; self.size])
+        self.free.lock().pop().unwrap_or_else(|| vec![0; self.size])
     }
 
     /// An empty buffer with room for `size` bytes.
     fn get_empty(&self) -> Vec<u8> {
-        let mut v = self.free.try_recv().unwrap_or_default();
+        let mut v = self.free.lock().pop().unwrap_or_default();
         v.clear();
         v.reserve_exact(self.size);
         v
@@ -224,7 +226,7 @@ impl Buffers {
         Bytes::from_owner(Lent {
             buf,
             len,
-            home: self.home.clone(),
+            home: self.free.clone(),
         })
     }
 }
