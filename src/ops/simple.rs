@@ -44,7 +44,7 @@ pub async fn zero(
     Ok(zeroed)
 }
 
-/// A transfer's extents (see [`extents`]).
+/// A transfer's extents (see [`extents()`]).
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum ExtentList {
@@ -69,7 +69,7 @@ pub async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpErr
     .await
 }
 
-/// The checksum of the whole image (see [`checksum`]).
+/// The checksum of the whole image (see [`checksum()`]).
 pub async fn checksum(
     t: &Arc<Transfer>,
     params: checksum::Params,
