@@ -193,7 +193,7 @@ impl Intake {
 }
 
 impl Inbox {
-    /// Asks for the rest of the current request's body (see [`Mode`]):
+    /// Asks for the rest of the current request's body (see the module docs):
     /// false if the stream is not free for it.
     pub fn arm(&self) -> bool {
         let mut s = self.0.borrow_mut();

@@ -74,7 +74,7 @@ fn json_ok(value: &Value) -> HttpResponse {
 }
 
 /// The single entry point: every request comes through here. What it asks
-/// for is decided by [`route`]; the request's lease ends in [`finish`], or
+/// for is decided by [`route`]; the request's lease ends in `finish`, or
 /// with a GET's body.
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
     let (id, op) = match route(req.method(), req.path()) {

@@ -4,10 +4,10 @@
 //! A transfer comes from one of two sources:
 //!
 //! - registered over the control socket (`crate::control`), held in memory
-//!   ([`registry`]);
+//!   (`registry`);
 //! - a JSON file `<config-dir>/<id>`, as `image_server.py` (CloudStack's
 //!   Python image server, which this one replaces) reads them, loaded on
-//!   demand and cached while the file is unchanged ([`config_dir`]).
+//!   demand and cached while the file is unchanged (`config_dir`).
 //!
 //! [`Transfers`] holds both and decides: a registered transfer if there is
 //! one (even while it is being unregistered, so that the id is refused
@@ -124,7 +124,7 @@ impl Transfers {
         all
     }
 
-    /// Registers (or re-registers) `id`; see [`Registry::register`]. Returns
+    /// Registers (or re-registers) `id`; see `Registry::register`. Returns
     /// the transfer it replaced, which the caller should retire once drained.
     pub fn register(
         &self,
