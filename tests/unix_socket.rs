@@ -206,7 +206,7 @@ fn shares_the_request_limit_with_tcp() {
     assert!(big.starts_with("http://"));
 
     // Held on TCP, refused on the socket; then the other way round.
-    let held = hold_get(env.server.client());
+    let held = hold_get(|| env.server.client());
     assert_err(
         &env.server
             .unix_client()
@@ -216,19 +216,25 @@ fn shares_the_request_limit_with_tcp() {
     );
     drop(held);
     slot_back(&env.server);
-    let held = hold_get(env.server.unix_client());
+    let held = hold_get(|| env.server.unix_client());
     assert_err(&env.server.get("/images/big"), 503, "too many requests");
     drop(held);
     slot_back(&env.server);
 }
 
 /// Starts a GET of the whole `big` image and reads only the start of its
-/// response: the request keeps its slot until the client is gone.
-fn hold_get<S: Read + Write>(mut c: Client<S>) -> Client<S> {
-    c.send("GET", "/images/big", &[], b"");
-    let mut first = [0u8; 64];
-    assert!(c.reader().read(&mut first).expect("response starts") > 0);
-    c
+/// response, a 200: the request keeps its slot until the client is gone.
+/// A 503 is tried again on a new connection: the request that last had the
+/// slot gives it back only once its body is done, which its client may see
+/// a moment earlier.
+fn hold_get<S: Read + Write>(connect: impl Fn() -> Client<S>) -> Client<S> {
+    poll_until(Duration::from_secs(60), "a GET that holds the slot", || {
+        let mut c = connect();
+        c.send("GET", "/images/big", &[], b"");
+        let mut status = [0u8; 12];
+        c.reader().read_exact(&mut status).expect("response starts");
+        (&status == b"HTTP/1.1 200").then_some(c)
+    })
 }
 
 /// Waits until a request gets a slot again (the server saw a held
