@@ -43,6 +43,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -132,8 +133,8 @@ class QemuNbd(Proc):
 
 
 class Server(Proc):
-    def __init__(self, binary, config_dir, logfile, extra=()):
-        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+    def __init__(self, binary, config_dir, logfile, extra=(), env=None):
+        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"), **(env or {}))
         cmd = [binary, "--listen", "127.0.0.1", "--port", "0", "--config-dir", config_dir]
         usage = run([binary, "--help"]).stdout
         # No sockets unless asked: never clash with a running server.
@@ -216,11 +217,37 @@ def make_qcow2(path, size, bitmap, writes):
         run(cmd + [path])
 
 
+# The CA certificate HTTPS clients of the bench trust (make_cert sets it).
+CA_FILE = None
+
+
+def make_cert(work):
+    """A self-signed P-256 certificate for 127.0.0.1 and its key in `work`
+    (what the HTTPS rows serve with; the CloudStack agent's certificate is
+    RSA or EC alike); sets CA_FILE. Returns the server flags that use it."""
+    global CA_FILE
+    cert, key = os.path.join(work, "server.crt"), os.path.join(work, "server.key")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert])
+    CA_FILE = cert
+    return ["--tls-enabled", "--tls-cert-file", cert, "--tls-key-file", key]
+
+
+def curl_tls(url):
+    """curl's flags to trust the bench's certificate for an https URL."""
+    return ["--cacert", CA_FILE] if url.startswith("https:") else []
+
+
 def curl_get(url, rng=None):
-    cmd = ["curl", "-sS", "--fail", "-o", "/dev/null", url]
+    cmd = ["curl", "-sS", "--fail", "-o", "/dev/null", *curl_tls(url), url]
     if rng:
         cmd += ["-r", rng]
     return cmd
+
+
+def curl_put(url, path):
+    return ["curl", "-sS", "--fail", "-o", "/dev/null", *curl_tls(url), "-T", path, url]
 
 
 def parts(total, n):
@@ -256,11 +283,17 @@ def put_range(url, path, offset, length):
     """One imageio upload worker's request: PUT `length` bytes of `path`
     from `offset` to the same offset of the image, with Content-Range, on
     its own connection. The body goes by sendfile(2) (the GIL released), so
-    the client costs no more than curl -T, and no interpreter starts."""
+    the client costs no more than curl -T, and no interpreter starts. Over
+    HTTPS (Python's ssl, OpenSSL, like imageio's client) the body is read
+    and sent in pieces by Python instead."""
     cpu0 = THREAD_CPU.now()
     u = urllib.parse.urlsplit(url)
-    with socket.create_connection((u.hostname, u.port), timeout=600) as sock, \
+    with socket.create_connection((u.hostname, u.port), timeout=600) as raw, \
             open(path, "rb") as f:
+        sock = raw
+        if u.scheme == "https":
+            ctx = ssl.create_default_context(cafile=CA_FILE)
+            sock = ctx.wrap_socket(raw, server_hostname=u.hostname)
         sock.sendall((f"PUT {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
                       f"Content-Length: {length}\r\n"
                       f"Content-Range: bytes {offset}-{offset + length - 1}/*\r\n\r\n").encode())
@@ -386,12 +419,16 @@ def main():
 
 
 class Floor(Proc):
-    """bench/floor.rs serving the raw export."""
+    """bench/floor.rs serving the raw export; over HTTPS with `tls`, the
+    server's flags from make_cert (the floor then uses the server's own
+    rustls configuration)."""
 
-    def __init__(self, binary, nbd):
-        super().__init__([binary, nbd.sock], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def __init__(self, binary, nbd, tls=(), env=None):
+        args = ["--tls", tls[2], tls[4]] if tls else []
+        super().__init__([binary, nbd.sock, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, env=dict(os.environ, **(env or {})))
         line = self.p.stdout.readline()
-        m = re.search(r"listening on (http://\S+)", line)
+        m = re.search(r"listening on (https?://\S+)", line)
         if not m:
             raise RuntimeError(f"bench-floor did not start: {line!r}")
         self.base = m.group(1)
@@ -471,14 +508,62 @@ def reference(name):
     return "nbdcopy --no-extents → null:"
 
 
+HTTPS = "https: "
+FLOOR_HTTPS = "floor https: "
+
+
 def floor_row(name):
-    """The floor's run of the same transfer (None if it has none)."""
-    return {
-        "curl GET (1 stream)": "floor: curl GET (1 stream)",
-        "curl GET ×4 ranged": "floor: curl GET ×4 ranged",
-        "curl -T PUT": "floor: curl -T PUT",
-        "PUT ×4 ranged (imageio workers)": "floor: PUT ×4 ranged",
-    }.get(name)
+    """The floor's run of the same transfer, over HTTPS for an HTTPS row
+    (None if it has none)."""
+    https = name.startswith(HTTPS)
+    row = {
+        "curl GET (1 stream)": "curl GET (1 stream)",
+        "curl GET ×4 ranged": "curl GET ×4 ranged",
+        "curl -T PUT": "curl -T PUT",
+        "PUT ×4 ranged (imageio workers)": "PUT ×4 ranged",
+    }.get(name[len(HTTPS):] if https else name)
+    return row and (FLOOR_HTTPS if https else "floor: ") + row
+
+
+def http_row(name):
+    """The plain HTTP row of an HTTPS row (server or floor), else None."""
+    if name.startswith(HTTPS):
+        return name[len(HTTPS):]
+    if name.startswith(FLOOR_HTTPS):
+        return "floor: " + name[len(FLOOR_HTTPS):]
+    return None
+
+
+def cipher_costs(floor_binary):
+    """What the AEADs cost on this machine, s/GiB on one core: the crypto
+    provider's own as rustls uses it (bench-floor --cipher-cost; "seal" and
+    "open" per suite) and OpenSSL's (`openssl speed -evp`, 16 KiB blocks:
+    the clients' library). {(library, suite, op): s/GiB}."""
+    costs = {}
+    for line in run([floor_binary, "--cipher-cost"]).stdout.splitlines():
+        suite, op, secs = line.split()[:3]
+        costs[("provider", suite, op)] = float(secs)
+    for suite, evp in (("AES_256_GCM", "aes-256-gcm"), ("AES_128_GCM", "aes-128-gcm"),
+                       ("CHACHA20_POLY1305", "chacha20-poly1305")):
+        out = run(["openssl", "speed", "-evp", evp, "-bytes", "16384", "-seconds", "2"]).stdout
+        kbytes = float(out.strip().splitlines()[-1].split()[-1].rstrip("k"))
+        costs[("openssl", suite, "seal")] = GIB / (kbytes * 1000)
+    return costs
+
+
+def negotiated(url):
+    """The TLS version and cipher suite curl and Python's ssl (imageio's
+    client) negotiate with the server at `url`."""
+    out = subprocess.run(["curl", "-sS", "-v", "-o", "/dev/null", *curl_tls(url), "-r", "0-0", url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stderr
+    m = re.search(r"SSL connection using (\S+) / (\S+)", out)
+    curl = f"{m.group(1)} {m.group(2)}" if m else "?"
+    u = urllib.parse.urlsplit(url)
+    ctx = ssl.create_default_context(cafile=CA_FILE)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=u.hostname) as s:
+        name, version, _ = s.cipher()
+    return curl, f"{version} {name}"
 
 
 def bench(binary, floor_binary, tmp, procs):
@@ -516,6 +601,20 @@ def bench(binary, floor_binary, tmp, procs):
     if floor_binary:
         floor = Floor(floor_binary, nbd)
         procs.append(floor)
+    # The HTTPS rows: the same binary and floor with TLS on (BENCH_TLS=0
+    # leaves them out), a certificate of the bench's own.
+    server_tls = floor_tls = None
+    if os.environ.get("BENCH_TLS", "1") != "0" and shutil.which("openssl"):
+        tls_dir = os.path.join(tmp, "tls")
+        os.mkdir(tls_dir)
+        tls = make_cert(tls_dir)
+        os.mkdir(os.path.join(tls_dir, "config"))
+        server_tls = Server(binary, os.path.join(tls_dir, "config"), os.path.join(tmp, "server-https.log"), tls)
+        procs.append(server_tls)
+        server_tls.add_nbd("raw", nbd)
+        if floor_binary:
+            floor_tls = Floor(floor_binary, nbd, tls)
+            procs.append(floor_tls)
     python = None
     if os.environ.get("BENCH_PYTHON_SERVER"):
         python = PythonServer(os.environ["BENCH_PYTHON_SERVER"], os.path.join(tmp, "python.log"))
@@ -532,7 +631,7 @@ def bench(binary, floor_binary, tmp, procs):
         return [curl_get(u, f"{off}-{off + ln - 1}") for off, ln in parts(IMAGE_SIZE, n)]
 
     def curl_put(u):
-        return ["curl", "-sS", "--fail", "-o", "/dev/null", "-T", data, u]
+        return globals()["curl_put"](u, data)
 
     tests = {
         "nbdcopy --no-extents → null:": (IMAGE_SIZE, call(["nbdcopy", "--no-extents", nbd.uri, "null:"])),
@@ -554,6 +653,23 @@ def bench(binary, floor_binary, tmp, procs):
             "floor: curl -T PUT": (DATA_SIZE, call(curl_put(furl))),
             "floor: PUT ×4 ranged": (DATA_SIZE, lambda: parallel([], put_ranges(furl, data, 4))),
         })
+    if server_tls:
+        surl = server_tls.url("raw")
+        run(curl_get(surl))
+        tests.update({
+            HTTPS + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(surl))),
+            HTTPS + "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(surl))),
+            HTTPS + "curl -T PUT": (DATA_SIZE, call(curl_put(surl))),
+            HTTPS + "PUT ×4 ranged (imageio workers)": (DATA_SIZE, lambda: parallel([], put_ranges(surl, data, 4))),
+        })
+    if floor_tls:
+        ftls = floor_tls.url("raw")
+        tests.update({
+            FLOOR_HTTPS + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(ftls))),
+            FLOOR_HTTPS + "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(ftls))),
+            FLOOR_HTTPS + "curl -T PUT": (DATA_SIZE, call(curl_put(ftls))),
+            FLOOR_HTTPS + "PUT ×4 ranged": (DATA_SIZE, lambda: parallel([], put_ranges(ftls, data, 4))),
+        })
     if python:
         tests.update({
             PYTHON + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(purl))),
@@ -569,7 +685,9 @@ def bench(binary, floor_binary, tmp, procs):
         log(f"round {r + 1}/{ROUNDS}")
         times = {}
         for name, (size, fn) in tests.items():
-            pid = (floor.pid if name.startswith("floor")
+            pid = (floor_tls.pid if name.startswith(FLOOR_HTTPS)
+                   else floor.pid if name.startswith("floor")
+                   else server_tls.pid if name.startswith(HTTPS)
                    else python.pid if name.startswith(PYTHON) else server.pid)
             nbd_pid = nbd_untuned.pid if name.endswith(UNTUNED) else nbd.pid
             if name == "curl GET ×4 ranged":
@@ -587,6 +705,12 @@ def bench(binary, floor_binary, tmp, procs):
             ref = reference(name)
             if ref:
                 ratios[name].append(times[ref] / times[name] * tests[name][0] / tests[ref][0])
+
+    costs = suites = None
+    if server_tls:
+        log("cipher costs; what curl and Python's ssl negotiate")
+        costs = cipher_costs(floor_binary) if floor_binary else {}
+        suites = negotiated(server_tls.url("raw"))
 
     log("peak RSS with 8 readers and 4 writers at once")
     with RssPoller(server.pid) as poll:
@@ -633,6 +757,8 @@ def bench(binary, floor_binary, tmp, procs):
               f"| {cpu[2]:.2f} | {med} | {statistics.median(faults[name]):.0f} |")
     print()
     print_cpu_per_gib(tests, cpus)
+    if server_tls:
+        print_tls(tests, cpus, costs, suites)
     print_python_ratios(tests, cpus)
     print()
     print("| extents | count | best ms | median ms | server CPU ms per call |")
@@ -708,11 +834,8 @@ def imageio_rows(binary, tmp, data, image, procs):
     os.mkdir(work)
     cfg = os.path.join(work, "config")
     os.mkdir(cfg)
-    cert, key = os.path.join(work, "server.crt"), os.path.join(work, "server.key")
-    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", key, "-out", cert])
-    tls = ["--tls-enabled", "--tls-cert-file", cert, "--tls-key-file", key]
+    tls = make_cert(work)
+    cert = tls[2]
     nbd = QemuNbd(image, os.path.join(work, "nbd.sock"), "raw")
     procs.append(nbd)
 
@@ -832,6 +955,53 @@ def print_python_ratios(tests, cpus):
               f"target < 1)")
     print("- python: PUT ×4 ranged not run: image_server.py's PUT refuses Content-Range "
           "and it takes one writer at a time")
+
+
+def suite_of(negotiated_name):
+    """The AEAD of a negotiated suite's name (TLS_AES_256_GCM_SHA384 →
+    AES_256_GCM), as cipher_costs names it."""
+    for suite in ("AES_256_GCM", "AES_128_GCM", "CHACHA20_POLY1305"):
+        if suite in negotiated_name:
+            return suite
+    return None
+
+
+def print_tls(tests, cpus, costs, suites):
+    """The HTTPS rows against the HTTPS floor and against the cipher: per
+    transfer, server CPU per GiB over HTTP and HTTPS, the HTTPS floor's, the
+    server's ÷ the HTTPS floor's (median of per-round ratios), and what TLS
+    adds (HTTPS − HTTP, medians) for the server and the floor, ÷ the
+    cipher's own cost (the provider's seal for a GET, open for a PUT, of
+    the suite curl negotiates; one core)."""
+    med, per_gib, ratio = cpu_stats(tests, cpus)
+    curl, python = suites
+    print()
+    print(f"- negotiated: curl {curl}; Python ssl (imageio's client, the PUT ×4 threads) {python}")
+    if costs:
+        cells = "; ".join(f"{lib} {suite} {op} {v:.3f}" for (lib, suite, op), v in costs.items())
+        print(f"- cipher cost, s/GiB on one core: {cells}")
+    print()
+    print("| HTTPS, CPU s per GiB, median of rounds | server http | server https | floor https "
+          "| server https ÷ floor https | TLS adds, server | TLS adds, floor | cipher | server's TLS ÷ cipher "
+          "| client https |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in tests:
+        if not name.startswith(HTTPS):
+            continue
+        plain, fl = http_row(name), floor_row(name)
+        srv, http = med(per_gib(name, 0)), med(per_gib(plain, 0))
+        fl_cell = ratio_cell = fl_adds = ""
+        if fl in tests:
+            fl_cell = f"{med(per_gib(fl, 0)):.3f}"
+            ratio_cell = f"{ratio(name, fl):.2f}"
+            if http_row(fl) in tests:
+                fl_adds = f"{med(per_gib(fl, 0)) - med(per_gib(http_row(fl), 0)):.3f}"
+        suite = suite_of(curl if "curl" in name else python)
+        cipher = (costs or {}).get(("provider", suite, "open" if "PUT" in name else "seal"))
+        adds = srv - http
+        print(f"| {name} | {http:.3f} | {srv:.3f} | {fl_cell} | {ratio_cell} | {adds:.3f} | {fl_adds} "
+              f"| {cipher or float('nan'):.3f} | {adds / cipher if cipher else float('nan'):.2f} "
+              f"| {med(per_gib(name, 2)):.3f} |")
 
 
 def print_cpu_per_gib(tests, cpus):
