@@ -29,6 +29,7 @@ use crate::control::ControlSocket;
 use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+use crate::tls::{Fill, ReadAhead};
 use crate::transfers::{self, Transfers};
 use crate::unix_socket;
 
@@ -245,12 +246,12 @@ fn http_server(
                     let conn = conn.clone();
                     fn_service(|io: TcpStream| {
                         set_nodelay(&io);
-                        ready(Ok(io))
+                        ready(Ok(ReadAhead::new(io)))
                     })
                     .and_then(Acceptor::new(config.clone()).map_err(TlsError::into_service_error))
-                    .and_then(fn_service(move |io: TlsStream<TcpStream>| {
-                        let peer = io.get_ref().0.peer_addr().ok();
-                        ready(conn.wrap(io, peer).map_err(TlsError::Service))
+                    .and_then(fn_service(move |io: TlsStream<ReadAhead<TcpStream>>| {
+                        let peer = io.get_ref().0.get_ref().peer_addr().ok();
+                        ready(conn.wrap(Fill::new(io), peer).map_err(TlsError::Service))
                     }))
                     .and_then(http.map_err(TlsError::Service))
                 })?

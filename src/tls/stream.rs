@@ -1,0 +1,346 @@
+//! The streams under and over rustls, read in large pieces (an HTTPS
+//! connection is `Fill<TlsStream<ReadAhead<TcpStream>>>`).
+//!
+//! - Under it, [`ReadAhead`]: rustls asks its transport for at most 4 KiB
+//!   per read (`READ_SIZE` in rustls' `DeframerVecBuffer::prepare_read`,
+//!   0.23), so a 16 KiB record took four or five `recv` calls straight from
+//!   the socket. `ReadAhead` receives up to [`READ_AHEAD`] bytes at once and
+//!   hands them to rustls from memory.
+//! - Over it, [`Fill`]: tokio-rustls returns at most one record's
+//!   plaintext per read, and each read of an upload is a round through
+//!   actix's dispatcher and the body reader (`direct_body`). `Fill` reads
+//!   on while rustls has plaintext to give without waiting.
+//!
+//! Writes go through both unchanged. Together: an upload over HTTPS spends
+//! 0.85-0.87 s of server CPU per GiB instead of 1.01-1.04 (bench/RESULTS.md,
+//! issue 24).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use actix_rt::net::{ActixStream, Ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes asked of the socket per receive. The buffer is allocated on the
+/// first read and lives as long as the connection.
+pub const READ_AHEAD: usize = 256 * 1024;
+
+/// A stream whose reads go through one buffer of [`READ_AHEAD`] bytes.
+pub struct ReadAhead<T> {
+    inner: T,
+    buf: Box<[u8]>,
+    /// The bytes received and not yet read: `buf[pos..end]`.
+    pos: usize,
+    end: usize,
+}
+
+impl<T> ReadAhead<T> {
+    pub fn new(inner: T) -> Self {
+        ReadAhead {
+            inner,
+            buf: Box::default(),
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.end {
+            if out.remaining() >= READ_AHEAD {
+                // As large as the buffer: no reason to copy.
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            if this.buf.is_empty() {
+                this.buf = vec![0; READ_AHEAD].into_boxed_slice();
+            }
+            let mut fill = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
+            this.pos = 0;
+            this.end = fill.filled().len();
+        }
+        let n = out.remaining().min(this.end - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: ActixStream> ActixStream for ReadAhead<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
+        if self.pos < self.end {
+            return Poll::Ready(Ok(Ready::READABLE));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
+        self.inner.poll_write_ready(cx)
+    }
+}
+
+/// The TLS stream as actix reads it: a read returns as much plaintext as
+/// the reader has room for and rustls can give without waiting, not one
+/// record (tokio-rustls returns at most one 16 KiB record per read, and
+/// each read is a round through actix's dispatcher and the body reader).
+pub struct Fill<T> {
+    inner: T,
+    /// An error met after some bytes were already returned: the next read's.
+    error: Option<io::Error>,
+}
+
+impl<T> Fill<T> {
+    pub fn new(inner: T) -> Self {
+        Fill { inner, error: None }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Fill<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let start = buf.filled().len();
+        // Bounded: every round either fills more of `buf` or returns.
+        while buf.remaining() > 0 {
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Pending if before == start => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) if before == start => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => {
+                    this.error = Some(e);
+                    break;
+                }
+                Poll::Ready(Ok(())) if buf.filled().len() == before => break, // end of stream
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Fill<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A stream that returns its pieces one per read, then `Pending` (or
+    /// the error it was given), counting reads.
+    struct Pieces {
+        pieces: VecDeque<io::Result<Vec<u8>>>,
+        reads: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.reads += 1;
+            match this.pieces.pop_front() {
+                None => Poll::Pending,
+                Some(Err(e)) => Poll::Ready(Err(e)),
+                Some(Ok(p)) => {
+                    let n = p.len().min(buf.remaining());
+                    buf.put_slice(&p[..n]);
+                    if n < p.len() {
+                        this.pieces.push_front(Ok(p[n..].to_vec()));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+            }
+        }
+    }
+
+    fn pieces(p: Vec<io::Result<Vec<u8>>>) -> Pieces {
+        Pieces {
+            pieces: p.into(),
+            reads: 0,
+        }
+    }
+
+    fn read<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> Poll<io::Result<Vec<u8>>> {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut space = vec![0u8; n];
+        let mut buf = ReadBuf::new(&mut space);
+        match Pin::new(r).poll_read(&mut cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().to_vec())),
+        }
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn read_ahead_receives_once_and_hands_out_small_reads_in_order() {
+        let data = bytes(100_000, 1);
+        let mut r = ReadAhead::new(pieces(vec![Ok(data.clone())]));
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match read(&mut r, 4096) {
+                Poll::Ready(Ok(b)) => got.extend_from_slice(&b),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, data);
+        assert_eq!(r.get_ref().reads, 1);
+        assert!(read(&mut r, 4096).is_pending());
+    }
+
+    #[test]
+    fn read_ahead_passes_large_reads_and_errors_through() {
+        let data = bytes(READ_AHEAD, 2);
+        let mut r = ReadAhead::new(pieces(vec![
+            Ok(data.clone()),
+            Err(io::Error::other("boom")),
+        ]));
+        match read(&mut r, READ_AHEAD) {
+            Poll::Ready(Ok(b)) => assert_eq!(b, data),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(r.buf.is_empty(), "no buffer for a read as large as it");
+        match read(&mut r, 10) {
+            Poll::Ready(Err(e)) => assert_eq!(e.to_string(), "boom"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fill_reads_every_piece_ready_then_returns_what_it_has() {
+        let (a, b, c) = (bytes(16384, 3), bytes(16384, 4), bytes(100, 5));
+        let mut f = Fill::new(pieces(vec![Ok(a.clone()), Ok(b.clone()), Ok(c.clone())]));
+        match read(&mut f, 1 << 20) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, [a, b, c].concat()),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Three pieces and the read that found nothing more.
+        assert_eq!(f.get_ref().reads, 4);
+        assert!(read(&mut f, 10).is_pending());
+    }
+
+    #[test]
+    fn fill_stops_when_the_reader_is_full_and_keeps_the_rest() {
+        let a = bytes(30000, 6);
+        let mut f = Fill::new(pieces(vec![Ok(a.clone())]));
+        match read(&mut f, 20000) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, a[..20000]),
+            other => panic!("unexpected {other:?}"),
+        }
+        match read(&mut f, 20000) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, a[20000..]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fill_returns_the_bytes_before_an_error_or_the_end_and_then_it() {
+        let a = bytes(5000, 7);
+        let mut f = Fill::new(pieces(vec![
+            Ok(a.clone()),
+            Err(io::Error::other("bad record")),
+        ]));
+        match read(&mut f, 1 << 20) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, a),
+            other => panic!("unexpected {other:?}"),
+        }
+        match read(&mut f, 1 << 20) {
+            Poll::Ready(Err(e)) => assert_eq!(e.to_string(), "bad record"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut f = Fill::new(pieces(vec![Ok(a.clone()), Ok(Vec::new())]));
+        match read(&mut f, 1 << 20) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, a),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(f.get_ref().reads, 2, "stops at the end of the stream");
+    }
+}
