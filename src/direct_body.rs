@@ -107,6 +107,23 @@ use bytes::{Buf, BufMut, Bytes};
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::sys::RecvLowat;
+
+/// The most a direct read waits for (`SO_RCVLOWAT`): the worker wakes once
+/// per this many body bytes instead of once per segment or two.
+const LOW_WATER: usize = 256 * 1024;
+
+/// Sets the connection's receive low-water mark, if it has one; a socket
+/// that refuses it keeps the kernel's default from then on.
+fn low_water(lowat: &mut Option<RecvLowat>, bytes: usize) {
+    if let Some(lw) = lowat {
+        if let Err(e) = lw.set(bytes) {
+            log::debug!("SO_RCVLOWAT: {e}");
+            *lowat = None;
+        }
+    }
+}
+
 /// The chunk a connection is to write before anything else, and whether its
 /// first byte went out yet. Shared by the connection's stream and the body
 /// being sent on it (one worker thread).
@@ -267,6 +284,9 @@ pub struct DirectIo<T> {
     io: T,
     outbox: Outbox,
     inbox: Inbox,
+    /// The socket's receive low-water mark (plain TCP only): raised while
+    /// a direct read waits, back to 1 before actix reads again.
+    lowat: Option<RecvLowat>,
 }
 
 impl<T> DirectIo<T> {
@@ -275,7 +295,15 @@ impl<T> DirectIo<T> {
             io,
             outbox: Outbox::default(),
             inbox: Inbox::default(),
+            lowat: None,
         }
+    }
+
+    /// Direct reads that wait wait for up to [`LOW_WATER`] bytes (see
+    /// [`RecvLowat`]); `lowat` is `io`'s socket.
+    pub fn with_recv_lowat(mut self, lowat: Option<RecvLowat>) -> Self {
+        self.lowat = lowat;
+        self
     }
 
     /// The handle for the connection's responses
@@ -324,6 +352,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for DirectIo<T> {
             // bytes of room, so that actix does not make room by moving
             // what it holds before its next read (which waits, below).
             Mode::Armed if buf.remaining() > PROBE_SPARE => {
+                low_water(&mut this.lowat, 1);
                 let room = buf.remaining() - PROBE_SPARE;
                 let mut probe = ReadBuf::new(buf.initialize_unfilled_to(room));
                 let r = ready!(Pin::new(&mut this.io).poll_read(cx, &mut probe));
@@ -337,6 +366,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for DirectIo<T> {
             }
             Mode::Off | Mode::Armed | Mode::Direct { budget: 0, .. } => {
                 drop(s);
+                low_water(&mut this.lowat, 1);
                 Pin::new(&mut this.io).poll_read(cx, buf)
             }
             Mode::Direct {
@@ -346,11 +376,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for DirectIo<T> {
             } if chunk.len() < *want => {
                 let room =
                     (*want - chunk.len()).min(usize::try_from(*budget).unwrap_or(usize::MAX));
-                let got = ready!(tokio_util::io::poll_read_buf(
+                let polled = tokio_util::io::poll_read_buf(
                     Pin::new(&mut this.io),
                     cx,
-                    &mut chunk.limit(room)
-                ))?;
+                    &mut chunk.limit(room),
+                );
+                let Poll::Ready(got) = polled else {
+                    low_water(&mut this.lowat, room.min(LOW_WATER));
+                    return Poll::Pending;
+                };
+                let got = got?;
                 if got == 0 {
                     // The client closed mid-body: actix sees the end of the
                     // stream as it would have, and fails the body. The

@@ -13,6 +13,7 @@ pub mod nbd;
 pub mod ops;
 pub mod server;
 pub mod stats;
+pub mod sys;
 pub mod tls;
 pub mod transfers;
 pub mod unix_socket;

@@ -29,6 +29,7 @@ use crate::control::ControlSocket;
 use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+use crate::sys::RecvLowat;
 use crate::tls::{Fill, ReadAhead};
 use crate::transfers::{self, Transfers};
 use crate::unix_socket;
@@ -231,7 +232,11 @@ fn http_server(
                     fn_service(move |io: TcpStream| {
                         let peer = io.peer_addr().ok();
                         set_nodelay(&io);
-                        ready(conn.wrap(io, peer))
+                        let lowat = recv_lowat(&io);
+                        ready(
+                            conn.wrap(io, peer)
+                                .map(|(io, proto, peer)| (io.with_recv_lowat(lowat), proto, peer)),
+                        )
                     })
                     .and_then(http)
                 })?
@@ -276,6 +281,14 @@ fn set_nodelay(io: &TcpStream) {
     if let Err(e) = io.set_nodelay(true) {
         log::debug!("TCP_NODELAY: {e}");
     }
+}
+
+/// The handle that lets direct reads of PUT bodies wait for more than a
+/// segment (see `direct_body`); None (reads as before) if it fails.
+fn recv_lowat(io: &TcpStream) -> Option<RecvLowat> {
+    RecvLowat::new(io)
+        .map_err(|e| log::debug!("SO_RCVLOWAT handle: {e}"))
+        .ok()
 }
 
 /// Binds every address `addr` resolves to (SO_REUSEADDR, a backlog of 1024,
