@@ -14,7 +14,8 @@
 //! Usage: `bench-floor NBD_SOCKET` prints `listening on http://ADDR`;
 //! `bench-floor NBD_SOCKET --tls CERT KEY` serves HTTPS behind the server's
 //! own rustls configuration (`tls::server_config`: the same provider,
-//! versions and cipher suites) and prints `listening on https://ADDR`.
+//! versions and cipher suites) and prints `listening on https://ADDR`;
+//! it speaks TLS through rustls' unbuffered API (see [`Tls`]).
 //! `bench-floor --cipher-cost` prints what the crypto provider's AEADs cost
 //! per GiB on this machine (see [`cipher_cost`]).
 
@@ -26,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use cloudstack_image_server::backend::nbd::{PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST};
 use cloudstack_image_server::nbd::{ConnectOptions, Connection};
-use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+use rustls::ServerConfig;
 
 /// Bytes moved per step: read from one side, then written to the other.
 /// The NBD request sizes are the server's own (`backend::nbd`), imported.
@@ -167,68 +170,155 @@ fn read_head(s: &mut impl Read) -> io::Result<Head> {
     Ok(head)
 }
 
-/// Serves one request on `stream`, over TLS if `tls` is given: rustls
-/// reads ciphertext through [`ReadAhead`] (it asks for at most 4 KiB per
-/// read) and the connection ends with its close_notify.
+/// Serves one request on `stream`, over TLS if `tls` is given (see
+/// [`Tls`]); the connection ends with its close_notify.
 fn accept(stream: TcpStream, tls: Option<Arc<ServerConfig>>, socket: &Path) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let Some(config) = tls else {
         return serve(stream, socket);
     };
-    let conn = ServerConnection::new(config).map_err(other)?;
-    let mut s = StreamOwned::new(conn, ReadAhead::new(stream));
+    let mut s = Tls::new(config, stream)?;
     serve(&mut s, socket)?;
-    s.conn.send_close_notify();
-    s.flush()
+    s.close()
 }
 
-/// A socket whose reads go through a buffer of [`READ_AHEAD`] bytes: one
-/// receive per buffer instead of one per 4 KiB that rustls asks for.
-struct ReadAhead {
+/// Bytes asked of the socket per receive under TLS, and the most
+/// plaintext encrypted per send.
+const TLS_PIECE: usize = 256 * 1024;
+/// Room for a partial record beside a full receive.
+const RECORD_ROOM: usize = 18 * 1024;
+
+/// A TLS connection on rustls' unbuffered API: the least work rustls can
+/// do per byte. Ciphertext is received up to [`TLS_PIECE`] at a time and
+/// decrypted in place; each record's plaintext is copied once, into the
+/// reader's buffer. Writes are encrypted straight into one send buffer.
+/// (The buffered API, which the server uses through tokio-rustls, also
+/// copies every received record into a fresh `Vec` and out again.)
+struct Tls {
+    conn: UnbufferedServerConnection,
     sock: TcpStream,
-    buf: Box<[u8]>,
-    pos: usize,
-    end: usize,
+    incoming: Vec<u8>,
+    used: usize,
+    outgoing: Vec<u8>,
+    /// Plaintext of a record the reader had no room for.
+    pending: Vec<u8>,
+    peer_closed: bool,
 }
 
-/// Bytes asked of the socket per receive under TLS.
-const READ_AHEAD: usize = 256 * 1024;
-
-impl ReadAhead {
-    fn new(sock: TcpStream) -> Self {
-        ReadAhead {
+impl Tls {
+    fn new(config: Arc<ServerConfig>, sock: TcpStream) -> io::Result<Self> {
+        Ok(Tls {
+            conn: UnbufferedServerConnection::new(config).map_err(other)?,
             sock,
-            buf: vec![0; READ_AHEAD].into_boxed_slice(),
-            pos: 0,
-            end: 0,
+            incoming: vec![0; TLS_PIECE + RECORD_ROOM],
+            used: 0,
+            outgoing: vec![0; TLS_PIECE + RECORD_ROOM],
+            pending: Vec::new(),
+            peer_closed: false,
+        })
+    }
+
+    /// Receives more ciphertext; false at the end of the stream.
+    fn receive(&mut self) -> io::Result<bool> {
+        if self.used == self.incoming.len() {
+            return Err(other("TLS record larger than the receive buffer"));
         }
+        let n = self.sock.read(&mut self.incoming[self.used..])?;
+        self.used += n;
+        Ok(n > 0)
+    }
+
+    /// Drives the connection until it can send application data or has
+    /// plaintext for `out` (then returns how much it copied there); 0 at
+    /// the end of the stream. With `want_read` false it stops as soon as it
+    /// can send.
+    fn drive(&mut self, out: &mut [u8], want_read: bool) -> io::Result<usize> {
+        // Bounded: each round consumes input, produces output, or receives.
+        loop {
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process_tls_records(&mut self.incoming[..self.used]);
+            let mut copied = 0;
+            let mut need_input = false;
+            let mut can_send = false;
+            match state.map_err(other)? {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(other)?;
+                        discard += record.discard;
+                        let n = record.payload.len().min(out.len() - copied);
+                        out[copied..copied + n].copy_from_slice(&record.payload[..n]);
+                        self.pending.extend_from_slice(&record.payload[n..]);
+                        copied += n;
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let n = data.encode(&mut self.outgoing).map_err(other)?;
+                    self.sock.write_all(&self.outgoing[..n])?;
+                }
+                ConnectionState::TransmitTlsData(data) => data.done(),
+                ConnectionState::BlockedHandshake => need_input = true,
+                ConnectionState::WriteTraffic(_) if !want_read => can_send = true,
+                ConnectionState::WriteTraffic(_) => need_input = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => self.peer_closed = true,
+                _ => return Err(other("unexpected TLS state")),
+            }
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+            if copied > 0 || can_send || self.peer_closed {
+                return Ok(copied);
+            }
+            if need_input && discard == 0 && !self.receive()? {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn close(mut self) -> io::Result<()> {
+        self.drive(&mut [], false)?;
+        let UnbufferedStatus { state, .. } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
+            let n = w.queue_close_notify(&mut self.outgoing).map_err(other)?;
+            self.sock.write_all(&self.outgoing[..n])?;
+        }
+        Ok(())
     }
 }
 
-impl Read for ReadAhead {
+impl Read for Tls {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.end {
-            self.pos = 0;
-            self.end = self.sock.read(&mut self.buf)?;
+        if !self.pending.is_empty() {
+            let n = out.len().min(self.pending.len());
+            out[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return Ok(n);
         }
-        let n = out.len().min(self.end - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        if self.peer_closed || out.is_empty() {
+            return Ok(0);
+        }
+        self.drive(out, true)
     }
 }
 
-impl Write for ReadAhead {
+impl Write for Tls {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.sock.write(data)
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.sock.write_vectored(bufs)
+        self.drive(&mut [], false)?;
+        let data = &data[..data.len().min(TLS_PIECE)];
+        let UnbufferedStatus { state, .. } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        let Ok(ConnectionState::WriteTraffic(mut w)) = state else {
+            return Err(other("TLS connection cannot send"));
+        };
+        let n = w.encrypt(data, &mut self.outgoing).map_err(other)?;
+        self.sock.write_all(&self.outgoing[..n])?;
+        Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.sock.flush()
+        Ok(())
     }
 }
 
