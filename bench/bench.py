@@ -21,6 +21,13 @@ BENCH_SIZE_MIB (default 2048, a multiple of 8) is the size of the raw image
 (three quarters of it random data, the upload source): small values make a
 quick check of the bench itself, not figures to compare.
 
+The HTTPS rows ("https: ..." and "floor https: ...") run the same binary
+and floor with TLS on (a certificate the bench makes with openssl; the floor
+speaks TLS through rustls' unbuffered API behind the server's own rustls
+configuration), and a table sets what TLS adds over HTTP beside the cipher's
+own cost measured in the run (bench-floor --cipher-cost: ring's AEADs; and
+`openssl speed -evp`: the clients'); BENCH_TLS=0 leaves them out.
+
 The imageio rows (imageio_rows) need the virtualenv `make test-clients` keeps
 in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and openssl, and are
 skipped without them; BENCH_IMAGEIO_ONLY=1 runs only them.
