@@ -4,7 +4,7 @@
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
-PORT ?= 54323
+PORT ?= 54322
 
 .PHONY: all deps build run demo test test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench
 

@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1")]
     listen: String,
     /// Port to listen on (0 picks a free port, printed at start).
-    #[arg(long, default_value_t = 54323)]
+    #[arg(long, default_value_t = 54322)]
     port: u16,
     /// Directory of per-transfer JSON configs (`<config-dir>/<transferId>`).
     #[arg(long, default_value = "/tmp/imagetransfer")]
@@ -31,7 +31,7 @@ struct Cli {
     /// Reads one client may run in parallel on a transfer, as OPTIONS
     /// advertises it (`max_readers`). Advertised only: nothing is refused
     /// per transfer (see --max-requests).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     max_readers: usize,
     /// Writes one client may run in parallel on a writable transfer, as
     /// OPTIONS advertises it (`max_writers`; 0 for a read-only export).

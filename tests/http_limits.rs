@@ -272,7 +272,7 @@ fn check_others(done: Vec<(String, Response)>, initial: &[u8]) {
                 assert_eq!(r.status, 200, "{name}: {}", r.text());
                 assert_eq!(
                     r.text(),
-                    r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+                    r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
                 );
             }
             other => panic!("unexpected {other}"),

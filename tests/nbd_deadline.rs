@@ -204,8 +204,8 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     });
     assert_eq!(server.log_count("image_id=b err="), 0, "{}", server.log());
 
-    // The reader slots of the failed GETs are free again: eight GETs
-    // (--max-readers' default) stream at once.
+    // The slots of the failed GETs are free again: eight GETs stream at
+    // once (--max-readers only advertises, it refuses nothing).
     let mut holders: Vec<Client> = (0..8).map(|_| server.client()).collect();
     for c in &mut holders {
         c.send("GET", "/images/b", &[], b"");
