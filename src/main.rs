@@ -16,11 +16,16 @@ use cloudstack_image_server::server::{self, Settings, TlsFiles};
 /// Each transfer id names a disk: registered over the control socket by the
 /// CloudStack agent, or a JSON file `<config-dir>/<id>`; its config says
 /// whether it is an NBD export on a Unix socket or a local file.
-///
-/// A flag given twice counts once, with its last value: the CloudStack
-/// agent's flags come after the operator's (packaging/imageserver).
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None, args_override_self = true)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    // The CloudStack agent's flags come after the operator's
+    // (packaging/imageserver): the agent's win.
+    args_override_self = true,
+    after_help = "A flag given twice counts once, with its last value."
+)]
 struct Cli {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]

@@ -42,6 +42,10 @@ fn defaults_are_the_newest_upstream_servers() {
     assert_eq!(default_of("--port"), "54322");
     assert_eq!(default_of("--max-readers"), "4");
     assert_eq!(default_of("--max-writers"), "4");
+    assert!(
+        help.ends_with("\nA flag given twice counts once, with its last value.\n"),
+        "{help}"
+    );
 
     let cfg = TempDir::new("agent-defaults");
     let img = cfg.join("d.raw");
