@@ -21,12 +21,12 @@
 //! or out for hours) reads pass straight through: one `Cell` read per poll,
 //! no timer per chunk. A deadline is reset at most twice per request.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use actix_http::body::{BodySize, BoxBody, EitherBody, MessageBody};
@@ -37,11 +37,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// Where a connection is between requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Phase {
     /// Waiting for the first byte of a request head. Armed with the idle
     /// deadline once a response has been sent; not armed before the first
     /// request (actix-http times the first head from the connection's start).
+    #[default]
     Idle,
     /// A response has just been sent: the idle deadline is to be armed.
     Done,
@@ -51,22 +52,49 @@ enum Phase {
     Busy,
 }
 
-/// A connection's phase, shared by its stream and its requests (through
-/// actix's per-connection data). Connections live on one worker thread.
-#[derive(Debug, Clone)]
-pub struct HeadClock(Rc<Cell<Phase>>);
+/// A connection's phase and how many of its responses are complete, shared
+/// by its stream and its requests (through actix's per-connection data).
+/// Connections live on one worker thread.
+#[derive(Debug, Clone, Default)]
+pub struct HeadClock(Rc<ClockState>);
+
+#[derive(Debug, Default)]
+struct ClockState {
+    phase: Cell<Phase>,
+    /// Responses completed on the connection.
+    responses: Cell<u64>,
+    /// Woken when a response completes (see [`HeadClock::wake_on_response`]).
+    waker: RefCell<Option<Waker>>,
+}
 
 impl HeadClock {
-    fn new() -> Self {
-        HeadClock(Rc::new(Cell::new(Phase::Idle)))
-    }
-
     fn get(&self) -> Phase {
-        self.0.get()
+        self.0.phase.get()
     }
 
     fn set(&self, phase: Phase) {
-        self.0.set(phase)
+        self.0.phase.set(phase)
+    }
+
+    /// How many responses of the connection are complete: actix has encoded
+    /// their last byte and is done with them.
+    pub fn responses(&self) -> u64 {
+        self.0.responses.get()
+    }
+
+    /// Wakes `waker` when the next response completes.
+    pub fn wake_on_response(&self, waker: &Waker) {
+        *self.0.waker.borrow_mut() = Some(waker.clone());
+    }
+
+    /// A response is complete.
+    fn responded(&self) {
+        self.set(Phase::Done);
+        self.0.responses.set(self.0.responses.get() + 1);
+        let waker = self.0.waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -93,7 +121,7 @@ impl<T> HeadDeadline<T> {
     pub fn new(io: T, head: Duration, idle: Duration) -> Self {
         HeadDeadline {
             io,
-            clock: HeadClock::new(),
+            clock: HeadClock::default(),
             head,
             idle,
             timer: None,
@@ -202,14 +230,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
     }
 }
 
-/// Sets its connection to [`Phase::Done`] when dropped, which actix does
+/// Sets its connection to [`Phase::Done`] and counts the response complete
+/// (see [`HeadClock::responses`]) when dropped, which actix does
 /// with a response body once the response is complete.
 struct DoneOnDrop(Option<HeadClock>);
 
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
         if let Some(clock) = &self.0 {
-            clock.set(Phase::Done);
+            clock.responded();
         }
     }
 }
