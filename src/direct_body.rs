@@ -100,11 +100,14 @@ use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
 use actix_http::body::{BodySize, MessageBody};
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::Stream;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The chunk a connection is to write before anything else, and whether its
@@ -262,11 +265,55 @@ impl Inbox {
     }
 }
 
+/// Ends a connection from any thread (a GET's reader that gave up on its
+/// client): from then on the connection's stream fails every read and
+/// write, so actix drops the connection, and with it every buffer it holds.
+#[derive(Debug, Clone, Default)]
+pub struct Abort(Arc<AbortState>);
+
+#[derive(Debug, Default)]
+struct AbortState {
+    aborted: AtomicBool,
+    /// Why the connection ends, once it does.
+    reason: Mutex<String>,
+    /// The connection's task, while its stream waits.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Abort {
+    /// Ends the connection (at once if its task is waiting on the socket).
+    pub fn abort(&self, reason: String) {
+        *self.0.reason.lock() = reason;
+        self.0.aborted.store(true, Ordering::Release);
+        if let Some(w) = self.0.waker.lock().take() {
+            w.wake();
+        }
+    }
+
+    /// The error that ends the connection, once aborted.
+    fn check(&self) -> io::Result<()> {
+        if !self.0.aborted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let reason = self.0.reason.lock().clone();
+        log::debug!("closing a connection: {reason}");
+        Err(io::Error::new(io::ErrorKind::TimedOut, reason))
+    }
+
+    /// The stream is about to return `Pending`: leaves the task's waker,
+    /// so that an abort wakes it; fails if the abort came first.
+    fn wait(&self, cx: &mut Context<'_>) -> io::Result<()> {
+        *self.0.waker.lock() = Some(cx.waker().clone());
+        self.check()
+    }
+}
+
 /// A connection's stream that writes its [`Outbox`] when flushed.
 pub struct DirectIo<T> {
     io: T,
     outbox: Outbox,
     inbox: Inbox,
+    abort: Abort,
 }
 
 impl<T> DirectIo<T> {
@@ -275,7 +322,13 @@ impl<T> DirectIo<T> {
             io,
             outbox: Outbox::default(),
             inbox: Inbox::default(),
+            abort: Abort::default(),
         }
+    }
+
+    /// The handle that ends the connection (conn data too).
+    pub fn abort(&self) -> Abort {
+        self.abort.clone()
     }
 
     /// The handle for the connection's responses
@@ -306,14 +359,37 @@ impl<T> DirectIo<T> {
     }
 }
 
+/// Fails `poll` once the connection was aborted (see [`Abort`]).
+macro_rules! unless_aborted {
+    ($abort:expr, $cx:expr, $poll:expr) => {{
+        $abort.check()?;
+        let r = $poll;
+        if r.is_pending() {
+            $abort.wait($cx)?;
+        }
+        r
+    }};
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for DirectIo<T> {
-    /// actix's read: see [`Inbox`] for what it gets in each mode.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        unless_aborted!(this.abort, cx, this.read_for_actix(cx, buf))
+    }
+}
+
+impl<T: AsyncRead + Unpin> DirectIo<T> {
+    /// actix's read: see [`Inbox`] for what it gets in each mode.
+    fn read_for_actix(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         let mut s = this.inbox.0.borrow_mut();
         if s.owed > 0 {
             s.pay(buf);
@@ -382,7 +458,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_order()?;
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -392,7 +468,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_order()?;
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        unless_aborted!(
+            this.abort,
+            cx,
+            Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -404,6 +484,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     /// emptied the outbox, so that the body is polled for its next chunk.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        unless_aborted!(this.abort, cx, this.flush_outbox(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_shutdown(cx))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> DirectIo<T> {
+    /// [`AsyncWrite::poll_flush`]: the outbox first.
+    fn flush_outbox(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         let mut emptied = false;
         loop {
             let mut p = this.outbox.0.borrow_mut();
@@ -428,10 +521,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
             cx.waker().wake_by_ref();
         }
         Pin::new(&mut this.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -620,5 +709,24 @@ mod tests {
             e.to_string(),
             "a write would overtake a response body chunk"
         );
+    }
+
+    #[tokio::test]
+    async fn an_abort_ends_a_waiting_write_and_everything_after_it() {
+        let (_client, server) = duplex(4);
+        let mut io = DirectIo::new(server);
+        io.outbox().put(Bytes::from_static(b"0123456789"));
+        let abort = io.abort();
+        // The flush waits for a client that reads nothing; the abort (from
+        // another future of the task) wakes and fails it.
+        let (flushed, ()) = tokio::join!(io.flush(), async {
+            tokio::task::yield_now().await;
+            abort.abort("the client took no data for 2 s".into());
+        });
+        let e = flushed.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), "the client took no data for 2 s");
+        assert!(io.write_all(b"x").await.is_err());
+        assert!(io.read(&mut [0u8; 8]).await.is_err());
     }
 }

@@ -383,6 +383,7 @@ impl ConnSettings {
                 data.insert(io.get_ref().get_ref().clock());
                 data.insert(io.outbox());
                 data.insert(io.inbox());
+                data.insert(io.abort());
             })
             .finish(track_heads(app))
     }

@@ -21,7 +21,7 @@ use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
-use crate::direct_body::{DirectBody, Inbox, Outbox};
+use crate::direct_body::{Abort, DirectBody, Inbox, Outbox};
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -218,8 +218,13 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     }
     // The body keeps the request slot and the lease until it is dropped. The
     // head goes out with the first chunk: a backend that fails (or times
-    // out) before it is a JSON error, not a truncated body.
-    let mut body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
+    // out) before it is a JSON error, not a truncated body. A client that
+    // takes no data for the body timeout loses its connection.
+    let stalled = ops::Stalled {
+        timeout: state.body_timeout,
+        connection: req.conn_data::<Abort>().cloned(),
+    };
+    let mut body = ops::read_stream(handle, start, len, log, t, slot, stalled);
     body.first_chunk().await?;
     // Written around actix-http's write buffer where the connection can
     // (every connection of this server; see `direct_body`).

@@ -23,7 +23,7 @@ mod read;
 mod simple;
 mod write;
 
-pub use read::{read_stream, ReadBody};
+pub use read::{read_stream, ReadBody, Stalled};
 pub use simple::{checksum, extents, flush, zero, ExtentList};
 pub use write::{write, Body};
 

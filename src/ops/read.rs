@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::{Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::nbd::NbdHandle;
 use crate::backend::{BackendError, Handle};
+use crate::direct_body::Abort;
 use crate::nbd::Retired;
 use crate::transfers::{Lease, Transfer};
 
@@ -104,10 +105,10 @@ impl<G> Stream for ReadBody<G> {
 /// socket is full, so the backend is not left waiting each time the client
 /// side stalls. A backend error ends the stream with an error, so the client
 /// sees a truncated body (the length was promised in the headers), never a
-/// clean short one. A client that takes no data for `stall_timeout` is
-/// given up on: the reader stops, the backend and `guard` (slot, lease) are
-/// released, and its body ends in an error. Must be called on the worker's
-/// runtime.
+/// clean short one. A client that takes no data for the stall timeout is
+/// given up on (see [`Stalled`]): the reader stops, the backend and `guard`
+/// (slot, lease) are released, and its connection is closed. Must be
+/// called on the worker's runtime.
 pub fn read_stream<G: Send + 'static>(
     handle: Handle,
     start: u64,
@@ -115,7 +116,7 @@ pub fn read_stream<G: Send + 'static>(
     log: OpLog,
     mut lease: Lease,
     guard: G,
-    stall_timeout: Duration,
+    stalled: Stalled,
 ) -> ReadBody<G> {
     if len == 0 {
         lease.served();
@@ -124,7 +125,7 @@ pub fn read_stream<G: Send + 'static>(
     let out = Sender {
         tx,
         id: log.id.clone(),
-        stall_timeout,
+        stalled,
     };
     let transfer = lease.transfer().clone();
     let held: Held<G> = Arc::new(Mutex::new(Some((lease, guard))));
@@ -144,19 +145,30 @@ pub fn read_stream<G: Send + 'static>(
     }
 }
 
+/// When a GET's client counts as gone though still connected, and what
+/// then ends its connection.
+pub struct Stalled {
+    /// The client took no data for this long.
+    pub timeout: Duration,
+    /// The connection to close then (with every buffer it holds: actix's,
+    /// the socket's, a chunk half written); `None` on a connection that
+    /// cannot be aborted, where only the request's own resources go.
+    pub connection: Option<Abort>,
+}
+
 /// Where a GET reader sends its chunks.
 struct Sender {
     tx: mpsc::Sender<Result<Bytes, BackendError>>,
     id: String,
-    stall_timeout: Duration,
+    stalled: Stalled,
 }
 
 impl Sender {
     /// Sends a chunk read at `offset`; false when the reader must stop: the
-    /// client is gone, or took nothing for `stall_timeout` (then the lease
+    /// client is gone, or took nothing for the stall timeout (then the lease
     /// and guard in `held` are released now, not when actix gives up).
     async fn send<G>(&self, chunk: Bytes, offset: u64, held: &Held<G>) -> bool {
-        match tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(chunk))).await {
+        match tokio::time::timeout(self.stalled.timeout, self.tx.send(Ok(chunk))).await {
             Ok(Ok(())) => true,
             Ok(Err(_)) => {
                 log::info!("GET client disconnected image_id={} at={offset}", self.id);
@@ -169,25 +181,28 @@ impl Sender {
         }
     }
 
-    /// The client took nothing for `stall_timeout`: releases the lease and
-    /// guard now, not when actix gives up.
+    /// The client took nothing for the stall timeout: releases the lease
+    /// and guard, and closes the connection.
     fn stalled<G>(&self, offset: u64, held: &Held<G>) {
+        let secs = self.stalled.timeout.as_secs();
         log::warn!(
-            "GET client stopped reading image_id={} at={offset}: released after {}s",
+            "GET client stopped reading image_id={} at={offset}: connection closed after {secs}s",
             self.id,
-            self.stall_timeout.as_secs()
         );
         drop(held.lock().take());
+        if let Some(c) = &self.stalled.connection {
+            c.abort(format!("the client took no data for {secs} s"));
+        }
     }
 
     /// Ends the body with `e`, read at `offset`; waits for the client at
-    /// most `stall_timeout`, like [`Sender::send`]. A timeout was logged by
+    /// most the stall timeout, like [`Sender::send`]. A timeout was logged by
     /// the backend already.
     async fn fail<G>(&self, offset: u64, e: BackendError, held: &Held<G>) {
         if !matches!(e, BackendError::Timeout(_)) {
             log::error!("GET error image_id={} offset={offset} err={e}", self.id);
         }
-        if tokio::time::timeout(self.stall_timeout, self.tx.send(Err(e)))
+        if tokio::time::timeout(self.stalled.timeout, self.tx.send(Err(e)))
             .await
             .is_err()
         {
