@@ -127,3 +127,149 @@ fn get_clients_that_never_read_are_disconnected_with_everything_they_held() {
     }
     assert!(client_connections(pid).is_empty());
 }
+
+/// Bytes of the upload in the cut-off tests, and how fast the export takes
+/// them: writes are in flight for a second or more after the cut.
+const UPLOAD: usize = 8 * MIB as usize;
+const WRITE_BPS: u64 = 2 * MIB;
+/// Blocks in which the landed bytes are counted (each NBD write covers
+/// whole ones).
+const BLOCK: usize = 64 * 1024;
+
+/// A zeroed raw image behind qemu-nbd with a write throttle (a blockdev
+/// throttle filter over the file), registered as transfer `a`.
+fn throttled_export(dir: &TempDir, server: &Server) -> (QemuNbd, std::path::PathBuf) {
+    let image = dir.join("a.img");
+    raw_image(&image, 2 * UPLOAD as u64, 0, b"");
+    let spec = format!(
+        "driver=throttle,throttle-group=t,file.driver=raw,file.file.driver=file,\
+         file.file.filename={}",
+        image.display()
+    );
+    let opts = NbdOpts {
+        extra: vec![
+            "--object".into(),
+            format!("throttle-group,id=t,x-bps-write={WRITE_BPS}"),
+            "--image-opts".into(),
+        ],
+        ..Default::default()
+    };
+    let nbd = QemuNbd::start(std::path::Path::new(&spec), &dir.join("a.sock"), opts);
+    assert_eq!(server.register_nbd("a", &nbd)["status"], "ok");
+    (nbd, image)
+}
+
+/// How many bytes of `body` landed in the image (from offset 0): whole
+/// blocks equal to the body; every other block must still be zero.
+fn landed(image: &std::path::Path, body: &[u8]) -> u64 {
+    let now = read_file_at(image, 0, body.len());
+    let mut n = 0;
+    for (i, (got, sent)) in now.chunks(BLOCK).zip(body.chunks(BLOCK)).enumerate() {
+        if got == sent {
+            n += got.len() as u64;
+        } else {
+            assert!(got.iter().all(|&b| b == 0), "block {i} half written");
+        }
+    }
+    n
+}
+
+/// The transfer's progress while it is registered.
+fn status(server: &Server) -> serde_json::Value {
+    let r = server.control(&serde_json::json!({"action": "status", "transfer_id": "a"}));
+    r["transfer"].clone()
+}
+
+/// `bytes=N` of the one `PUT end image_id=a` log line.
+fn put_end_bytes(server: &Server) -> u64 {
+    let log = server.log();
+    let ends: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PUT end image_id=a "))
+        .collect();
+    assert_eq!(ends.len(), 1, "{log}");
+    ends[0]
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("bytes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes= in {:?}", ends[0]))
+}
+
+/// Sends a ranged PUT of `UPLOAD` bytes on `stream`, then 3 MiB of its
+/// body, and waits until the first write has landed (so the server has
+/// read the rest it was sent, and has writes in flight): then `cut` ends
+/// the connection. `unregister` must then wait for every write the request
+/// started; afterwards (and once qemu-nbd has stopped, with whatever it
+/// took) the request's log line, `bytes_written` and the image all say the
+/// same number of bytes.
+fn cut_mid_upload<S: std::io::Write>(
+    server: &Server,
+    mut nbd: QemuNbd,
+    image: &std::path::Path,
+    mut stream: S,
+    cut: impl FnOnce(S),
+) {
+    let body = pattern_bytes(UPLOAD, 9);
+    let head = format!(
+        "PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n\
+         Content-Range: bytes 0-{}/*\r\n\r\n",
+        UPLOAD - 1
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..3 * MIB as usize]).unwrap();
+    stream.flush().unwrap();
+    poll_until(Duration::from_secs(30), "a first write to land", || {
+        (status(server)["bytes_written"].as_u64() > Some(0)).then_some(())
+    });
+    cut(stream);
+    let r = server.control(&serde_json::json!({"action": "unregister", "transfer_id": "a"}));
+    assert_eq!(r["status"], "ok", "{r}");
+    // Whatever the export had received lands before it exits.
+    nbd.stop();
+    let logged = put_end_bytes(server);
+    let landed = landed(image, &body);
+    assert_eq!(
+        logged, landed,
+        "the log says {logged} bytes, {landed} landed"
+    );
+    assert!(landed < UPLOAD as u64 && landed > 0, "{landed}");
+    let drained = format!("PUT image_id=a ended with NBD writes in flight: {landed} bytes landed");
+    assert!(server.log().contains(&drained), "{}", server.log());
+}
+
+/// A ranged PUT whose client resets the TCP connection mid-body: its
+/// request ends only once the writes it had sent to the export landed, and
+/// counts exactly those (not 0, not 512 KiB while more keeps landing).
+#[test]
+fn an_upload_cut_by_a_reset_ends_after_its_writes_and_counts_them() {
+    let dir = TempDir::new("cut-reset");
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let server = Server::start(&cfg, &[]);
+    let (nbd, image) = throttled_export(&dir, &server);
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    cut_mid_upload(&server, nbd, &image, tcp, |tcp| {
+        // SO_LINGER 0: close sends RST.
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(tcp);
+    });
+}
+
+/// The same over HTTPS, the client closing the TCP connection without a
+/// TLS close_notify.
+#[test]
+fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
+    let dir = TempDir::new("cut-tls");
+    let (cert, key) = common::tls::make_cert(&dir, "srv", &["rsa:2048"]);
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let server = Server::start(&cfg, &common::tls::tls_args(&cert, &key));
+    let (nbd, image) = throttled_export(&dir, &server);
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    let tls = common::tls::tls_connect(&cert, tcp);
+    cut_mid_upload(&server, nbd, &image, tls, |tls| {
+        let _ = tls.sock.shutdown(std::net::Shutdown::Both);
+    });
+}

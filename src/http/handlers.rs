@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::limits::RequestSlot;
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
@@ -98,12 +99,13 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
     let result = match op {
         // The body holds the lease and counts the request when it ends.
         Op::Read => return get_image(&req, &state, t).await,
+        // The write holds it until none of its writes is in flight.
+        Op::Write => return put(&req, payload, &state, t).await,
+        Op::Patch => return patch(&req, payload, &state, t).await,
         Op::Options => options(&state, &t).await,
         Op::Head => head_image(&t).await,
         Op::Extents => get_extents(&req, &t).await,
         Op::Checksum => get_checksum(&req, &state, &t).await,
-        Op::Write => put(&req, payload, &state, &t).await,
-        Op::Patch => patch(&req, payload, &state, &t).await,
         Op::Flush => flush(&t).await,
         Op::UnknownTail => Err(ApiError::not_found()),
     };
@@ -331,7 +333,7 @@ async fn put(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
@@ -342,7 +344,7 @@ async fn put(
     let flush = parse_flush_param(req)?;
     let content_range = match header_str(req, header::CONTENT_RANGE)? {
         None => None,
-        Some(_) if !caps_at_most(t).ranged_writes => {
+        Some(_) if !caps_at_most(&t).ranged_writes => {
             return Err(ApiError::bad_request(
                 "Content-Range PUT not supported for file backend; use full PUT",
             ))
@@ -354,12 +356,12 @@ async fn put(
     };
     // Full-image PUTs of one image run one at a time (the next waits here,
     // holding no slot); ranged PUTs run concurrently with everything.
-    let _lock = match content_range {
+    let lock = match content_range {
         None => Some(state.locks.lock(t.id()).await),
         Some(_) => None,
     };
-    let _slot = state.requests.try_acquire()?;
-    let mut log = OpLog::start(
+    let slot = state.requests.try_acquire()?;
+    let log = OpLog::start(
         "PUT",
         t.id(),
         format_args!(
@@ -383,7 +385,7 @@ async fn put(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, start, flush, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, start, flush, log, t, (slot, lock)).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))
@@ -393,9 +395,9 @@ async fn patch(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
-    if !caps_at_most(t).ranged_writes {
+    if !caps_at_most(&t).ranged_writes {
         return Err(ApiError::bad_request(
             "range writes and PATCH not supported for file backend; use PUT for full upload",
         ));
@@ -408,9 +410,9 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = state.requests.try_acquire()?;
     if let (Some(range), false) = (range, content_type == "application/json") {
-        return patch_range(req, payload, state, t, range).await;
+        return patch_range(req, payload, state, t, slot, range).await;
     }
     if content_type != "application/json" {
         return Err(ApiError::new(
@@ -423,14 +425,16 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    match parse_patch_json(&body)? {
-        PatchOp::Flush => flush(t).await,
+    let result = match parse_patch_json(&body)? {
+        PatchOp::Flush => flush(&t).await,
         PatchOp::Zero {
             offset,
             size,
             flush,
-        } => zero(t, offset, size, flush).await,
-    }
+        } => zero(&t, offset, size, flush).await,
+    };
+    drop(slot);
+    finish(result, t)
 }
 
 /// Reads a small body of exactly `length` bytes (already bounded by the caller).
@@ -465,7 +469,8 @@ async fn patch_range(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
+    slot: RequestSlot,
     range: &str,
 ) -> Res {
     let length = content_length(req)?;
@@ -473,7 +478,7 @@ async fn patch_range(
         return Err(ApiError::bad_request("Content-Length must be positive"));
     }
     let spec = parse_range(range).map_err(|e| ApiError::from_range(e, "Range", 0))?;
-    let mut log = OpLog::start(
+    let log = OpLog::start(
         "PATCH range",
         t.id(),
         format_args!("range={range} content_length={length}"),
@@ -496,7 +501,7 @@ async fn patch_range(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, a, false, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, a, false, log, t, slot).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 

@@ -19,7 +19,7 @@ use crate::backend::{BackendError, Writer};
 use crate::direct_body::Inbox;
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
-use crate::transfers::Transfer;
+use crate::transfers::Lease;
 use crate::zeroes::is_zero;
 
 /// Granularity of zero detection in uploads: qcow2's default cluster size,
@@ -61,6 +61,98 @@ impl Written {
     fn retired(&mut self, r: Retired) {
         if let Retired::Done(n) = r {
             self.add(n);
+        }
+    }
+}
+
+/// What a write request holds until no write of it is in flight: the
+/// count of what it wrote, its guard (request slot, full-PUT lock), log
+/// line and lease. Dropped, it gives them back in that order, the log line
+/// saying what landed (before the lease ends, which an unregister waits
+/// for); the request counts as failed unless its lease was marked served.
+struct Held<G> {
+    written: Written,
+    guard: Option<G>,
+    log: OpLog,
+    lease: Lease,
+}
+
+impl<G> Drop for Held<G> {
+    fn drop(&mut self) {
+        self.log.bytes = self.written.bytes;
+        drop(self.guard.take());
+        // Then the fields, in order: the log line, the lease.
+    }
+}
+
+/// An NBD write's queue and what its request holds. Whatever ends the
+/// request, they go together: when dropped with commands still in flight
+/// (the handler was dropped: a client reset, a TLS stream cut, shutdown), a
+/// task of its own on the worker takes them and waits for every command to
+/// retire, counting what landed, before anything is given back. Nothing
+/// blocks the event loop.
+struct Inflight<G: Send + 'static> {
+    queue: Option<NbdQueue>,
+    held: Option<Held<G>>,
+}
+
+impl<G: Send + 'static> Inflight<G> {
+    /// The queue and the count (present until the end).
+    fn parts(&mut self) -> (&mut NbdQueue, &mut Written) {
+        match (&mut self.queue, &mut self.held) {
+            (Some(q), Some(h)) => (q, &mut h.written),
+            _ => unreachable!("an Inflight is whole until it ends"),
+        }
+    }
+
+    /// No command is in flight: the connection goes back (or is closed),
+    /// then what the request holds is returned.
+    fn finish(mut self) -> Option<Held<G>> {
+        drop(self.queue.take());
+        self.held.take()
+    }
+}
+
+impl<G: Send + 'static> Drop for Inflight<G> {
+    fn drop(&mut self) {
+        let (Some(mut queue), Some(mut held)) = (self.queue.take(), self.held.take()) else {
+            return;
+        };
+        if queue.queued() == 0 {
+            drop(queue);
+            return drop(held);
+        }
+        queue.discard();
+        let drain = async move {
+            retire_all(&mut queue, &mut held.written).await;
+            log::info!(
+                "{} image_id={} ended with NBD writes in flight: {} bytes landed",
+                held.log.op,
+                held.lease.id(),
+                held.written.bytes
+            );
+            drop(queue);
+            drop(held);
+        };
+        // The worker's runtime, whose reactor the queue is registered with.
+        // Without one (the runtime is going away) the queue is closed here.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(drain)),
+            Err(_) => drop(drain),
+        }
+    }
+}
+
+/// Waits until no command of `queue` is in flight, counting what each
+/// wrote. A fatal error (the connection died or timed out) ends the wait:
+/// nothing more can retire then.
+async fn retire_all(queue: &mut NbdQueue, written: &mut Written) {
+    while queue.queued() > 0 {
+        let before = queue.queued();
+        match poll_fn(|cx| queue.poll_oldest(cx)).await {
+            Ok(done) => written.retired(done),
+            Err(_) if queue.queued() < before => {}
+            Err(_) => break,
         }
     }
 }
@@ -332,44 +424,56 @@ pub struct Body<'a> {
 /// read with at most `timeout` between pieces; a body that ends early or
 /// stalls is an error, and nothing is committed for a replacing writer.
 /// All-zero runs become zero requests where the backend can zero (the
-/// export keeps them sparse). Returns the bytes written. Returns only once
-/// no write of this request is in flight, so the caller's locks cover
-/// every write. Bytes are added to the transfer's stats as the backend
-/// completes them.
-pub async fn write(
+/// export keeps them sparse). Returns the bytes written; bytes are added to
+/// the transfer's stats as the backend completes them.
+///
+/// The request's `lease` (counted as served on success), `guard` and `log`
+/// are given back only once no write of the request is in flight, however
+/// the request ends: also when this future is dropped before it completes
+/// (see [`Inflight`]; for a file, its writer thread holds them).
+pub async fn write<G: Send + 'static>(
     body: Body<'_>,
     writer: Writer,
     offset: u64,
     flush: bool,
-    log: &mut OpLog,
-    t: &Arc<Transfer>,
+    log: OpLog,
+    lease: Lease,
+    guard: G,
 ) -> Result<u64, OpError> {
     if matches!(writer, Writer::Replace(_)) && offset != 0 {
         return Err(OpError::NotSupported(
             "ranged writes are not supported by the file backend",
         ));
     }
+    let id = log.id.clone();
     let mut body = BodyChunks::new(body);
-    let mut written = Written {
-        bytes: 0,
-        stats: t.stats().clone(),
-    };
-    let result = match writer {
-        Writer::At(h) => match h.caps() {
-            Ok(caps) => write_nbd(&mut body, h, offset, caps.can_zero, flush, &mut written).await,
-            Err(e) => Err(Failure::Backend(e)),
+    let held = Held {
+        written: Written {
+            bytes: 0,
+            stats: lease.stats().clone(),
         },
-        Writer::Replace(u) => write_file(&mut body, u, flush, &mut written).await,
+        guard: Some(guard),
+        log,
+        lease,
     };
-    log.bytes = written.bytes;
-    log.direct = Some(body.direct_bytes);
+    let (result, held) = match writer {
+        Writer::At(h) => write_nbd(&mut body, h, offset, flush, held).await,
+        Writer::Replace(u) => write_file(&mut body, u, flush, held).await,
+    };
+    let written = held.as_ref().map_or(0, |h| h.written.bytes);
+    if let Some(mut held) = held {
+        held.log.direct = Some(body.direct_bytes);
+        if result.is_ok() {
+            held.lease.served();
+        }
+    }
     match result {
-        Ok(()) => Ok(written.bytes),
+        Ok(()) => Ok(written),
         Err(Failure::Client(e)) => Err(e),
         Err(Failure::Backend(e)) => {
             // A timeout was logged by the backend already.
             if !matches!(e, BackendError::Timeout(_)) {
-                log::error!("write error image_id={} err={e}", log.id);
+                log::error!("write error image_id={id} err={e}");
             }
             Err(e.into())
         }
@@ -379,26 +483,33 @@ pub async fn write(
 /// Writes the body to an NBD export with up to `WINDOW` requests in flight
 /// (to disjoint ranges, so their order does not matter), keeping them moving
 /// while the next chunk arrives. On failure, waits for what is in flight.
-async fn write_nbd(
+/// Gives `held` back once nothing is (`None`: lost with a writer thread).
+async fn write_nbd<G: Send + 'static>(
     body: &mut BodyChunks<'_>,
     handle: NbdHandle,
     offset: u64,
-    zero_ok: bool,
     flush: bool,
-    written: &mut Written,
-) -> Result<(), Failure> {
-    let mut handle = handle.into_queue().map_err(Failure::Backend)?;
-    let r = pump_nbd(body, &mut handle, offset, zero_ok, flush, written).await;
+    held: Held<G>,
+) -> (Result<(), Failure>, Option<Held<G>>) {
+    let queue = match handle
+        .caps()
+        .and_then(|caps| Ok((caps, handle.into_queue()?)))
+    {
+        Ok(q) => q,
+        Err(e) => return (Err(Failure::Backend(e)), Some(held)),
+    };
+    let (caps, queue) = queue;
+    let mut inflight = Inflight {
+        queue: Some(queue),
+        held: Some(held),
+    };
+    let (queue, written) = inflight.parts();
+    let r = pump_nbd(body, queue, offset, caps.can_zero, flush, written).await;
     if r.is_err() {
-        handle.discard();
-        while handle.queued() > 0 {
-            match poll_fn(|cx| handle.poll_oldest(cx)).await {
-                Ok(done) => written.retired(done),
-                Err(_) => break,
-            }
-        }
+        queue.discard();
+        retire_all(queue, written).await;
     }
-    r
+    (r, inflight.finish())
 }
 
 async fn pump_nbd(
@@ -475,32 +586,32 @@ async fn pump_nbd(
 
 /// Writes the body to a new file on a blocking thread, committing it only
 /// when every byte arrived.
-async fn write_file(
+async fn write_file<G: Send + 'static>(
     body: &mut BodyChunks<'_>,
     upload: FileUpload,
     flush: bool,
-    written: &mut Written,
-) -> Result<(), Failure> {
+    mut held: Held<G>,
+) -> (Result<(), Failure>, Option<Held<G>>) {
     let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(DEPTH);
-    let stats = written.stats.clone();
+    // The thread holds what the request holds until its last write: if
+    // this future is dropped, it finds the channel closed and ends there.
     let writer = spawn_blocking(move || {
         let mut upload = upload;
-        let mut written = 0u64;
-        loop {
+        let result = loop {
             match rx.blocking_recv() {
                 Some(Some(b)) => {
                     if let Err(e) = upload.write(&b) {
-                        return (written, Err(e));
+                        break Err(e);
                     }
-                    written += b.len() as u64;
-                    stats.add_written(b.len() as u64);
+                    held.written.add(b.len() as u64);
                 }
                 // Every byte arrived.
-                Some(None) => return (written, upload.commit(flush).map(|_| ())),
+                Some(None) => break upload.commit(flush).map(|_| ()),
                 // The body failed: the upload is dropped, the target unchanged.
-                None => return (written, Err(BackendError::Io("upload aborted".into()))),
+                None => break Err(BackendError::Io("upload aborted".into())),
             }
-        }
+        };
+        (result, held)
     });
     let mut client_error = None;
     loop {
@@ -521,14 +632,15 @@ async fn write_file(
         }
     }
     drop(tx);
-    let (n, result) = writer
-        .await
-        .unwrap_or_else(|_| (0, Err(BackendError::Io("writer thread panicked".into()))));
-    written.bytes = n;
-    match client_error {
+    let (result, held) = match writer.await {
+        Ok((result, held)) => (result, Some(held)),
+        Err(_) => (Err(BackendError::Io("writer thread panicked".into())), None),
+    };
+    let result = match client_error {
         Some(e) => Err(Failure::Client(e)),
         None => result.map_err(Failure::Backend),
-    }
+    };
+    (result, held)
 }
 
 #[cfg(test)]
