@@ -97,18 +97,21 @@
 //! [`HeadDeadline`]: crate::head_timeout::HeadDeadline
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use actix_http::body::{BodySize, MessageBody};
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::Stream;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// The chunk a connection is to write before anything else, and whether its
 /// first byte went out yet. Shared by the connection's stream and the body
@@ -308,12 +311,56 @@ impl Abort {
     }
 }
 
+/// How long actix's own writes (response heads, small bodies) may wait for
+/// a client that takes no data. A GET body in the outbox is not timed here:
+/// its reader gives up on the client and aborts the connection (see
+/// [`Abort`]), with its own log line.
+#[derive(Debug)]
+struct WriteDeadline {
+    limit: Duration,
+    /// Allocated at the first wait and reset for each later one.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer runs for the current wait: no byte went out since it was
+    /// armed.
+    armed: bool,
+}
+
+impl WriteDeadline {
+    fn progressed(&mut self) {
+        self.armed = false;
+    }
+
+    /// A write waits for the client: arms the deadline for this wait (so
+    /// that the task is woken when it passes), or fails once it passed.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.armed {
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        let passed = self
+            .timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+        if passed {
+            let e = format!("the client took no data for {} s", self.limit.as_secs());
+            log::info!("closing a connection: {e}");
+            return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+        }
+        Ok(())
+    }
+}
+
 /// A connection's stream that writes its [`Outbox`] when flushed.
 pub struct DirectIo<T> {
     io: T,
     outbox: Outbox,
     inbox: Inbox,
     abort: Abort,
+    write_deadline: Option<WriteDeadline>,
 }
 
 impl<T> DirectIo<T> {
@@ -323,7 +370,33 @@ impl<T> DirectIo<T> {
             outbox: Outbox::default(),
             inbox: Inbox::default(),
             abort: Abort::default(),
+            write_deadline: None,
         }
+    }
+
+    /// Fails the stream once a write of actix's (not the outbox: see
+    /// [`WriteDeadline`]) has waited `limit` for a client that takes
+    /// nothing; actix then drops the connection.
+    pub fn with_write_timeout(mut self, limit: Duration) -> Self {
+        self.write_deadline = Some(WriteDeadline {
+            limit,
+            timer: None,
+            armed: false,
+        });
+        self
+    }
+
+    /// After a write: notes progress, or times a wait for the client while
+    /// the outbox is empty.
+    fn timed<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if let Some(d) = &mut self.write_deadline {
+            match &r {
+                Poll::Ready(_) => d.progressed(),
+                Poll::Pending if self.outbox.is_empty() => d.waiting(cx)?,
+                Poll::Pending => {}
+            }
+        }
+        r
     }
 
     /// The handle that ends the connection (conn data too).
@@ -458,7 +531,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_order()?;
-        unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_write(cx, buf))
+        let r = unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_write(cx, buf));
+        this.timed(cx, r)
     }
 
     fn poll_write_vectored(
@@ -468,11 +542,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check_order()?;
-        unless_aborted!(
+        let r = unless_aborted!(
             this.abort,
             cx,
             Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
-        )
+        );
+        this.timed(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -484,12 +559,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for DirectIo<T> {
     /// emptied the outbox, so that the body is polled for its next chunk.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        unless_aborted!(this.abort, cx, this.flush_outbox(cx))
+        let r = unless_aborted!(this.abort, cx, this.flush_outbox(cx));
+        this.timed(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_shutdown(cx))
+        let r = unless_aborted!(this.abort, cx, Pin::new(&mut this.io).poll_shutdown(cx));
+        this.timed(cx, r)
     }
 }
 
@@ -728,5 +805,32 @@ mod tests {
         assert_eq!(e.to_string(), "the client took no data for 2 s");
         assert!(io.write_all(b"x").await.is_err());
         assert!(io.read(&mut [0u8; 8]).await.is_err());
+    }
+
+    // Paused time: the clock moves only when every task waits, timers in
+    // order, so the outcome does not depend on the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_takes_nothing_of_fails_after_the_limit() {
+        let (mut client, server) = duplex(4);
+        let mut io = DirectIo::new(server).with_write_timeout(Duration::from_millis(200));
+        // Progress restarts the deadline: the client takes four bytes at a
+        // time, each well within it.
+        let reader = async {
+            let mut buf = [0u8; 4];
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                client.read_exact(&mut buf).await.unwrap();
+            }
+            client
+        };
+        let (written, _client) = tokio::join!(io.write_all(b"0123456789ab"), reader);
+        written.unwrap();
+        // Then nothing more is taken.
+        let e = tokio::time::timeout(Duration::from_secs(30), io.write_all(b"cdefgh"))
+            .await
+            .expect("the write is cut off")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), "the client took no data for 0 s");
     }
 }

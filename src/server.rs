@@ -332,7 +332,7 @@ impl ConnSettings {
         let io = HeadDeadline::new(io, self.header_timeout, idle);
         let clock = io.clock();
         Ok((
-            DirectIo::new(RequestGate::new(io, clock)),
+            DirectIo::new(RequestGate::new(io, clock)).with_write_timeout(self.state.body_timeout),
             Protocol::Http1,
             peer,
         ))
