@@ -66,22 +66,31 @@ impl Written {
 }
 
 /// What a write request holds until no write of it is in flight: the
-/// count of what it wrote, its guard (request slot, full-PUT lock), log
-/// line and lease. Dropped, it gives them back in that order, the log line
-/// saying what landed (before the lease ends, which an unregister waits
-/// for); the request counts as failed unless its lease was marked served.
+/// count of what it wrote, its log line, guard (request slot, full-PUT
+/// lock) and lease. Dropped, it ends them in that order (as a handler's
+/// locals end): the log line says what landed before the next full PUT
+/// may start, and before the lease ends (which an unregister waits for);
+/// the request counts as failed unless its lease was marked served.
 struct Held<G> {
     written: Written,
+    log: Option<OpLog>,
     guard: Option<G>,
-    log: OpLog,
     lease: Lease,
+}
+
+impl<G> Held<G> {
+    fn log(&mut self) -> &mut OpLog {
+        self.log.as_mut().expect("the log line ends with Held")
+    }
 }
 
 impl<G> Drop for Held<G> {
     fn drop(&mut self) {
-        self.log.bytes = self.written.bytes;
+        if let Some(mut log) = self.log.take() {
+            log.bytes = self.written.bytes;
+        }
         drop(self.guard.take());
-        // Then the fields, in order: the log line, the lease.
+        // Then the lease (a field).
     }
 }
 
@@ -125,9 +134,9 @@ impl<G: Send + 'static> Drop for Inflight<G> {
         queue.discard();
         let drain = async move {
             retire_all(&mut queue, &mut held.written).await;
+            let op = held.log().op;
             log::info!(
-                "{} image_id={} ended with NBD writes in flight: {} bytes landed",
-                held.log.op,
+                "{op} image_id={} ended with NBD writes in flight: {} bytes landed",
                 held.lease.id(),
                 held.written.bytes
             );
@@ -452,8 +461,8 @@ pub async fn write<G: Send + 'static>(
             bytes: 0,
             stats: lease.stats().clone(),
         },
+        log: Some(log),
         guard: Some(guard),
-        log,
         lease,
     };
     let (result, held) = match writer {
@@ -461,13 +470,7 @@ pub async fn write<G: Send + 'static>(
         Writer::Replace(u) => write_file(&mut body, u, flush, held).await,
     };
     let written = held.as_ref().map_or(0, |h| h.written.bytes);
-    if let Some(mut held) = held {
-        held.log.direct = Some(body.direct_bytes);
-        if result.is_ok() {
-            held.lease.served();
-        }
-    }
-    match result {
+    let result = match result {
         Ok(()) => Ok(written),
         Err(Failure::Client(e)) => Err(e),
         Err(Failure::Backend(e)) => {
@@ -477,7 +480,14 @@ pub async fn write<G: Send + 'static>(
             }
             Err(e.into())
         }
+    };
+    if let Some(mut held) = held {
+        held.log().direct = Some(body.direct_bytes);
+        if result.is_ok() {
+            held.lease.served();
+        }
     }
+    result
 }
 
 /// Writes the body to an NBD export with up to `WINDOW` requests in flight
