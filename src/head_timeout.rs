@@ -13,7 +13,8 @@
 //! - [`track_heads`] wraps the application: a request reaching it means its
 //!   head is complete (the deadline no longer matters), and dropping the
 //!   response body means the response is done (the next byte starts a new
-//!   head).
+//!   head). The clock also counts those responses, for `request_gate`,
+//!   which hands actix the next request only then.
 //!
 //! Between requests only a backstop is armed, longer than actix's keep-alive
 //! timeout (see [`HeadDeadline`]), so an idle keep-alive connection lives
