@@ -7,7 +7,6 @@
 pub mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::time::Duration;
 
 use common::storm::{client_connections, fd_kinds, rss_kib};
@@ -38,18 +37,6 @@ fn quiet_fds(pid: u32, timeout: Duration) -> (BTreeMap<String, usize>, usize) {
             (!clients).then_some((fds, unix))
         },
     )
-}
-
-/// Reads what the server sent until it closed the connection.
-fn drain(client: &mut Client) -> usize {
-    let mut n = 0;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match client.reader().read(&mut buf) {
-            Ok(0) | Err(_) => return n,
-            Ok(k) => n += k,
-        }
-    }
 }
 
 /// 128 clients send a GET of a 1 GiB image, read the response head and
@@ -108,7 +95,7 @@ fn get_clients_that_never_read_are_disconnected_with_everything_they_held() {
             server.log()
         );
         for c in &mut clients {
-            let got = drain(c) as u64;
+            let got = c.read_until_closed() as u64;
             assert!(got < size, "a stalled client got the whole image");
         }
         drop(clients);
