@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
+use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Writer};
@@ -133,7 +133,7 @@ impl<G: Send + 'static> Drop for Inflight<G> {
         }
         queue.discard();
         let drain = async move {
-            retire_all(&mut queue, &mut held.written).await;
+            retire_all(&mut queue, |r| held.written.retired(r)).await;
             let op = held.log().op;
             log::info!(
                 "{op} image_id={} ended with NBD writes in flight: {} bytes landed",
@@ -148,20 +148,6 @@ impl<G: Send + 'static> Drop for Inflight<G> {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn(drain)),
             Err(_) => drop(drain),
-        }
-    }
-}
-
-/// Waits until no command of `queue` is in flight, counting what each
-/// wrote. A fatal error (the connection died or timed out) ends the wait:
-/// nothing more can retire then.
-async fn retire_all(queue: &mut NbdQueue, written: &mut Written) {
-    while queue.queued() > 0 {
-        let before = queue.queued();
-        match poll_fn(|cx| queue.poll_oldest(cx)).await {
-            Ok(done) => written.retired(done),
-            Err(_) if queue.queued() < before => {}
-            Err(_) => break,
         }
     }
 }
@@ -517,7 +503,7 @@ async fn write_nbd<G: Send + 'static>(
     let r = pump_nbd(body, queue, offset, caps.can_zero, flush, written).await;
     if r.is_err() {
         queue.discard();
-        retire_all(queue, written).await;
+        retire_all(queue, |r| written.retired(r)).await;
     }
     (r, inflight.finish())
 }
