@@ -257,13 +257,26 @@ impl Framer {
                 }
                 Framing::Head(head) => {
                     let before = head.len();
-                    head.extend_from_slice(rest);
-                    match ends_head(head, before) {
-                        Some(end) => {
-                            self.state = body_framing(&head[..end]).unwrap_or(Framing::Open);
+                    // A whole head in one read (the usual case) is parsed
+                    // where it is, not copied.
+                    let whole = if before == 0 {
+                        ends_head(rest, 0)
+                    } else {
+                        None
+                    };
+                    let end = match whole {
+                        Some(end) => Some((end, &rest[..end])),
+                        None => {
+                            head.extend_from_slice(rest);
+                            ends_head(head, before).map(|end| (end, &head[..end]))
+                        }
+                    };
+                    match end {
+                        Some((end, bytes)) => {
+                            self.state = body_framing(bytes).unwrap_or(Framing::Open);
                             end - before
                         }
-                        None if head.len() > MAX_HEAD => {
+                        None if before + rest.len() > MAX_HEAD => {
                             self.state = Framing::Open;
                             rest.len()
                         }
