@@ -167,41 +167,49 @@ fn status(server: &Server) -> serde_json::Value {
     r["transfer"].clone()
 }
 
-/// `bytes=N` of the one `PUT end image_id=a` log line.
-fn put_end_bytes(server: &Server) -> u64 {
-    let log = server.log();
-    let ends: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("PUT end image_id=a "))
-        .collect();
-    assert_eq!(ends.len(), 1, "{log}");
-    ends[0]
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("bytes="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no bytes= in {:?}", ends[0]))
+/// The index of the first log line that contains `needle`.
+fn log_line(log: &str, needle: &str) -> usize {
+    log.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
 }
 
-/// Sends a ranged PUT of `UPLOAD` bytes on `stream`, then 3 MiB of its
-/// body, and waits until the first write has landed (so the server has
-/// read the rest it was sent, and has writes in flight): then `cut` ends
-/// the connection. `unregister` must then wait for every write the request
-/// started; afterwards (and once qemu-nbd has stopped, with whatever it
-/// took) the request's log line, `bytes_written` and the image all say the
-/// same number of bytes.
+/// `bytes=N` of the first `PUT end image_id=a` log line.
+fn put_end_bytes(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .nth(log_line(log, "PUT end image_id=a "))
+        .unwrap_or("");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("bytes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes= in {line:?}"))
+}
+
+/// Sends a PUT of `UPLOAD` bytes on `stream` (a full PUT, or ranged), then
+/// 3 MiB of its body, and waits until the first write has landed (so the
+/// server has read the rest it was sent, and has writes in flight): then
+/// `cut` ends the connection. A second full PUT then waits for the first's
+/// writes (they hold the image's full-PUT lock), and `unregister` for every
+/// write the request started; afterwards (and once qemu-nbd has stopped,
+/// with whatever it took) the request's log line and the image say the
+/// same number of bytes (`bytes_written` is the log line's count).
 fn cut_mid_upload<S: std::io::Write>(
     server: &Server,
     mut nbd: QemuNbd,
     image: &std::path::Path,
+    full: bool,
     mut stream: S,
     cut: impl FnOnce(S),
 ) {
     let body = pattern_bytes(UPLOAD, 9);
-    let head = format!(
-        "PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n\
-         Content-Range: bytes 0-{}/*\r\n\r\n",
-        UPLOAD - 1
-    );
+    let range = if full {
+        String::new()
+    } else {
+        format!("Content-Range: bytes 0-{}/*\r\n", UPLOAD - 1)
+    };
+    let head =
+        format!("PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n{range}\r\n");
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(&body[..3 * MIB as usize]).unwrap();
     stream.flush().unwrap();
@@ -209,24 +217,40 @@ fn cut_mid_upload<S: std::io::Write>(
         (status(server)["bytes_written"].as_u64() > Some(0)).then_some(())
     });
     cut(stream);
+    if full {
+        let r = server.request("PUT", "/images/a", &[], b"");
+        assert_json_ok(&r, r#"{"ok":true,"bytes_written":0,"flushed":false}"#);
+    }
     let r = server.control(&serde_json::json!({"action": "unregister", "transfer_id": "a"}));
     assert_eq!(r["status"], "ok", "{r}");
     // Whatever the export had received lands before it exits.
     nbd.stop();
-    let logged = put_end_bytes(server);
+    let log = server.log();
+    let logged = put_end_bytes(&log);
     let landed = landed(image, &body);
     assert_eq!(
         logged, landed,
         "the log says {logged} bytes, {landed} landed"
     );
     assert!(landed < UPLOAD as u64 && landed > 0, "{landed}");
-    let drained = format!("PUT image_id=a ended with NBD writes in flight: {landed} bytes landed");
-    assert!(server.log().contains(&drained), "{}", server.log());
+    let drained = log_line(
+        &log,
+        &format!("PUT image_id=a ended with NBD writes in flight: {landed} bytes landed"),
+    );
+    let ended = log_line(&log, "PUT end image_id=a ");
+    assert!(drained < ended, "{log}");
+    if full {
+        let second = log_line(&log, "PUT start image_id=a content_length=0 ");
+        assert!(
+            ended < second,
+            "the second PUT ran beside the writes:\n{log}"
+        );
+    }
 }
 
-/// A ranged PUT whose client resets the TCP connection mid-body: its
-/// request ends only once the writes it had sent to the export landed, and
-/// counts exactly those (not 0, not 512 KiB while more keeps landing).
+/// A full PUT whose client resets the TCP connection mid-body: its request
+/// ends only once the writes it had sent to the export landed, and counts
+/// exactly those (not 0, not 512 KiB while more keeps landing).
 #[test]
 fn an_upload_cut_by_a_reset_ends_after_its_writes_and_counts_them() {
     let dir = TempDir::new("cut-reset");
@@ -235,7 +259,7 @@ fn an_upload_cut_by_a_reset_ends_after_its_writes_and_counts_them() {
     let server = Server::start(&cfg, &[]);
     let (nbd, image) = throttled_export(&dir, &server);
     let tcp = std::net::TcpStream::connect(server.addr).unwrap();
-    cut_mid_upload(&server, nbd, &image, tcp, |tcp| {
+    cut_mid_upload(&server, nbd, &image, true, tcp, |tcp| {
         // SO_LINGER 0: close sends RST.
         socket2::SockRef::from(&tcp)
             .set_linger(Some(Duration::ZERO))
@@ -244,8 +268,8 @@ fn an_upload_cut_by_a_reset_ends_after_its_writes_and_counts_them() {
     });
 }
 
-/// The same over HTTPS, the client closing the TCP connection without a
-/// TLS close_notify.
+/// The same with a ranged PUT over HTTPS, the client closing the TCP
+/// connection without a TLS close_notify.
 #[test]
 fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
     let dir = TempDir::new("cut-tls");
@@ -256,7 +280,7 @@ fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
     let (nbd, image) = throttled_export(&dir, &server);
     let tcp = std::net::TcpStream::connect(server.addr).unwrap();
     let tls = common::tls::tls_connect(&cert, tcp);
-    cut_mid_upload(&server, nbd, &image, tls, |tls| {
+    cut_mid_upload(&server, nbd, &image, false, tls, |tls| {
         let _ = tls.sock.shutdown(std::net::Shutdown::Both);
     });
 }
