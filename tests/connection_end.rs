@@ -284,3 +284,39 @@ fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
         let _ = tls.sock.shutdown(std::net::Shutdown::Both);
     });
 }
+
+/// A client that pipelines many small requests and never reads a response:
+/// once the socket buffers are full, the server's write waits, and after
+/// `--body-timeout` the server closes the connection (one log line),
+/// holding nothing for it.
+#[test]
+fn a_client_that_reads_no_responses_at_all_is_disconnected() {
+    let dir = TempDir::new("no-reader");
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let server = Server::start(&cfg, &["--body-timeout", "2"]);
+    let pid = server.pid();
+    let (before, _) = quiet_fds(pid, Duration::from_secs(10));
+    let mut c = server.client();
+    // ~3 MiB of requests whose ~18 MiB of responses fill every buffer.
+    let burst = b"GET /info/ HTTP/1.1\r\nHost: t\r\n\r\n".repeat(100_000);
+    let mut w = c.stream().try_clone().unwrap();
+    // The server reads one request at a time: once it cannot write, it
+    // stops reading, and this write waits (until the connection closes).
+    let writer = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut w, &burst);
+    });
+    let (after, _) = quiet_fds(pid, Duration::from_secs(60));
+    assert_eq!(after, before);
+    assert!(
+        server.wait_log(
+            "closing a connection: the client took no data for 2 s",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        server.log()
+    );
+    let _ = c.stream().shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    assert_eq!(server.get("/info/").status, 200);
+}
