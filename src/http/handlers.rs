@@ -75,8 +75,10 @@ fn json_ok(value: &Value) -> HttpResponse {
 }
 
 /// The single entry point: every request comes through here. What it asks
-/// for is decided by [`route`]; the request's lease ends in `finish`, or
-/// with a GET's body.
+/// for is decided by [`route`]; the request's lease ends in `finish`, with
+/// a GET's body, or with a write's last NBD write; a request dropped before
+/// its end keeps it until its backend work is over (see [`detached`] and
+/// `ops::write`).
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
     let (id, op) = match route(req.method(), req.path()) {
         Route::Info => return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))),
@@ -96,20 +98,44 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         .lookup(&id)
         .await
         .ok_or_else(ApiError::unknown_image)?;
-    let result = match op {
+    match op {
         // The body holds the lease and counts the request when it ends.
-        Op::Read => return get_image(&req, &state, t).await,
+        Op::Read => get_image(&req, &state, t).await,
         // The write holds it until none of its writes is in flight.
-        Op::Write => return put(&req, payload, &state, t).await,
-        Op::Patch => return patch(&req, payload, &state, t).await,
-        Op::Options => options(&state, &t).await,
-        Op::Head => head_image(&t).await,
-        Op::Extents => get_extents(&req, &t).await,
-        Op::Checksum => get_checksum(&req, &state, &t).await,
-        Op::Flush => flush(&t).await,
-        Op::UnknownTail => Err(ApiError::not_found()),
-    };
-    finish(result, t)
+        Op::Write => put(&req, payload, &state, t).await,
+        Op::Patch => patch(&req, payload, &state, t).await,
+        Op::UnknownTail => finish(Err(ApiError::not_found()), t),
+        // A backend call each, without a body to read: run to the end.
+        op => {
+            detached(async move {
+                let result = match op {
+                    Op::Options => options(&state, &t).await,
+                    Op::Head => head_image(&t).await,
+                    Op::Extents => get_extents(&req, &t).await,
+                    Op::Checksum => get_checksum(&req, &state, &t).await,
+                    Op::Flush => flush(&t).await,
+                    // Served above.
+                    Op::Read | Op::Write | Op::Patch | Op::UnknownTail => {
+                        Err(ApiError::not_found())
+                    }
+                };
+                finish(result, t)
+            })
+            .await
+        }
+    }
+}
+
+/// Runs `work` (which holds a request's lease, and slot if any) as a task
+/// of its own on the worker, and waits for it. If the request is dropped
+/// first (its connection closed, the server stopping), the work still runs
+/// to its end with what it holds: its blocking backend call cannot be
+/// stopped, and must not go on without them (unregister waits for the
+/// lease; the slot bounds the server's work).
+async fn detached(work: impl std::future::Future<Output = Res> + 'static) -> Res {
+    actix_web::rt::spawn(work)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::internal("internal error")))
 }
 
 /// Ends a request's use of its transfer: counted as served when it
@@ -425,16 +451,20 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    let result = match parse_patch_json(&body)? {
-        PatchOp::Flush => flush(&t).await,
-        PatchOp::Zero {
-            offset,
-            size,
-            flush,
-        } => zero(&t, offset, size, flush).await,
-    };
-    drop(slot);
-    finish(result, t)
+    let op = parse_patch_json(&body)?;
+    detached(async move {
+        let result = match op {
+            PatchOp::Flush => flush(&t).await,
+            PatchOp::Zero {
+                offset,
+                size,
+                flush,
+            } => zero(&t, offset, size, flush).await,
+        };
+        drop(slot);
+        finish(result, t)
+    })
+    .await
 }
 
 /// Reads a small body of exactly `length` bytes (already bounded by the caller).
