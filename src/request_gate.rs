@@ -4,7 +4,7 @@
 //! # Why
 //!
 //! actix-http 3.20's HTTP/1 dispatcher decodes pipelined requests while an
-//! earlier one is still being answered (`h1/dispatcher.rs:929-976`, queued
+//! earlier one is still being answered (`h1/dispatcher.rs:928-976`, queued
 //! in `messages`), and its codec keeps per-request state in single fields
 //! that the decoder sets and the encoder reads: whether the request was a
 //! HEAD, its version and its connection type (`h1/codec.rs:124-131`, read
@@ -19,7 +19,7 @@
 //!
 //! The connection's stream ([`RequestGate`], under `direct_body`'s
 //! `DirectIo`) finds where each request ends, with the parser actix uses
-//! (`httparse`, the same framing rules as `h1/decoder.rs:76-340`: a head,
+//! (`httparse`, the same framing rules as `h1/decoder.rs:75-340`: a head,
 //! then a chunked body, a `Content-Length` body, or none), and hands actix
 //! no byte past that end until the response to that request is complete
 //! ([`HeadClock::responses`], counted as actix drops a response body, after
@@ -27,7 +27,7 @@
 //! pipelined request) wait in a small stash. So actix never holds more than
 //! one request: each response carries its own request's framing, and after
 //! a response that says `connection: close` actix shuts the connection
-//! without having read anything more (`dispatcher.rs:1468-1479`).
+//! without having read anything more (`dispatcher.rs:1470-1478`).
 //! Pipelining still works, one request at a time, which is all HTTP/1.1
 //! promises.
 //!
