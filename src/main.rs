@@ -54,9 +54,9 @@ struct Cli {
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
     max_requests: u32,
-    /// Seconds to wait for the next piece of a request body (or for a GET
-    /// client to take more of its response) before failing the request and
-    /// releasing its locks and slots.
+    /// Seconds to wait for the next piece of a request body before failing
+    /// the request and releasing its locks and slots; and for a client to
+    /// take more of a response before closing its connection.
     #[arg(long, default_value_t = 60)]
     body_timeout: u64,
     /// Seconds a client has to send a complete request head.

@@ -29,6 +29,7 @@ use crate::control::ControlSocket;
 use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::{self, AppState};
+use crate::request_gate::RequestGate;
 use crate::transfers::{self, Transfers};
 use crate::unix_socket;
 
@@ -199,7 +200,8 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 ///
 /// Not `HttpServer`: it hands actix-http the accepted stream as is, and
 /// every request head must be bounded (see `head_timeout`), so each stream
-/// is wrapped in a [`HeadDeadline`] first, and that in a [`DirectIo`] for
+/// is wrapped in a [`HeadDeadline`] first, that in a [`RequestGate`] (one
+/// request at a time, see `request_gate`), and that in a [`DirectIo`] for
 /// GET bodies written without actix-http's copy (see `direct_body`).
 fn http_server(
     settings: &Settings,
@@ -307,7 +309,10 @@ fn bind_all(addr: impl ToSocketAddrs) -> io::Result<Vec<std::net::TcpListener>> 
 }
 
 /// An accepted stream of type `T` as actix-http's service takes it.
-type Accepted<T> = (DirectIo<HeadDeadline<T>>, Protocol, Option<SocketAddr>);
+type Accepted<T> = (Stream<T>, Protocol, Option<SocketAddr>);
+
+/// An accepted stream of type `T` as the connection reads and writes it.
+type Stream<T> = DirectIo<RequestGate<HeadDeadline<T>>>;
 
 /// What every worker's HTTP service is built from.
 #[derive(Clone)]
@@ -319,12 +324,15 @@ struct ConnSettings {
 
 impl ConnSettings {
     /// An accepted stream, its request heads bounded (see `head_timeout`),
-    /// as actix-http takes it, able to write GET bodies uncopied (see
+    /// handed to actix one request at a time (see `request_gate`), as
+    /// actix-http takes it, able to move bodies uncopied (see
     /// `direct_body`).
     fn wrap<T>(&self, io: T, peer: Option<SocketAddr>) -> Result<Accepted<T>, DispatchError> {
         let idle = KEEP_ALIVE + self.header_timeout;
+        let io = HeadDeadline::new(io, self.header_timeout, idle);
+        let clock = io.clock();
         Ok((
-            DirectIo::new(HeadDeadline::new(io, self.header_timeout, idle)),
+            DirectIo::new(RequestGate::new(io, clock)).with_write_timeout(self.state.body_timeout),
             Protocol::Http1,
             peer,
         ))
@@ -371,10 +379,11 @@ impl ConnSettings {
             service = service.local_addr(local);
         }
         service
-            .on_connect_ext(|io: &DirectIo<HeadDeadline<T>>, data| {
-                data.insert(io.get_ref().clock());
+            .on_connect_ext(|io: &Stream<T>, data| {
+                data.insert(io.get_ref().get_ref().clock());
                 data.insert(io.outbox());
                 data.insert(io.inbox());
+                data.insert(io.abort());
             })
             .finish(track_heads(app))
     }

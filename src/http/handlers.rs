@@ -15,13 +15,14 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::limits::RequestSlot;
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
-use crate::direct_body::{DirectBody, Inbox, Outbox};
+use crate::direct_body::{Abort, DirectBody, Inbox, Outbox};
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -74,8 +75,10 @@ fn json_ok(value: &Value) -> HttpResponse {
 }
 
 /// The single entry point: every request comes through here. What it asks
-/// for is decided by [`route`]; the request's lease ends in `finish`, or
-/// with a GET's body.
+/// for is decided by [`route`]; the request's lease ends in `finish`, with
+/// a GET's body, or with a write's last NBD write; a request dropped before
+/// its end keeps it until its backend work is over (see [`detached`] and
+/// `ops::write`).
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
     let (id, op) = match route(req.method(), req.path()) {
         Route::Info => return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))),
@@ -95,19 +98,44 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         .lookup(&id)
         .await
         .ok_or_else(ApiError::unknown_image)?;
-    let result = match op {
+    match op {
         // The body holds the lease and counts the request when it ends.
-        Op::Read => return get_image(&req, &state, t).await,
-        Op::Options => options(&state, &t).await,
-        Op::Head => head_image(&t).await,
-        Op::Extents => get_extents(&req, &t).await,
-        Op::Checksum => get_checksum(&req, &state, &t).await,
-        Op::Write => put(&req, payload, &state, &t).await,
-        Op::Patch => patch(&req, payload, &state, &t).await,
-        Op::Flush => flush(&t).await,
-        Op::UnknownTail => Err(ApiError::not_found()),
-    };
-    finish(result, t)
+        Op::Read => get_image(&req, &state, t).await,
+        // The write holds it until none of its writes is in flight.
+        Op::Write => put(&req, payload, &state, t).await,
+        Op::Patch => patch(&req, payload, &state, t).await,
+        Op::UnknownTail => finish(Err(ApiError::not_found()), t),
+        // A backend call each, without a body to read: run to the end.
+        op => {
+            detached(async move {
+                let result = match op {
+                    Op::Options => options(&state, &t).await,
+                    Op::Head => head_image(&t).await,
+                    Op::Extents => get_extents(&req, &t).await,
+                    Op::Checksum => get_checksum(&req, &state, &t).await,
+                    Op::Flush => flush(&t).await,
+                    // Served above.
+                    Op::Read | Op::Write | Op::Patch | Op::UnknownTail => {
+                        Err(ApiError::not_found())
+                    }
+                };
+                finish(result, t)
+            })
+            .await
+        }
+    }
+}
+
+/// Runs `work` (which holds a request's lease, and slot if any) as a task
+/// of its own on the worker, and waits for it. If the request is dropped
+/// first (its connection closed, the server stopping), the work still runs
+/// to its end with what it holds: its blocking backend call cannot be
+/// stopped, and must not go on without them (unregister waits for the
+/// lease; the slot bounds the server's work).
+async fn detached(work: impl std::future::Future<Output = Res> + 'static) -> Res {
+    actix_web::rt::spawn(work)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::internal("internal error")))
 }
 
 /// Ends a request's use of its transfer: counted as served when it
@@ -218,8 +246,13 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     }
     // The body keeps the request slot and the lease until it is dropped. The
     // head goes out with the first chunk: a backend that fails (or times
-    // out) before it is a JSON error, not a truncated body.
-    let mut body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
+    // out) before it is a JSON error, not a truncated body. A client that
+    // takes no data for the body timeout loses its connection.
+    let stalled = ops::Stalled {
+        timeout: state.body_timeout,
+        connection: req.conn_data::<Abort>().cloned(),
+    };
+    let mut body = ops::read_stream(handle, start, len, log, t, slot, stalled);
     body.first_chunk().await?;
     // Written around actix-http's write buffer where the connection can
     // (every connection of this server; see `direct_body`).
@@ -326,7 +359,7 @@ async fn put(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
@@ -337,7 +370,7 @@ async fn put(
     let flush = parse_flush_param(req)?;
     let content_range = match header_str(req, header::CONTENT_RANGE)? {
         None => None,
-        Some(_) if !caps_at_most(t).ranged_writes => {
+        Some(_) if !caps_at_most(&t).ranged_writes => {
             return Err(ApiError::bad_request(
                 "Content-Range PUT not supported for file backend; use full PUT",
             ))
@@ -349,12 +382,12 @@ async fn put(
     };
     // Full-image PUTs of one image run one at a time (the next waits here,
     // holding no slot); ranged PUTs run concurrently with everything.
-    let _lock = match content_range {
+    let lock = match content_range {
         None => Some(state.locks.lock(t.id()).await),
         Some(_) => None,
     };
-    let _slot = state.requests.try_acquire()?;
-    let mut log = OpLog::start(
+    let slot = state.requests.try_acquire()?;
+    let log = OpLog::start(
         "PUT",
         t.id(),
         format_args!(
@@ -378,7 +411,7 @@ async fn put(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, start, flush, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, start, flush, log, t, (slot, lock)).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))
@@ -388,9 +421,9 @@ async fn patch(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
-    if !caps_at_most(t).ranged_writes {
+    if !caps_at_most(&t).ranged_writes {
         return Err(ApiError::bad_request(
             "range writes and PATCH not supported for file backend; use PUT for full upload",
         ));
@@ -403,9 +436,9 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = state.requests.try_acquire()?;
     if let (Some(range), false) = (range, content_type == "application/json") {
-        return patch_range(req, payload, state, t, range).await;
+        return patch_range(req, payload, state, t, slot, range).await;
     }
     if content_type != "application/json" {
         return Err(ApiError::new(
@@ -418,14 +451,20 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    match parse_patch_json(&body)? {
-        PatchOp::Flush => flush(t).await,
-        PatchOp::Zero {
-            offset,
-            size,
-            flush,
-        } => zero(t, offset, size, flush).await,
-    }
+    let op = parse_patch_json(&body)?;
+    detached(async move {
+        let result = match op {
+            PatchOp::Flush => flush(&t).await,
+            PatchOp::Zero {
+                offset,
+                size,
+                flush,
+            } => zero(&t, offset, size, flush).await,
+        };
+        drop(slot);
+        finish(result, t)
+    })
+    .await
 }
 
 /// Reads a small body of exactly `length` bytes (already bounded by the caller).
@@ -460,7 +499,8 @@ async fn patch_range(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
+    slot: RequestSlot,
     range: &str,
 ) -> Res {
     let length = content_length(req)?;
@@ -468,7 +508,7 @@ async fn patch_range(
         return Err(ApiError::bad_request("Content-Length must be positive"));
     }
     let spec = parse_range(range).map_err(|e| ApiError::from_range(e, "Range", 0))?;
-    let mut log = OpLog::start(
+    let log = OpLog::start(
         "PATCH range",
         t.id(),
         format_args!("range={range} content_length={length}"),
@@ -491,7 +531,7 @@ async fn patch_range(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, a, false, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, a, false, log, t, slot).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 
