@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use actix_http::body::{BodySize, BoxBody, EitherBody, MessageBody};
@@ -52,21 +52,56 @@ enum Phase {
 }
 
 /// A connection's phase, shared by its stream and its requests (through
-/// actix's per-connection data). Connections live on one worker thread.
-#[derive(Debug, Clone)]
-pub struct HeadClock(Rc<Cell<Phase>>);
+/// actix's per-connection data), and whether the client closed its side.
+/// Connections live on one worker thread.
+#[derive(Clone)]
+pub struct HeadClock(Rc<ConnState>);
+
+struct ConnState {
+    phase: Cell<Phase>,
+    /// A read found the end of the stream: the client closed (or half
+    /// closed) the connection.
+    closed: Cell<bool>,
+    /// The task waiting in [`HeadClock::closed`].
+    on_close: Cell<Option<Waker>>,
+}
 
 impl HeadClock {
     fn new() -> Self {
-        HeadClock(Rc::new(Cell::new(Phase::Idle)))
+        HeadClock(Rc::new(ConnState {
+            phase: Cell::new(Phase::Idle),
+            closed: Cell::new(false),
+            on_close: Cell::new(None),
+        }))
     }
 
     fn get(&self) -> Phase {
-        self.0.get()
+        self.0.phase.get()
     }
 
     fn set(&self, phase: Phase) {
-        self.0.set(phase)
+        self.0.phase.set(phase)
+    }
+
+    fn set_closed(&self) {
+        self.0.closed.set(true);
+        if let Some(w) = self.0.on_close.take() {
+            w.wake();
+        }
+    }
+
+    /// Completes once the client has closed its side of the connection
+    /// (seen by actix's reads, which go on while a request waits for a
+    /// slot, until unread request body bytes fill its buffer). For a
+    /// request that waits: its client is gone.
+    pub fn closed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.0.closed.get() {
+                return Poll::Ready(());
+            }
+            self.0.on_close.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
     }
 }
 
@@ -149,7 +184,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
         let this = self.get_mut();
         let mut phase = this.clock.get();
         if phase == Phase::Busy {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            if buf.filled().len() == before && buf.remaining() > 0 {
+                this.clock.set_closed();
+            }
+            return Poll::Ready(Ok(()));
         }
         if phase == Phase::Done {
             this.arm(this.idle, Phase::Idle);

@@ -142,7 +142,7 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
     let nbd = QemuNbd::start(&img, &dir.join("disk.sock"), NbdOpts::raw());
     let cfg = dir.join("cfg");
     std::fs::create_dir(&cfg).unwrap();
-    let server = Server::start(&cfg, &["--max-requests", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1", "--max-waiting", "0"]);
     server.add_nbd("r", &nbd);
 
     // The algorithms list needs no transfer (as in imageio).

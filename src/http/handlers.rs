@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::limits::{RequestSlot, RequestSlots};
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
@@ -22,6 +23,7 @@ use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
 use crate::direct_body::{DirectBody, Inbox, Outbox};
+use crate::head_timeout::HeadClock;
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -67,6 +69,20 @@ fn direct_inbox(req: &HttpRequest) -> Option<Inbox> {
     req.conn_data::<Inbox>().cloned()
 }
 
+/// A slot from `slots` for this request, waiting in its queue (see
+/// `super::limits`); the wait ends early when the request's client closes
+/// its connection.
+async fn slot(req: &HttpRequest, slots: &RequestSlots) -> Result<RequestSlot, ApiError> {
+    let clock = req.conn_data::<HeadClock>();
+    let gone = async {
+        match clock {
+            Some(clock) => clock.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    slots.acquire(gone).await
+}
+
 fn json_ok(value: &Value) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
@@ -100,7 +116,7 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         Op::Read => return get_image(&req, &state, t).await,
         Op::Options => options(&state, &t).await,
         Op::Head => head_image(&t).await,
-        Op::Extents => get_extents(&req, &t).await,
+        Op::Extents => get_extents(&req, &state, &t).await,
         Op::Checksum => get_checksum(&req, &state, &t).await,
         Op::Write => put(&req, payload, &state, &t).await,
         Op::Patch => patch(&req, payload, &state, &t).await,
@@ -185,17 +201,17 @@ fn caps_at_most(t: &Lease) -> Caps {
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
-    let slot = state.requests.try_acquire()?;
     let range = header_str(req, header::RANGE)?;
     let spec = match range.map(parse_range).transpose() {
         Ok(s) => s,
         Err(RangeError::Invalid(_)) => return Err(ApiError::bad_request("invalid Range header")),
         Err(RangeError::Unsatisfiable) => None,
     };
+    let slot = slot(req, &state.requests).await?;
     let log = OpLog::start(
         "GET",
         t.id(),
-        format_args!("range={}", range.unwrap_or("-")),
+        format_args!("range={} {}", range.unwrap_or("-"), waited(&slot)),
     );
     let handle = ops::open(t.transfer()).await?;
     let size = handle.size();
@@ -231,6 +247,12 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     }
 }
 
+/// How long a request waited for its slot, for its start log line
+/// (`make load` reads the wait times from these).
+fn waited(slot: &RequestSlot) -> String {
+    format!("slot_wait_ms={}", slot.waited().as_millis())
+}
+
 /// The body of a HEAD reply: declares the size a GET would send (actix
 /// writes it as Content-Length and never sends a body for HEAD) and has no
 /// bytes.
@@ -263,7 +285,7 @@ async fn head_image(t: &Lease) -> Res {
         .body(HeadBody(size)))
 }
 
-async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
     if !caps_at_most(t).extents {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -275,10 +297,15 @@ async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
         Some("dirty") => true,
         Some(_) => return Err(ApiError::bad_request("unsupported extents context")),
     };
+    let slot = slot(req, &state.extents).await?;
     let _log = OpLog::start(
         "EXTENTS",
         t.id(),
-        format_args!("context={}", context.as_deref().unwrap_or("-")),
+        format_args!(
+            "context={} {}",
+            context.as_deref().unwrap_or("-"),
+            waited(&slot)
+        ),
     );
     let list = ops::extents(t.transfer(), dirty).await?;
     let body = serde_json::to_vec(&list)
@@ -297,14 +324,15 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
         query_param(req, "block_size")?.as_deref(),
     )
     .map_err(ApiError::bad_request)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     let mut log = OpLog::start(
         "CHECKSUM",
         t.id(),
         format_args!(
-            "algorithm={} block_size={}",
+            "algorithm={} block_size={} {}",
             params.algorithm.name(),
-            params.block_size
+            params.block_size,
+            waited(&slot)
         ),
     );
     let sum = ops::checksum(t.transfer(), params, &mut log).await?;
@@ -353,13 +381,14 @@ async fn put(
         None => Some(state.locks.lock(t.id()).await),
         Some(_) => None,
     };
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     let mut log = OpLog::start(
         "PUT",
         t.id(),
         format_args!(
-            "content_length={length} content_range={} flush={flush}",
-            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-")
+            "content_length={length} content_range={} flush={flush} {}",
+            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-"),
+            waited(&slot)
         ),
     );
     let writer = ops::open_writer(t.transfer()).await?;
@@ -403,9 +432,9 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     if let (Some(range), false) = (range, content_type == "application/json") {
-        return patch_range(req, payload, state, t, range).await;
+        return patch_range(req, payload, state, t, range, &slot).await;
     }
     if content_type != "application/json" {
         return Err(ApiError::new(
@@ -462,6 +491,7 @@ async fn patch_range(
     state: &web::Data<AppState>,
     t: &Lease,
     range: &str,
+    slot: &RequestSlot,
 ) -> Res {
     let length = content_length(req)?;
     if length == 0 {
@@ -471,7 +501,7 @@ async fn patch_range(
     let mut log = OpLog::start(
         "PATCH range",
         t.id(),
-        format_args!("range={range} content_length={length}"),
+        format_args!("range={range} content_length={length} {}", waited(slot)),
     );
     let writer = ops::open_writer(t.transfer()).await?;
     // Never `None`: a replacing writer takes no range writes (refused above).
