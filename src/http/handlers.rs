@@ -307,12 +307,86 @@ async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) 
             waited(&slot)
         ),
     );
-    let list = ops::extents(t.transfer(), dirty).await?;
-    let body = serde_json::to_vec(&list)
+    let resp = match ops::extents(t.transfer(), dirty).await? {
+        ops::ExtentList::Allocation(list) => json_array(list, slot)?,
+        ops::ExtentList::Dirty(list) => json_array(list, slot)?,
+    };
+    Ok(resp)
+}
+
+/// Extents serialised per response piece.
+const JSON_PIECE: usize = 4096;
+
+/// A 200 whose body is `items` as a JSON array, serialised a piece at a time
+/// as the client takes it (never the whole text at once: an extents list
+/// may hold a million entries); `guard` lives as long as the body.
+fn json_array<T, G>(items: Vec<T>, guard: G) -> Res
+where
+    T: serde::Serialize + Unpin + 'static,
+    G: Unpin + 'static,
+{
+    let mut len = Counter(0);
+    serde_json::to_writer(&mut len, &items)
         .map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))?;
+    let body = JsonArray {
+        items,
+        next: 0,
+        _guard: guard,
+    };
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(body))
+        .body(SizedStream::new(len.0, body)))
+}
+
+/// Counts the bytes written to it.
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The pieces of a JSON array, as `serde_json::to_writer` writes it whole.
+struct JsonArray<T, G> {
+    items: Vec<T>,
+    /// The next item to write (past the end: the array is closed).
+    next: usize,
+    _guard: G,
+}
+
+impl<T: serde::Serialize + Unpin, G: Unpin> futures_util::Stream for JsonArray<T, G> {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.next > this.items.len() {
+            return Poll::Ready(None);
+        }
+        let mut out = Vec::new();
+        if this.next == 0 {
+            out.push(b'[');
+        }
+        let end = (this.next + JSON_PIECE).min(this.items.len());
+        for (i, item) in this.items[this.next..end].iter().enumerate() {
+            if this.next + i > 0 {
+                out.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut out, item) {
+                return Poll::Ready(Some(Err(std::io::Error::other(e))));
+            }
+        }
+        this.next = end;
+        if end == this.items.len() {
+            out.push(b']');
+            this.next = end + 1;
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
 }
 
 /// `GET /images/{id}/checksum[?algorithm=…&block_size=…]`: imageio's

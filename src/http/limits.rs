@@ -79,7 +79,7 @@ pub struct RequestSlots {
 }
 
 /// Extents lists built at once, server-wide.
-pub const MAX_EXTENTS_LISTS: usize = 4;
+pub const MAX_EXTENTS_LISTS: usize = 2;
 
 /// One granted slot, released when dropped; says how long it was waited for.
 pub struct RequestSlot {

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::connection::Connection;
 use super::error::{Error, Result};
-use super::MAX_BLOCK_STATUS;
+use super::{MAX_BLOCK_STATUS, MAX_EXTENTS};
 
 impl Connection {
     /// Block status of `offset..offset+len` for each of `contexts` (which must
@@ -20,6 +20,9 @@ impl Connection {
     /// have equal flags (replies are not merged here; see `crate::extents`).
     /// Queries in steps of up to 4 GiB and continues from wherever the
     /// server's replies stop; each query waits at most the command timeout.
+    /// Fails with `E2BIG` once the lists hold more than [`MAX_EXTENTS`]
+    /// pairs together (memory: at most that many, 16 bytes each, plus one
+    /// reply: qemu-nbd sends at most 131,072 pairs per context a reply).
     pub fn block_status(
         &mut self,
         offset: u64,
@@ -65,6 +68,13 @@ impl Connection {
                 return Err(Error::new(
                     libc::EIO,
                     "internal error in block status callback",
+                ));
+            }
+            let held: usize = s.extents.iter().map(Vec::len).sum();
+            if held > MAX_EXTENTS {
+                return Err(Error::new(
+                    libc::E2BIG,
+                    format!("more than {MAX_EXTENTS} extents before offset {from}"),
                 ));
             }
             let next = s.covered.iter().copied().min().unwrap_or(end);
