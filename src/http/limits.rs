@@ -169,6 +169,11 @@ impl RequestSlots {
             );
             return Err(self.busy(TOO_MANY_REQUESTS));
         };
+        log::debug!(
+            "a {} waits for a slot: {} waiting",
+            self.what,
+            self.waiting()
+        );
         let acquire = tokio::time::timeout(self.queue.timeout, self.slots.clone().acquire_owned());
         tokio::select! {
             biased;
