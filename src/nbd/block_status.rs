@@ -29,6 +29,18 @@ impl Connection {
         len: u64,
         contexts: &[&str],
     ) -> Result<Vec<Vec<(u64, u32)>>> {
+        self.block_status_at_most(offset, len, contexts, MAX_EXTENTS)
+    }
+
+    /// [`Connection::block_status`], failing with `E2BIG` once the lists
+    /// hold more than `max` pairs together.
+    pub fn block_status_at_most(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+        max: usize,
+    ) -> Result<Vec<Vec<(u64, u32)>>> {
         self.check_range(offset, len)?;
         self.check_alive()?;
         // The server only answers for negotiated contexts; without this a
@@ -71,10 +83,10 @@ impl Connection {
                 ));
             }
             let held: usize = s.extents.iter().map(Vec::len).sum();
-            if held > MAX_EXTENTS {
+            if held > max {
                 return Err(Error::new(
                     libc::E2BIG,
-                    format!("more than {MAX_EXTENTS} extents before offset {from}"),
+                    format!("more than {max} extents before offset {from}"),
                 ));
             }
             let next = s.covered.iter().copied().min().unwrap_or(end);
