@@ -40,6 +40,20 @@ fn env(tag: &str, args: &[&str]) -> Env {
     }
 }
 
+/// A server with one request slot (`args` besides), a sparse 256 MiB
+/// transfer `big` to hold it, and a 64 KiB transfer `a` (returned: its
+/// bytes) to queue requests on.
+fn one_slot_env(tag: &str, args: &[&str]) -> (Env, Vec<u8>) {
+    let mut all = vec!["--max-requests", "1"];
+    all.extend_from_slice(args);
+    let mut env = env(tag, &all);
+    let big = env.dir.join("big.img");
+    raw_image(&big, 256 * MIB, 0, b"big");
+    env.export("big", &big, NbdOpts::raw());
+    let (_, a) = env.raw_export("a", 64 * KIB, 3);
+    (env, a)
+}
+
 /// Every `slot_wait_ms=N` of the log's start lines.
 fn slot_waits(log: &str) -> Vec<u64> {
     log.lines()
@@ -229,21 +243,7 @@ fn waiters_are_served_first_come_first_served_and_metadata_never_waits() {
 /// is changed: the refused PUT wrote nothing.
 #[test]
 fn a_full_queue_and_a_long_wait_are_503_with_retry_after() {
-    let mut env = env(
-        "qfull",
-        &[
-            "--max-requests",
-            "1",
-            "--max-waiting",
-            "1",
-            "--queue-timeout",
-            "2",
-        ],
-    );
-    let big = env.dir.join("big.img");
-    raw_image(&big, 256 * MIB, 0, b"big");
-    env.export("big", &big, NbdOpts::raw());
-    let (_, a) = env.raw_export("a", 64 * KIB, 3);
+    let (env, a) = one_slot_env("qfull", &["--max-waiting", "1", "--queue-timeout", "2"]);
     let s = &env.server;
 
     let _holder = hold_slot(s, "big");
@@ -274,21 +274,7 @@ fn a_full_queue_and_a_long_wait_are_503_with_retry_after() {
 /// request never runs.
 #[test]
 fn a_waiter_whose_client_goes_away_leaves_the_queue_at_once() {
-    let mut env = env(
-        "qgone",
-        &[
-            "--max-requests",
-            "1",
-            "--max-waiting",
-            "1",
-            "--queue-timeout",
-            "3600",
-        ],
-    );
-    let big = env.dir.join("big.img");
-    raw_image(&big, 256 * MIB, 0, b"big");
-    env.export("big", &big, NbdOpts::raw());
-    let (_, a) = env.raw_export("a", 64 * KIB, 4);
+    let (env, a) = one_slot_env("qgone", &["--max-waiting", "1", "--queue-timeout", "3600"]);
     let s = &env.server;
 
     let holder = hold_slot(s, "big");
