@@ -46,8 +46,8 @@ struct Cli {
     /// first served across transfers), holding no buffer, NBD connection or
     /// lease; it gets `503` with `Retry-After: 1` only after
     /// --queue-timeout, or at once when --max-waiting requests already
-    /// wait. Bounds memory: a GET, PUT or checksum holds at most about
-    /// 5 MiB of buffers.
+    /// wait. Bounds memory: a GET or PUT holds at most about 5 MiB of
+    /// buffers, a checksum 8.5 MiB (SECURITY.md, "Memory").
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
     max_requests: u32,
