@@ -294,3 +294,87 @@ fn a_waiter_whose_client_goes_away_leaves_the_queue_at_once() {
     assert_eq!(s.log_count("GET start image_id=a "), 1, "{}", s.log());
     assert_eq!(s.log_count("refused a data request"), 0, "{}", s.log());
 }
+
+/// With an open-file limit of 1200 (and one worker), the server keeps
+/// 1024 fds plus one per request slot for itself and takes at most 112
+/// client connections: at the cap it logs one warning, keeps serving the
+/// connections it holds, and a connection beyond the cap is served once
+/// another closes (it waited in the listen backlog, not refused).
+#[test]
+fn at_the_connection_cap_the_server_logs_once_and_serves_what_it_holds() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    const CAP: usize = 1200 - 1024 - 64;
+    let dir = TempDir::new("conncap");
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=1200:1200")
+        .arg(server_binary())
+        .args(["--listen", "127.0.0.1", "--port", "0", "--workers", "1"])
+        .args(["--control-socket", "", "--unix-socket", ""])
+        .arg("--config-dir")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the server under prlimit");
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = child.stderr.take().unwrap();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let addr: std::net::SocketAddr = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("server did not start: {first:?}"))
+        .parse()
+        .unwrap();
+    let count = |needle: &str| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    let info = |c: &mut Client| {
+        let r = c.request("GET", "/info/", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let cap_line = format!("at most {CAP} client connections ({CAP} per worker, 1 workers)");
+    poll_until(WAIT, "the connection cap in the log", || {
+        (count(&cap_line) == 1).then_some(())
+    });
+    let mut held: Vec<Client> = (0..CAP).map(|_| Client::connect(addr)).collect();
+    for c in &mut held {
+        info(c);
+    }
+    let warning = format!("{CAP} connections open, the limit");
+    poll_until(WAIT, "the warning at the cap", || {
+        (count(&warning) == 1).then_some(())
+    });
+    // One more connects (the kernel's backlog) and is served once another
+    // connection closes; those held are served meanwhile.
+    let mut extra = Client::connect(addr);
+    extra.send("GET", "/info/", &[], b"");
+    info(&mut held[0]);
+    info(&mut held[CAP - 1]);
+    drop(held.pop());
+    let r = extra.read_response(false);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(count(&warning), 1, "{:?}", log.lock().unwrap());
+    assert_eq!(
+        count("open-file limit 1200 (soft limit was 1200, hard limit 1200)"),
+        1
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
