@@ -53,9 +53,10 @@ enum Phase {
     Busy,
 }
 
-/// A connection's phase and how many of its responses are complete, shared
-/// by its stream and its requests (through actix's per-connection data).
-/// Connections live on one worker thread.
+/// A connection's phase, how many of its responses are complete and
+/// whether the client closed its side, shared by its stream and its
+/// requests (through actix's per-connection data). Connections live on one
+/// worker thread.
 #[derive(Debug, Clone, Default)]
 pub struct HeadClock(Rc<ClockState>);
 
@@ -66,6 +67,11 @@ struct ClockState {
     responses: Cell<u64>,
     /// Woken when a response completes (see [`HeadClock::wake_on_response`]).
     waker: RefCell<Option<Waker>>,
+    /// A read found the end of the stream: the client closed (or half
+    /// closed) the connection.
+    closed: Cell<bool>,
+    /// The task waiting in [`HeadClock::closed`].
+    on_close: RefCell<Option<Waker>>,
 }
 
 impl HeadClock {
@@ -96,6 +102,30 @@ impl HeadClock {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    fn set_closed(&self) {
+        self.0.closed.set(true);
+        let waker = self.0.on_close.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Completes once the client has closed its side of the connection
+    /// (seen by the reads that go on while a request waits for a slot:
+    /// actix's, until unread request body bytes fill its buffer, then
+    /// `request_gate`'s read-ahead once the request was read whole, until
+    /// 16 KiB more are stashed). For a request that waits: its client is
+    /// gone.
+    pub fn closed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.0.closed.get() {
+                return Poll::Ready(());
+            }
+            *self.0.on_close.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
     }
 }
 
@@ -178,7 +208,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
         let this = self.get_mut();
         let mut phase = this.clock.get();
         if phase == Phase::Busy {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            if buf.filled().len() == before && buf.remaining() > 0 {
+                this.clock.set_closed();
+            }
+            return Poll::Ready(Ok(()));
         }
         if phase == Phase::Done {
             this.arm(this.idle, Phase::Idle);

@@ -8,7 +8,9 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 
 use cloudstack_image_server::control;
-use cloudstack_image_server::http::limits::MAX_REQUESTS_LIMIT;
+use cloudstack_image_server::http::limits::{
+    Queue, DEFAULT_MAX_WAITING, DEFAULT_QUEUE_TIMEOUT_SECS, MAX_REQUESTS_LIMIT, MAX_WAITING_LIMIT,
+};
 use cloudstack_image_server::server::{self, Settings, TlsFiles};
 
 /// imageio-compatible HTTP server for CloudStack KVM image transfers over NBD.
@@ -48,12 +50,29 @@ struct Cli {
     #[arg(long, default_value_t = 4)]
     max_writers: usize,
     /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
-    /// across the whole server; the next one gets
-    /// `503 {"error":"too many requests"}` at once. Bounds memory (a GET or
-    /// PUT holds about 5 MiB of buffers, a checksum two blocks).
+    /// across the whole server. The next one waits for a slot (first come,
+    /// first served across transfers), holding no buffer, NBD connection or
+    /// lease; it gets `503` with `Retry-After: 1` only after
+    /// --queue-timeout, or at once when --max-waiting requests already
+    /// wait. Bounds memory: a GET or PUT holds at most about 5 MiB of
+    /// buffers, a checksum 8.5 MiB (SECURITY.md, "Memory").
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
     max_requests: u32,
+    /// Seconds a data request (or an extents request) may wait for a slot
+    /// before it gets `503 {"error":"timed out waiting for a request
+    /// slot"}` with `Retry-After: 1`. Below the 60 s read timeouts common
+    /// in HTTP clients, so a client is answered before it gives up.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    queue_timeout: u64,
+    /// Requests that may wait for a slot at once; the next one gets
+    /// `503 {"error":"too many requests"}` with `Retry-After: 1` at once. 0
+    /// refuses a data request at once whenever --max-requests are in
+    /// flight.
+    #[arg(long, default_value_t = DEFAULT_MAX_WAITING as u32,
+          value_parser = clap::value_parser!(u32).range(0..=MAX_WAITING_LIMIT as i64))]
+    max_waiting: u32,
     /// Seconds to wait for the next piece of a request body before failing
     /// the request and releasing its locks and slots; and for a client to
     /// take more of a response before closing its connection.
@@ -144,6 +163,10 @@ fn main() -> ExitCode {
         max_readers: cli.max_readers,
         max_writers: cli.max_writers,
         max_requests: cli.max_requests as usize,
+        queue: Queue {
+            timeout: Duration::from_secs(cli.queue_timeout),
+            max_waiting: cli.max_waiting as usize,
+        },
         body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),

@@ -68,6 +68,9 @@ const MAX_HEAD: usize = 128 * 1024;
 const MAX_HEADERS: usize = 96;
 /// Longest chunk-size line or trailer section the gate frames.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes read on into the stash while a request is held, to see the
+/// client close its side (see [`RequestGate::read_ahead`]).
+const READ_AHEAD: usize = 16 * 1024;
 
 /// Where the gate is in the current request.
 #[derive(Debug)]
@@ -315,6 +318,9 @@ pub struct RequestGate<T> {
     /// Bytes read past the end of a request, handed on first once the gate
     /// opens.
     stash: BytesMut,
+    /// The stream ended (seen while reading ahead); handed on after the
+    /// stash.
+    eof: bool,
     clock: HeadClock,
 }
 
@@ -326,12 +332,38 @@ impl<T> RequestGate<T> {
             framer: Framer::new(),
             read: 0,
             stash: BytesMut::new(),
+            eof: false,
             clock,
         }
     }
 
     pub fn get_ref(&self) -> &T {
         &self.io
+    }
+}
+
+impl<T: AsyncRead + Unpin> RequestGate<T> {
+    /// While a request is held: reads on into the stash, at most
+    /// [`READ_AHEAD`] bytes, until the stream has nothing more now (its
+    /// readiness then wakes this task) or ends. So the client's end of the
+    /// stream is seen while its request waits (`HeadDeadline` marks the
+    /// connection closed, and a request waiting for a slot leaves the
+    /// queue), as it was before the gate held anything back. What is read
+    /// stays in the stash, for actix once the gate opens, the end last. A
+    /// client that sent more than that behind the request is seen to go
+    /// only when the request's turn comes. An error (a reset) is actix's at
+    /// once, as it would be without the gate.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while !self.eof && self.stash.len() < READ_AHEAD {
+            self.stash.reserve(READ_AHEAD - self.stash.len());
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.stash) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +377,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGate<T> {
         if matches!(this.framer.state, Framing::Held) {
             if this.clock.responses() < this.read {
                 this.clock.wake_on_response(cx.waker());
+                this.read_ahead(cx)?;
                 return Poll::Pending;
             }
             this.framer = Framer::new();
@@ -354,6 +387,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGate<T> {
         if stashed {
             let n = this.stash.len().min(buf.remaining());
             buf.put_slice(&this.stash[..n]);
+        } else if this.eof {
+            return Poll::Ready(Ok(()));
         } else {
             ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         }

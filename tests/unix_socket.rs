@@ -192,6 +192,8 @@ fn shares_the_request_limit_with_tcp() {
             sock.to_str().unwrap(),
             "--max-requests",
             "1",
+            "--max-waiting",
+            "0",
         ],
     );
     let mut env = Env {

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::limits::RequestSlot;
+use super::limits::{RequestSlot, RequestSlots};
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
@@ -23,6 +23,7 @@ use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
 use crate::direct_body::{Abort, DirectBody, Inbox, Outbox};
+use crate::head_timeout::HeadClock;
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -68,6 +69,20 @@ fn direct_inbox(req: &HttpRequest) -> Option<Inbox> {
     req.conn_data::<Inbox>().cloned()
 }
 
+/// A slot from `slots` for this request, waiting in its queue (see
+/// `super::limits`); the wait ends early when the request's client closes
+/// its connection.
+async fn slot(req: &HttpRequest, slots: &RequestSlots) -> Result<RequestSlot, ApiError> {
+    let clock = req.conn_data::<HeadClock>();
+    let gone = async {
+        match clock {
+            Some(clock) => clock.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    slots.acquire(gone).await
+}
+
 fn json_ok(value: &Value) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
@@ -111,7 +126,7 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
                 let result = match op {
                     Op::Options => options(&state, &t).await,
                     Op::Head => head_image(&t).await,
-                    Op::Extents => get_extents(&req, &t).await,
+                    Op::Extents => get_extents(&req, &state, &t).await,
                     Op::Checksum => get_checksum(&req, &state, &t).await,
                     Op::Flush => flush(&t).await,
                     // Served above.
@@ -213,17 +228,17 @@ fn caps_at_most(t: &Lease) -> Caps {
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
-    let slot = state.requests.try_acquire()?;
     let range = header_str(req, header::RANGE)?;
     let spec = match range.map(parse_range).transpose() {
         Ok(s) => s,
         Err(RangeError::Invalid(_)) => return Err(ApiError::bad_request("invalid Range header")),
         Err(RangeError::Unsatisfiable) => None,
     };
+    let slot = slot(req, &state.requests).await?;
     let log = OpLog::start(
         "GET",
         t.id(),
-        format_args!("range={}", range.unwrap_or("-")),
+        format_args!("range={} {}", range.unwrap_or("-"), waited(&slot)),
     );
     let handle = ops::open(t.transfer()).await?;
     let size = handle.size();
@@ -264,6 +279,12 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     }
 }
 
+/// How long a request waited for its slot, for its start log line
+/// (`make load` reads the wait times from these).
+fn waited(slot: &RequestSlot) -> String {
+    format!("slot_wait_ms={}", slot.waited().as_millis())
+}
+
 /// The body of a HEAD reply: declares the size a GET would send (actix
 /// writes it as Content-Length and never sends a body for HEAD) and has no
 /// bytes.
@@ -296,7 +317,7 @@ async fn head_image(t: &Lease) -> Res {
         .body(HeadBody(size)))
 }
 
-async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
     if !caps_at_most(t).extents {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -308,17 +329,96 @@ async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
         Some("dirty") => true,
         Some(_) => return Err(ApiError::bad_request("unsupported extents context")),
     };
+    let slot = slot(req, &state.extents).await?;
     let _log = OpLog::start(
         "EXTENTS",
         t.id(),
-        format_args!("context={}", context.as_deref().unwrap_or("-")),
+        format_args!(
+            "context={} {}",
+            context.as_deref().unwrap_or("-"),
+            waited(&slot)
+        ),
     );
-    let list = ops::extents(t.transfer(), dirty).await?;
-    let body = serde_json::to_vec(&list)
+    let resp = match ops::extents(t.transfer(), dirty).await? {
+        ops::ExtentList::Allocation(list) => json_array(list, slot)?,
+        ops::ExtentList::Dirty(list) => json_array(list, slot)?,
+    };
+    Ok(resp)
+}
+
+/// Extents serialised per response piece.
+const JSON_PIECE: usize = 4096;
+
+/// A 200 whose body is `items` as a JSON array, serialised a piece at a time
+/// as the client takes it (never the whole text at once: an extents list
+/// may hold a million entries); `guard` lives as long as the body.
+fn json_array<T, G>(items: Vec<T>, guard: G) -> Res
+where
+    T: serde::Serialize + Unpin + 'static,
+    G: Unpin + 'static,
+{
+    let mut len = Counter(0);
+    serde_json::to_writer(&mut len, &items)
         .map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))?;
+    let body = JsonArray {
+        items,
+        next: 0,
+        _guard: guard,
+    };
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(body))
+        .body(SizedStream::new(len.0, body)))
+}
+
+/// Counts the bytes written to it.
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The pieces of a JSON array, as `serde_json::to_writer` writes it whole.
+struct JsonArray<T, G> {
+    items: Vec<T>,
+    /// The next item to write (past the end: the array is closed).
+    next: usize,
+    _guard: G,
+}
+
+impl<T: serde::Serialize + Unpin, G: Unpin> futures_util::Stream for JsonArray<T, G> {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.next > this.items.len() {
+            return Poll::Ready(None);
+        }
+        let mut out = Vec::new();
+        if this.next == 0 {
+            out.push(b'[');
+        }
+        let end = (this.next + JSON_PIECE).min(this.items.len());
+        for (i, item) in this.items[this.next..end].iter().enumerate() {
+            if this.next + i > 0 {
+                out.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut out, item) {
+                return Poll::Ready(Some(Err(std::io::Error::other(e))));
+            }
+        }
+        this.next = end;
+        if end == this.items.len() {
+            out.push(b']');
+            this.next = end + 1;
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
 }
 
 /// `GET /images/{id}/checksum[?algorithm=…&block_size=…]`: imageio's
@@ -330,14 +430,15 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
         query_param(req, "block_size")?.as_deref(),
     )
     .map_err(ApiError::bad_request)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     let mut log = OpLog::start(
         "CHECKSUM",
         t.id(),
         format_args!(
-            "algorithm={} block_size={}",
+            "algorithm={} block_size={} {}",
             params.algorithm.name(),
-            params.block_size
+            params.block_size,
+            waited(&slot)
         ),
     );
     let sum = ops::checksum(t.transfer(), params, &mut log).await?;
@@ -386,13 +487,14 @@ async fn put(
         None => Some(state.locks.lock(t.id()).await),
         Some(_) => None,
     };
-    let slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     let log = OpLog::start(
         "PUT",
         t.id(),
         format_args!(
-            "content_length={length} content_range={} flush={flush}",
-            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-")
+            "content_length={length} content_range={} flush={flush} {}",
+            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-"),
+            waited(&slot)
         ),
     );
     let writer = ops::open_writer(t.transfer()).await?;
@@ -436,7 +538,7 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
-    let slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     if let (Some(range), false) = (range, content_type == "application/json") {
         return patch_range(req, payload, state, t, slot, range).await;
     }
@@ -511,7 +613,7 @@ async fn patch_range(
     let log = OpLog::start(
         "PATCH range",
         t.id(),
-        format_args!("range={range} content_length={length}"),
+        format_args!("range={range} content_length={length} {}", waited(&slot)),
     );
     let writer = ops::open_writer(t.transfer()).await?;
     // Never `None`: a replacing writer takes no range writes (refused above).
