@@ -4,9 +4,9 @@
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
-PORT ?= 54323
+PORT ?= 54322
 
-.PHONY: all deps build run demo test test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench
+.PHONY: all deps build run demo test test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench load
 
 all: build
 
@@ -66,6 +66,17 @@ bench: build
 	@scripts/deps.sh wrk
 	$(CARGO) build --release --locked --example bench-floor
 	python3 bench/bench.py $(BIN) $(FLOOR)
+
+# A KVM host's full backup load against the default flags, every byte
+# checked (bench/load.py): 50 transfers x 4 connections of ranged PUTs and
+# GETs as imageio's client sends them, 2,000 idle keep-alive connections,
+# a slow reader per transfer. Prints requests, refused, failed, peak RSS,
+# the wait for a request slot p50/p99 and throughput (bench/RESULTS.md).
+# Loopback only, about a minute. LOAD_IDLE=10000 for the 10,000-connection
+# run; BENCH_PYTHON_SERVER=/path/to/image_server.py adds the same load
+# against CloudStack's Python server (needs python3-libnbd).
+load: build
+	python3 bench/load.py $(BIN)
 
 # fmt, clippy, and the module order docs/architecture.md declares
 # (scripts/layers.py: no cycles, each module uses only those below it).

@@ -8,7 +8,7 @@ set -euo pipefail
 
 BIN=${1:-target/release/cloudstack-image-server}
 DIR=${2:-/tmp/cloudstack-image-server-demo}
-PORT=${3:-54323}
+PORT=${3:-54322}
 CFG="$DIR/config"
 IMG="$DIR/demo.qcow2"
 SOCK="$DIR/demo.sock"

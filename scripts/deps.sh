@@ -41,7 +41,7 @@ if command -v apt-get >/dev/null; then
             DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
         fi
     }
-    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl)
+    pkgs=(libnbd-dev libnbd-bin libclang-dev clang qemu-utils pkg-config curl gcc python3 python3-venv python3-dev openssl socat)
     # The --build packages: C compiler, pkg-config, libnbd headers, libclang.
     build_pkgs=(gcc pkg-config libnbd-dev libclang-dev)
     # Debian's nbdkit package carries the curl plugin; a release that splits
@@ -61,7 +61,7 @@ elif command -v dnf >/dev/null || command -v yum >/dev/null; then
             $SUDO "$PM" install -y "${missing[@]}"
         fi
     }
-    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl)
+    pkgs=(libnbd-devel libnbd clang-devel clang qemu-img pkgconf-pkg-config curl gcc python3 python3-devel openssl socat)
     build_pkgs=(gcc pkgconf-pkg-config libnbd-devel clang-devel)
     # On RHEL and its rebuilds aria2 comes from EPEL.
     client_pkgs=(nbdkit nbdkit-curl-plugin aria2 wget)

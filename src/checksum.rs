@@ -12,7 +12,10 @@
 //! blocks. Data blocks that turn out to be all zeroes take the same path.
 //!
 //! Reading (on the caller's blocking thread) and hashing (on a second
-//! thread) overlap, with two block buffers in turn.
+//! thread) overlap, with two buffers of [`PIECE`] bytes in turn: a data
+//! block is read and hashed piece by piece (a block digest takes its bytes
+//! in any number of updates), so a checksum holds 4 MiB of buffers whatever
+//! the block size, within a data request's budget (see `crate::ops`).
 
 use std::fmt::LowerHex;
 use std::sync::mpsc;
@@ -34,8 +37,14 @@ pub const MIN_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE / 4;
 pub const MAX_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE * 4;
 /// Block sizes must be multiples of this.
 pub const BLOCK_ALIGNMENT: u64 = 4096;
-/// Block buffers per request: one being read while the other is hashed.
+/// Buffers per request: one being read while the other is hashed.
 const BUFFERS: usize = 2;
+/// Bytes per buffer: a block is read in pieces of at most this.
+pub const PIECE: usize = 2 * 1024 * 1024;
+/// The most a checksum request holds in buffers.
+pub const MAX_BUFFERED: usize = BUFFERS * PIECE;
+// Within a data request's budget (see `crate::ops`), whatever the block size.
+const _: () = assert!(MAX_BUFFERED <= 4 * 1024 * 1024);
 
 /// The algorithms we offer: Python's `hashlib.algorithms_guaranteed` less
 /// `shake_128`/`shake_256` (their digests need a length, which imageio
@@ -227,11 +236,29 @@ impl Iterator for Blocks<'_> {
     }
 }
 
-/// imageio's `blkhash.Hash`: the digest of the block digests.
+/// imageio's `blkhash.Hash`: the digest of the block digests. A data block
+/// comes in pieces ([`BlockHash::piece`], then [`BlockHash::end_block`]);
+/// while its pieces are all zeroes nothing is hashed, and a block that was
+/// all zeroes takes the zero path.
 struct BlockHash<D: Digest> {
     outer: D,
     block_size: usize,
     zero_block: Option<Output<D>>,
+    /// The digest of the block being hashed.
+    current: D,
+    /// Bytes of the current block so far, all zeroes, not yet hashed.
+    zeros: usize,
+    /// Whether the current block had a non-zero piece.
+    data: bool,
+}
+
+fn update_zeroes<D: Digest>(d: &mut D, len: usize) {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROES.len());
+        d.update(&ZEROES[..n]);
+        left -= n;
+    }
 }
 
 impl<D: Digest> BlockHash<D> {
@@ -240,22 +267,15 @@ impl<D: Digest> BlockHash<D> {
             outer: D::new(),
             block_size,
             zero_block: None,
+            current: D::new(),
+            zeros: 0,
+            data: false,
         }
-    }
-
-    fn update(&mut self, block: &[u8]) {
-        let d = D::digest(block);
-        self.outer.update(&d);
     }
 
     fn zeroes_digest(len: usize) -> Output<D> {
         let mut d = D::new();
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(ZEROES.len());
-            d.update(&ZEROES[..n]);
-            left -= n;
-        }
+        update_zeroes(&mut d, len);
         d.finalize()
     }
 
@@ -271,13 +291,37 @@ impl<D: Digest> BlockHash<D> {
         }
     }
 
-    /// Hashes a data block, or takes the zero path when it is all zeroes.
-    fn data(&mut self, block: &[u8]) {
-        if is_zero(block) {
-            self.zero(block.len());
-        } else {
-            self.update(block);
+    /// The next piece of the current data block.
+    fn piece(&mut self, piece: &[u8]) {
+        if !self.data {
+            if is_zero(piece) {
+                self.zeros += piece.len();
+                return;
+            }
+            update_zeroes(&mut self.current, self.zeros);
+            self.data = true;
         }
+        self.current.update(piece);
+    }
+
+    /// Ends the current data block: its digest, or the zero path when all
+    /// of it was zeroes.
+    fn end_block(&mut self) {
+        if self.data {
+            let d = std::mem::replace(&mut self.current, D::new()).finalize();
+            self.outer.update(&d);
+        } else {
+            self.zero(self.zeros);
+        }
+        self.zeros = 0;
+        self.data = false;
+    }
+
+    /// Hashes a whole data block.
+    #[cfg(test)]
+    fn data(&mut self, block: &[u8]) {
+        self.piece(block);
+        self.end_block();
     }
 
     /// Lower-case hex, like Python's `hexdigest()`; every digest's output
@@ -291,8 +335,11 @@ impl<D: Digest> BlockHash<D> {
 }
 
 enum Job {
+    /// A block the extents say reads as zeroes, of this length.
     Zero(usize),
-    Data(Vec<u8>, usize),
+    /// A piece of a data block in the buffer's first bytes; true when it
+    /// ends the block.
+    Piece(Vec<u8>, usize, bool),
 }
 
 /// Reads the data blocks of `handle` and hashes every block on a second
@@ -321,8 +368,11 @@ where
             for job in job_rx {
                 match job {
                     Job::Zero(len) => h.zero(len),
-                    Job::Data(buf, len) => {
-                        h.data(&buf[..len]);
+                    Job::Piece(buf, len, last) => {
+                        h.piece(&buf[..len]);
+                        if last {
+                            h.end_block();
+                        }
                         let _ = free_tx.send(buf);
                     }
                 }
@@ -330,30 +380,38 @@ where
             h.hexdigest()
         });
         let mut allocated = 0;
+        let piece = PIECE.min(block_size);
         let mut result = Ok(());
-        for b in blocks {
-            let job = if b.zero {
-                Job::Zero(b.len)
-            } else {
+        let send = |job: Job| jobs.send(job).is_ok();
+        'blocks: for b in blocks {
+            if b.zero {
+                if !send(Job::Zero(b.len)) {
+                    break;
+                }
+                continue;
+            }
+            let mut done = 0;
+            while done < b.len {
+                let n = piece.min(b.len - done);
                 let mut buf = match free.try_recv() {
                     Ok(buf) => buf,
                     Err(_) if allocated < BUFFERS => {
                         allocated += 1;
-                        vec![0; block_size]
+                        vec![0; piece]
                     }
                     Err(_) => match free.recv() {
                         Ok(buf) => buf,
-                        Err(_) => break, // the hasher is gone (panicked)
+                        Err(_) => break 'blocks, // the hasher is gone (panicked)
                     },
                 };
-                if let Err(e) = handle.read_at(&mut buf[..b.len], b.start) {
+                if let Err(e) = handle.read_at(&mut buf[..n], b.start + done as u64) {
                     result = Err(e);
-                    break;
+                    break 'blocks;
                 }
-                Job::Data(buf, b.len)
-            };
-            if jobs.send(job).is_err() {
-                break;
+                done += n;
+                if !send(Job::Piece(buf, n, done == b.len)) {
+                    break 'blocks;
+                }
             }
         }
         drop(jobs);
@@ -363,8 +421,9 @@ where
     })
 }
 
-/// The checksum of the whole image behind `handle`. Blocking; memory: two
-/// blocks. On error the handle is marked not reusable.
+/// The checksum of the whole image behind `handle`. Blocking; memory:
+/// [`MAX_BUFFERED`] bytes of buffers, and the image's zero extents. On
+/// error the handle is marked not reusable.
 pub fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
     let result = (|| {
         let size = handle.size();
@@ -487,6 +546,43 @@ mod tests {
             h.hexdigest(),
             reference::<sha2::Sha256>(&vec![0; 2 * bs + 100], bs)
         );
+    }
+
+    #[test]
+    fn a_block_hashed_in_pieces_equals_the_definition() {
+        // Blocks of 4 pieces: data, zero then data, all zero, a short one.
+        let piece = 4096;
+        let bs = 4 * piece;
+        let mut data = pattern(bs);
+        let mut second = vec![0u8; bs];
+        second[2 * piece + 1] = 9;
+        data.extend_from_slice(&second);
+        data.extend_from_slice(&vec![0u8; bs]);
+        data.extend_from_slice(&pattern(piece + 10));
+        for_each_algorithm_check(&data, bs, piece);
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 1) as u8).collect()
+    }
+
+    fn for_each_algorithm_check(data: &[u8], bs: usize, piece: usize) {
+        fn check<D: Digest>(data: &[u8], bs: usize, piece: usize)
+        where
+            Output<D>: LowerHex,
+        {
+            let mut h = BlockHash::<D>::new(bs);
+            for block in data.chunks(bs) {
+                for p in block.chunks(piece) {
+                    h.piece(p);
+                }
+                h.end_block();
+            }
+            assert_eq!(h.hexdigest(), reference::<D>(data, bs));
+        }
+        check::<Blake2b<U32>>(data, bs, piece);
+        check::<sha2::Sha256>(data, bs, piece);
+        check::<md5::Md5>(data, bs, piece);
     }
 
     #[test]

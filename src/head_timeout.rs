@@ -13,7 +13,8 @@
 //! - [`track_heads`] wraps the application: a request reaching it means its
 //!   head is complete (the deadline no longer matters), and dropping the
 //!   response body means the response is done (the next byte starts a new
-//!   head).
+//!   head). The clock also counts those responses, for `request_gate`,
+//!   which hands actix the next request only then.
 //!
 //! Between requests only a backstop is armed, longer than actix's keep-alive
 //! timeout (see [`HeadDeadline`]), so an idle keep-alive connection lives
@@ -21,27 +22,28 @@
 //! or out for hours) reads pass straight through: one `Cell` read per poll,
 //! no timer per chunk. A deadline is reset at most twice per request.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use actix_http::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_http::{Request, Response};
 use actix_service::{apply_fn_factory, Service, ServiceFactory};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// Where a connection is between requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Phase {
     /// Waiting for the first byte of a request head. Armed with the idle
     /// deadline once a response has been sent; not armed before the first
     /// request (actix-http times the first head from the connection's start).
+    #[default]
     Idle,
     /// A response has just been sent: the idle deadline is to be armed.
     Done,
@@ -51,22 +53,79 @@ enum Phase {
     Busy,
 }
 
-/// A connection's phase, shared by its stream and its requests (through
-/// actix's per-connection data). Connections live on one worker thread.
-#[derive(Debug, Clone)]
-pub struct HeadClock(Rc<Cell<Phase>>);
+/// A connection's phase, how many of its responses are complete and
+/// whether the client closed its side, shared by its stream and its
+/// requests (through actix's per-connection data). Connections live on one
+/// worker thread.
+#[derive(Debug, Clone, Default)]
+pub struct HeadClock(Rc<ClockState>);
+
+#[derive(Debug, Default)]
+struct ClockState {
+    phase: Cell<Phase>,
+    /// Responses completed on the connection.
+    responses: Cell<u64>,
+    /// Woken when a response completes (see [`HeadClock::wake_on_response`]).
+    waker: RefCell<Option<Waker>>,
+    /// A read found the end of the stream: the client closed (or half
+    /// closed) the connection.
+    closed: Cell<bool>,
+    /// The task waiting in [`HeadClock::closed`].
+    on_close: RefCell<Option<Waker>>,
+}
 
 impl HeadClock {
-    fn new() -> Self {
-        HeadClock(Rc::new(Cell::new(Phase::Idle)))
-    }
-
     fn get(&self) -> Phase {
-        self.0.get()
+        self.0.phase.get()
     }
 
     fn set(&self, phase: Phase) {
-        self.0.set(phase)
+        self.0.phase.set(phase)
+    }
+
+    /// How many responses of the connection are complete: actix has encoded
+    /// their last byte and is done with them.
+    pub fn responses(&self) -> u64 {
+        self.0.responses.get()
+    }
+
+    /// Wakes `waker` when the next response completes.
+    pub fn wake_on_response(&self, waker: &Waker) {
+        *self.0.waker.borrow_mut() = Some(waker.clone());
+    }
+
+    /// A response is complete.
+    fn responded(&self) {
+        self.set(Phase::Done);
+        self.0.responses.set(self.0.responses.get() + 1);
+        let waker = self.0.waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn set_closed(&self) {
+        self.0.closed.set(true);
+        let waker = self.0.on_close.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Completes once the client has closed its side of the connection
+    /// (seen by the reads that go on while a request waits for a slot:
+    /// actix's, until unread request body bytes fill its buffer, then
+    /// `request_gate`'s read-ahead once the request was read whole, until
+    /// 16 KiB more are stashed). For a request that waits: its client is
+    /// gone.
+    pub fn closed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.0.closed.get() {
+                return Poll::Ready(());
+            }
+            *self.0.on_close.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
     }
 }
 
@@ -93,7 +152,7 @@ impl<T> HeadDeadline<T> {
     pub fn new(io: T, head: Duration, idle: Duration) -> Self {
         HeadDeadline {
             io,
-            clock: HeadClock::new(),
+            clock: HeadClock::default(),
             head,
             idle,
             timer: None,
@@ -149,7 +208,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
         let this = self.get_mut();
         let mut phase = this.clock.get();
         if phase == Phase::Busy {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            if buf.filled().len() == before && buf.remaining() > 0 {
+                this.clock.set_closed();
+            }
+            return Poll::Ready(Ok(()));
         }
         if phase == Phase::Done {
             this.arm(this.idle, Phase::Idle);
@@ -172,44 +236,60 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
+/// `AsyncWrite` for a stream wrapper (`$wrapper<T>`, its stream in field
+/// `io`) that times or gates only reads: writes go straight through.
+macro_rules! write_through {
+    ($wrapper:ident) => {
+        impl<T: ::tokio::io::AsyncWrite + Unpin> ::tokio::io::AsyncWrite for $wrapper<T> {
+            fn poll_write(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &[u8],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
+            fn poll_write_vectored(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                bufs: &[::std::io::IoSlice<'_>],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
+            fn poll_flush(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+            fn poll_shutdown(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            }
+        }
+    };
 }
+pub(crate) use write_through;
 
-/// Sets its connection to [`Phase::Done`] when dropped, which actix does
+write_through!(HeadDeadline);
+
+/// Sets its connection to [`Phase::Done`] and counts the response complete
+/// (see [`HeadClock::responses`]) when dropped, which actix does
 /// with a response body once the response is complete.
 struct DoneOnDrop(Option<HeadClock>);
 
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
         if let Some(clock) = &self.0 {
-            clock.set(Phase::Done);
+            clock.responded();
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod head_timeout;
 pub mod http;
 pub mod nbd;
 pub mod ops;
+pub mod request_gate;
 pub mod server;
 pub mod stats;
 pub mod sys;

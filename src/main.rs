@@ -8,7 +8,9 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 
 use cloudstack_image_server::control;
-use cloudstack_image_server::http::limits::MAX_REQUESTS_LIMIT;
+use cloudstack_image_server::http::limits::{
+    Queue, DEFAULT_MAX_WAITING, DEFAULT_QUEUE_TIMEOUT_SECS, MAX_REQUESTS_LIMIT, MAX_WAITING_LIMIT,
+};
 use cloudstack_image_server::server::{self, Settings, TlsFiles};
 
 /// imageio-compatible HTTP server for CloudStack KVM image transfers over NBD.
@@ -17,13 +19,21 @@ use cloudstack_image_server::server::{self, Settings, TlsFiles};
 /// CloudStack agent, or a JSON file `<config-dir>/<id>`; its config says
 /// whether it is an NBD export on a Unix socket or a local file.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    // The CloudStack agent's flags come after the operator's
+    // (packaging/imageserver): the agent's win.
+    args_override_self = true,
+    after_help = "A flag given twice counts once, with its last value."
+)]
 struct Cli {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     listen: String,
     /// Port to listen on (0 picks a free port, printed at start).
-    #[arg(long, default_value_t = 54323)]
+    #[arg(long, default_value_t = 54322)]
     port: u16,
     /// Directory of per-transfer JSON configs (`<config-dir>/<transferId>`).
     #[arg(long, default_value = "/tmp/imagetransfer")]
@@ -31,7 +41,7 @@ struct Cli {
     /// Reads one client may run in parallel on a transfer, as OPTIONS
     /// advertises it (`max_readers`). Advertised only: nothing is refused
     /// per transfer (see --max-requests).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     max_readers: usize,
     /// Writes one client may run in parallel on a writable transfer, as
     /// OPTIONS advertises it (`max_writers`; 0 for a read-only export).
@@ -40,15 +50,32 @@ struct Cli {
     #[arg(long, default_value_t = 4)]
     max_writers: usize,
     /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
-    /// across the whole server; the next one gets
-    /// `503 {"error":"too many requests"}` at once. Bounds memory (a GET or
-    /// PUT holds about 5 MiB of buffers, a checksum two blocks).
+    /// across the whole server. The next one waits for a slot (first come,
+    /// first served across transfers), holding no buffer, NBD connection or
+    /// lease; it gets `503` with `Retry-After: 1` only after
+    /// --queue-timeout, or at once when --max-waiting requests already
+    /// wait. Bounds memory: a GET or PUT holds at most about 5 MiB of
+    /// buffers, a checksum 8.5 MiB (SECURITY.md, "Memory").
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=MAX_REQUESTS_LIMIT as i64))]
     max_requests: u32,
-    /// Seconds to wait for the next piece of a request body (or for a GET
-    /// client to take more of its response) before failing the request and
-    /// releasing its locks and slots.
+    /// Seconds a data request (or an extents request) may wait for a slot
+    /// before it gets `503 {"error":"timed out waiting for a request
+    /// slot"}` with `Retry-After: 1`. Below the 60 s read timeouts common
+    /// in HTTP clients, so a client is answered before it gives up.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    queue_timeout: u64,
+    /// Requests that may wait for a slot at once; the next one gets
+    /// `503 {"error":"too many requests"}` with `Retry-After: 1` at once. 0
+    /// refuses a data request at once whenever --max-requests are in
+    /// flight.
+    #[arg(long, default_value_t = DEFAULT_MAX_WAITING as u32,
+          value_parser = clap::value_parser!(u32).range(0..=MAX_WAITING_LIMIT as i64))]
+    max_waiting: u32,
+    /// Seconds to wait for the next piece of a request body before failing
+    /// the request and releasing its locks and slots; and for a client to
+    /// take more of a response before closing its connection.
     #[arg(long, default_value_t = 60)]
     body_timeout: u64,
     /// Seconds a client has to send a complete request head.
@@ -136,6 +163,10 @@ fn main() -> ExitCode {
         max_readers: cli.max_readers,
         max_writers: cli.max_writers,
         max_requests: cli.max_requests as usize,
+        queue: Queue {
+            timeout: Duration::from_secs(cli.queue_timeout),
+            max_waiting: cli.max_waiting as usize,
+        },
         body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),

@@ -28,7 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::control::ControlSocket;
 use crate::direct_body::DirectIo;
 use crate::head_timeout::{track_heads, HeadDeadline};
+use crate::http::limits::{ConnLimit, Queue};
 use crate::http::{self, AppState};
+use crate::request_gate::RequestGate;
 use crate::sys::RecvLowat;
 use crate::tls::{Fill, ReadAhead};
 use crate::transfers::{self, Transfers};
@@ -70,8 +72,10 @@ pub struct Settings {
     /// Advertised by OPTIONS per writable transfer (parallel writes).
     pub max_writers: usize,
     /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
-    /// across the server; the next gets 503.
+    /// across the server; the next waits in `queue`.
     pub max_requests: usize,
+    /// How long, and how many, requests wait for a slot.
+    pub queue: Queue,
     /// Longest wait for the next piece of a request body.
     pub body_timeout: Duration,
     /// Longest wait for a complete request head.
@@ -108,8 +112,44 @@ async fn sweep_idle(transfers: Arc<Transfers>) {
     }
 }
 
+/// File descriptors kept for what is not a client connection, besides one
+/// per data request in flight (its NBD connection): idle NBD connections,
+/// image files, listeners, the control socket, the log.
+const RESERVED_FDS: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one (the agent starts the
+/// server as a transient systemd unit, whose soft limit is 1024 whatever
+/// the hard limit allows) and returns the soft limit now in force.
+fn raise_nofile() -> u64 {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => {
+            log::info!(
+                "open-file limit {now} (soft limit was {}, hard limit {})",
+                before.map_or("?".into(), |(soft, _)| soft.to_string()),
+                before.map_or("?".into(), |(_, hard)| hard.to_string())
+            );
+            now
+        }
+        Err(e) => {
+            let soft = before.map_or(1024, |(soft, _)| soft);
+            log::warn!("cannot raise the open-file limit (stays {soft}): {e}");
+            soft
+        }
+    }
+}
+
+/// Worker threads actix starts for `workers` (0: one per core).
+fn worker_count(workers: usize) -> usize {
+    match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Runs the server; returns when it has stopped.
 pub async fn run(settings: Settings) -> std::io::Result<()> {
+    let nofile = raise_nofile();
     // Everything that can fail at start fails before the server is up.
     let tls = match &settings.tls {
         Some(files) => Some(
@@ -148,6 +188,7 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         settings.max_readers,
         settings.max_writers,
         settings.max_requests,
+        settings.queue,
         settings.body_timeout,
     );
     state.unix_socket = unix
@@ -155,7 +196,18 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         .map(|(_, file)| file.path().to_string_lossy().into_owned());
     let state = web::Data::new(state);
     let (unix_listener, unix_file) = unix.unzip();
-    let (server, addrs) = http_server(&settings, tls, unix_listener, state)?;
+    let workers = worker_count(settings.workers);
+    let conns = Arc::new(ConnLimit::new(
+        nofile,
+        RESERVED_FDS + settings.max_requests as u64,
+        workers,
+    ));
+    log::info!(
+        "at most {} client connections ({} per worker, {workers} workers)",
+        conns.total(),
+        conns.per_worker()
+    );
+    let (server, addrs) = http_server(&settings, tls, unix_listener, state, conns)?;
     for (addr, scheme) in addrs {
         log::info!("listening on {scheme}://{addr}");
         println!("listening on {scheme}://{addr}");
@@ -201,16 +253,19 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 ///
 /// Not `HttpServer`: it hands actix-http the accepted stream as is, and
 /// every request head must be bounded (see `head_timeout`), so each stream
-/// is wrapped in a [`HeadDeadline`] first, and that in a [`DirectIo`] for
+/// is wrapped in a [`HeadDeadline`] first, that in a [`RequestGate`] (one
+/// request at a time, see `request_gate`), and that in a [`DirectIo`] for
 /// GET bodies written without actix-http's copy (see `direct_body`).
 fn http_server(
     settings: &Settings,
     tls: Option<rustls::ServerConfig>,
     unix: Option<StdUnixListener>,
     state: web::Data<AppState>,
+    conns: Arc<ConnLimit>,
 ) -> io::Result<(ServerBuilder, Vec<(SocketAddr, &'static str)>)> {
-    let mut builder =
-        actix_server::Server::build().shutdown_timeout(settings.shutdown_timeout.as_secs());
+    let mut builder = actix_server::Server::build()
+        .shutdown_timeout(settings.shutdown_timeout.as_secs())
+        .max_concurrent_connections(conns.per_worker());
     if settings.workers > 0 {
         builder = builder.workers(settings.workers);
     }
@@ -218,6 +273,7 @@ fn http_server(
         header_timeout: settings.header_timeout,
         shutdown: builder.graceful_shutdown_signal(),
         state,
+        conns,
     };
     let mut addrs = Vec::new();
     for lst in bind_all((settings.listen.as_str(), settings.port))? {
@@ -321,7 +377,10 @@ fn bind_all(addr: impl ToSocketAddrs) -> io::Result<Vec<std::net::TcpListener>> 
 }
 
 /// An accepted stream of type `T` as actix-http's service takes it.
-type Accepted<T> = (DirectIo<HeadDeadline<T>>, Protocol, Option<SocketAddr>);
+type Accepted<T> = (Stream<T>, Protocol, Option<SocketAddr>);
+
+/// An accepted stream of type `T` as the connection reads and writes it.
+type Stream<T> = DirectIo<RequestGate<HeadDeadline<T>>>;
 
 /// What every worker's HTTP service is built from.
 #[derive(Clone)]
@@ -329,16 +388,21 @@ struct ConnSettings {
     header_timeout: Duration,
     shutdown: GracefulShutdownSignal,
     state: web::Data<AppState>,
+    /// Counts the connections, to log when the limit is reached.
+    conns: Arc<ConnLimit>,
 }
 
 impl ConnSettings {
     /// An accepted stream, its request heads bounded (see `head_timeout`),
-    /// as actix-http takes it, able to write GET bodies uncopied (see
+    /// handed to actix one request at a time (see `request_gate`), as
+    /// actix-http takes it, able to move bodies uncopied (see
     /// `direct_body`).
     fn wrap<T>(&self, io: T, peer: Option<SocketAddr>) -> Result<Accepted<T>, DispatchError> {
         let idle = KEEP_ALIVE + self.header_timeout;
+        let io = HeadDeadline::new(io, self.header_timeout, idle);
+        let clock = io.clock();
         Ok((
-            DirectIo::new(HeadDeadline::new(io, self.header_timeout, idle)),
+            DirectIo::new(RequestGate::new(io, clock)).with_write_timeout(self.state.body_timeout),
             Protocol::Http1,
             peer,
         ))
@@ -384,11 +448,14 @@ impl ConnSettings {
         if let Some(local) = local {
             service = service.local_addr(local);
         }
+        let conns = self.conns.clone();
         service
-            .on_connect_ext(|io: &DirectIo<HeadDeadline<T>>, data| {
-                data.insert(io.get_ref().clock());
+            .on_connect_ext(move |io: &Stream<T>, data| {
+                data.insert(conns.opened());
+                data.insert(io.get_ref().get_ref().clock());
                 data.insert(io.outbox());
                 data.insert(io.inbox());
+                data.insert(io.abort());
             })
             .finish(track_heads(app))
     }

@@ -142,7 +142,7 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
     let nbd = QemuNbd::start(&img, &dir.join("disk.sock"), NbdOpts::raw());
     let cfg = dir.join("cfg");
     std::fs::create_dir(&cfg).unwrap();
-    let server = Server::start(&cfg, &["--max-requests", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1", "--max-waiting", "0"]);
     server.add_nbd("r", &nbd);
 
     // The algorithms list needs no transfer (as in imageio).
@@ -219,4 +219,46 @@ fn checksum_errors_algorithms_and_the_reader_limit() {
         assert!(std::time::Instant::now() < deadline, "{}", r.text());
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// An image too fragmented for a checksum to hold its zero extents (more
+/// than `CHECKSUM_MAX_EXTENTS`, 65,536 block status pairs): the checksum
+/// reads every block instead, with the same result, and says so in the log.
+#[test]
+fn a_checksum_of_a_very_fragmented_image_reads_every_block() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("checksum-frag");
+    let img = dir.join("frag.raw");
+    // 4 KiB of data every 8 KiB over 288 MiB: 73,728 data extents, as many holes.
+    let size = 288 * MIB as usize;
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size as u64).unwrap();
+    let mut data = vec![0u8; size];
+    for (i, at) in (0..size).step_by(8192).enumerate() {
+        let block = pattern_bytes(4096, i as u64 + 1);
+        f.write_all_at(&block, at as u64).unwrap();
+        data[at..at + 4096].copy_from_slice(&block);
+    }
+    drop(f);
+    let nbd = QemuNbd::start(&img, &dir.join("frag.sock"), NbdOpts::raw());
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let server = Server::start(&cfg, &[]);
+    server.add_nbd("frag", &nbd);
+    let r = server.get("/images/frag/checksum");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({
+            "algorithm": "blake2b",
+            "block_size": 4194304,
+            "checksum": blkhash::<Blake2b<U32>>(&data, 4 * MIB as usize),
+        })
+    );
+    assert_eq!(
+        server.log_count("image_id=frag: more than 65536 extents before offset 0"),
+        1,
+        "{}",
+        server.log()
+    );
 }

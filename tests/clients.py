@@ -10,7 +10,7 @@ CloudStack's oVirt-compatible API) against cloudstack-image-server with the
 server's default flags (but no HTTP Unix socket: these run over TCP), over
 plain HTTP and over HTTPS (a self-signed certificate passed as cafile):
 
-- OPTIONS advertises 4 writers and 8 readers, so the client runs 4 workers;
+- OPTIONS advertises 4 writers and 4 readers, so the client runs 4 workers;
 - upload() with 4 workers of a qcow2 with random data, allocated zeroes and
   unallocated clusters into a qcow2 exported by qemu-nbd (ranged PUTs and
   PATCH zero at once on one transfer), then `qemu-img compare`;
@@ -344,7 +344,7 @@ def advertises(server, cafile, unix_socket):
     """Raises unless OPTIONS of "dst" is the default one, with `unix_socket`."""
     got = options(server, "dst", cafile)
     want = {"unix_socket": unix_socket, "features": ["extents", "zero", "flush"],
-            "max_readers": 8, "max_writers": WORKERS}
+            "max_readers": 4, "max_writers": WORKERS}
     if got != want:
         raise AssertionError("OPTIONS {} != {}".format(got, want))
 
@@ -359,7 +359,7 @@ def imageio_scenario(binary, workdir, src, tls):
             raise RuntimeError("server says " + server.base)
 
         dst, dst_nbd = empty_destination(server, workdir, scheme + "-dst", nbds)
-        check(scheme + ": OPTIONS advertises 8 readers and 4 writers by default",
+        check(scheme + ": OPTIONS advertises 4 readers and 4 writers by default",
               lambda: advertises(server, cafile, None))
 
         def upload():

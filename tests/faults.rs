@@ -226,7 +226,7 @@ fn client_gone_mid_get_releases_the_request_slot() {
     let (tmp, cfg) = setup("gone-get");
     let data = raw_image(&tmp.join("a.raw"), 64 * MIB, MIB as usize, 6);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
-    let server = Server::start(&cfg, &["--max-requests", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1", "--max-waiting", "0"]);
     server.add_nbd("a", &nbd);
 
     let mut client = server.client();
@@ -257,7 +257,7 @@ fn client_gone_mid_put_releases_the_lock_and_request_slot() {
     let (tmp, cfg) = setup("gone-put");
     raw_image(&tmp.join("a.raw"), 16 * MIB, 0, 1);
     let nbd = QemuNbd::start(&tmp.join("a.raw"), &tmp.join("a.sock"), NbdOpts::raw());
-    let server = Server::start(&cfg, &["--max-requests", "1"]);
+    let server = Server::start(&cfg, &["--max-requests", "1", "--max-waiting", "0"]);
     server.add_nbd("a", &nbd);
 
     for ranged in [false, true] {

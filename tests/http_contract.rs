@@ -103,7 +103,7 @@ fn options_writable_nbd_asks_the_export() {
     assert_imageio_headers(&r, WRITABLE_METHODS);
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
     );
 
     // The limits come from the command line.
@@ -154,7 +154,7 @@ fn options_read_only_export_and_writes_refused() {
     assert_imageio_headers(&r, "GET, OPTIONS");
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["extents"],"max_readers":8,"max_writers":0}"#
+        r#"{"unix_socket":null,"features":["extents"],"max_readers":4,"max_writers":0}"#
     );
     assert_eq!(get_all(&env.server, "ro"), data);
     assert_eq!(

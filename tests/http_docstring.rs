@@ -79,7 +79,7 @@ fn docstring_examples_on_the_50mib_demo_disk() {
     let cwd = env.dir.join("client");
     std::fs::create_dir(&cwd).unwrap();
 
-    // curl -i -X OPTIONS http://127.0.0.1:54323/images/demo
+    // curl -i -X OPTIONS http://127.0.0.1:54322/images/demo
     let r = curl(&cwd, &["-i", "-X", "OPTIONS", &url(s, "")]);
     assert_eq!(r.code, 200, "{}", r.stderr);
     let text = r.text();
@@ -91,10 +91,10 @@ fn docstring_examples_on_the_50mib_demo_disk() {
     assert!(head.contains("\r\ncontent-type: application/json"));
     assert_eq!(
         body,
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
     );
 
-    // curl -v http://127.0.0.1:54323/images/demo -o demo.img
+    // curl -v http://127.0.0.1:54322/images/demo -o demo.img
     let r = curl(&cwd, &["-v", &url(s, ""), "-o", "demo.img"]);
     assert_eq!(r.code, 200, "{}", r.stderr);
     assert!(std::fs::read(cwd.join("demo.img")).unwrap() == data);
@@ -121,7 +121,7 @@ fn docstring_examples_on_the_50mib_demo_disk() {
     );
     assert!(std::fs::read(cwd.join("first_1MiB.bin")).unwrap() == data[..MIB as usize]);
 
-    // curl -v -T demo.img http://127.0.0.1:54323/images/demo
+    // curl -v -T demo.img http://127.0.0.1:54322/images/demo
     // The upload waits for `100 Continue`; a server that never sends it
     // would only get the body after the timeout, so the trace must show it.
     let mut upload = pattern_bytes(DEMO_SIZE as usize, 3);
@@ -275,7 +275,7 @@ fn docstring_examples_for_extents_zero_and_flush() {
         |s_: u64, l: u64, z: bool| json!({"start": s_, "length": l, "zero": z, "hole": false});
     let dext = |s_: u64, l: u64, d: bool, z: bool| json!({"start": s_, "length": l, "dirty": d, "zero": z});
 
-    // curl -s http://127.0.0.1:54323/images/demo/extents | jq .
+    // curl -s http://127.0.0.1:54322/images/demo/extents | jq .
     let r = curl(&cwd, &["-s", &url(s, "/extents")]);
     assert_eq!(
         json_of(&r),
@@ -288,7 +288,7 @@ fn docstring_examples_for_extents_zero_and_flush() {
             ext(GIB + MIB, GIB - MIB, true),
         ])
     );
-    // curl -s "http://127.0.0.1:54323/images/demo/extents?context=dirty" | jq .
+    // curl -s "http://127.0.0.1:54322/images/demo/extents?context=dirty" | jq .
     let r = curl(&cwd, &["-s", &url(s, "/extents?context=dirty")]);
     assert_eq!(
         json_of(&r),
@@ -301,7 +301,7 @@ fn docstring_examples_for_extents_zero_and_flush() {
             dext(GIB + MIB, GIB - MIB, false, true),
         ])
     );
-    // curl -s -X POST http://127.0.0.1:54323/images/demo/flush | jq .
+    // curl -s -X POST http://127.0.0.1:54322/images/demo/flush | jq .
     let r = curl(&cwd, &["-s", "-X", "POST", &url(s, "/flush")]);
     assert_eq!(json_of(&r), json!({"ok": true}));
 

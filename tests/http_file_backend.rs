@@ -44,7 +44,7 @@ fn options_of_a_file_transfer() {
     assert_imageio_headers(&r, FILE_METHODS);
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["flush"],"max_readers":4,"max_writers":4}"#
     );
     // The backend name is case-insensitive.
     let path = env.dir.join("disk.img");

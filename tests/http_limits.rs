@@ -1,7 +1,8 @@
 //! Limits and locks (the newest upstream server's model): requests of one
 //! transfer run concurrently (no 409), full-image PUTs of one image take
-//! turns, one server-wide bound (`--max-requests`) refused at once with 503,
-//! and clients that go away mid-request releasing everything they held.
+//! turns, one server-wide bound (`--max-requests`; with `--max-waiting 0`
+//! refused at once with 503, see tests/load.rs for the queue), and clients
+//! that go away mid-request releasing everything they held.
 //!
 //! "In flight" is made real without timing: a GET whose client does not read
 //! the body of a large image cannot finish, and a PUT whose client sent only
@@ -98,7 +99,7 @@ fn wait_on_disk(path: &std::path::Path, at: u64, want: &[u8]) {
 
 #[test]
 fn max_requests_refuses_the_next_data_request_at_once() {
-    let mut env = Env::new("maxreq", &["--max-requests", "2"]);
+    let mut env = Env::new("maxreq", &["--max-requests", "2", "--max-waiting", "0"]);
     let big = env.dir.join("big.img");
     raw_image(&big, BIG, 0, b"big");
     env.export("big", &big, NbdOpts::raw());
@@ -112,8 +113,12 @@ fn max_requests_refuses_the_next_data_request_at_once() {
     let new_a = pattern_bytes(size as usize, 3);
     let c2 = put_in_flight(s, "a", &new_a, 100 * KIB as usize, 1);
 
-    // Every other data request, on any image, is refused at once.
-    let busy = |r: Response| assert_err(&r, 503, "too many requests");
+    // Every other data request, on any image, is refused at once (no
+    // request may wait: --max-waiting 0).
+    let busy = |r: Response| {
+        assert_err(&r, 503, "too many requests");
+        assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
+    };
     busy(s.get("/images/small"));
     busy(s.request("GET", "/images/big", &[("Range", "bytes=0-9")], b""));
     busy(s.get("/images/small/checksum"));
@@ -272,7 +277,7 @@ fn check_others(done: Vec<(String, Response)>, initial: &[u8]) {
                 assert_eq!(r.status, 200, "{name}: {}", r.text());
                 assert_eq!(
                     r.text(),
-                    r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+                    r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
                 );
             }
             other => panic!("unexpected {other}"),
@@ -491,7 +496,7 @@ fn a_second_put_to_the_same_image_waits_for_the_first() {
 
 #[test]
 fn a_client_gone_mid_put_releases_lock_and_slot() {
-    let mut env = Env::new("putgone", &["--max-requests", "1"]);
+    let mut env = Env::new("putgone", &["--max-requests", "1", "--max-waiting", "0"]);
     let size = MIB;
     let (_, a_data) = env.raw_export("a", size, 11);
     env.raw_export("b", 64 * KIB, 12);

@@ -41,7 +41,7 @@ fn options_star_reports_every_feature_without_a_transfer() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
     );
     // "*" is not a transfer for anything else.
     assert_err(&server.get("/images/*"), 404, "unknown image_id");

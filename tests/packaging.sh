@@ -2,11 +2,12 @@
 # Checks the packages that `make package` built, then installs the .deb and
 # tests the installed server for real:
 #   1. .deb metadata and contents (dpkg-deb -I/-c): Depends libnbd0, Recommends
-#      qemu-utils, Installed-Size under 15 MB, binary, systemd unit, conffile,
-#      copyright with the license;
+#      qemu-utils, Installed-Size under 15 MB, binary, the standalone systemd
+#      unit and no unit named cloudstack-image-server.service, the agent's
+#      `imageserver` shim, conffile, copyright with the license;
 #   2. .rpm metadata and contents (rpm -qp): Requires libnbd, Recommends
-#      qemu-img, binary (the same size as the .deb's), unit, /etc/sysconfig
-#      config file, license;
+#      qemu-img, binary (the same size as the .deb's), the same units and
+#      shim, /etc/sysconfig config file, license;
 #   3. `apt-get install ./the.deb` (apt resolves the dependencies), then the
 #      installed /usr/bin/cloudstack-image-server: no .debug_info section,
 #      --version, shared libraries, and a GET of a qemu-nbd export whose
@@ -14,7 +15,15 @@
 #      SIGTERM must stop it within the unit's TimeoutStopSec;
 #   4. `systemd-analyze verify` of the installed unit (where available; the
 #      service is never started: this may be a container without systemd);
-#   5. `dpkg -r` keeps the conffile, `dpkg --purge` removes everything.
+#   5. the CloudStack agent's sequence against the installed package, twice:
+#      tests/agent_replay.py (python3 -m imageserver from where the agent's
+#      Script.findScript finds it, status, register, ovirt-imageio's client
+#      over HTTPS, unregister, SIGTERM). It stands in for systemd-run; what
+#      systemd-run checks first (no unit file may carry the transient unit's
+#      name) is checked here, in the unit directories;
+#   6. `dpkg -r` keeps the conffile, removes the shim and leaves nothing where
+#      the agent looks (it finds cloudstack-common's imageserver again),
+#      `dpkg --purge` removes everything.
 # Usage: tests/packaging.sh [TARGET_DIR]   (default: $CARGO_TARGET_DIR or target)
 # Needs root or sudo. Exits non-zero if any check fails; always cleans up.
 # The checks pass `eval '...'` strings: expanded when the check runs.
@@ -27,7 +36,12 @@ TARGET_DIR=${1:-${CARGO_TARGET_DIR:-target}}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$PWD/$TARGET_DIR" ;; esac
 BIN=/usr/bin/$PKG
 MAX_INSTALLED_KIB=15360
-STOP_TIMEOUT=$(sed -n "s/^TimeoutStopSec=\([0-9]*\)s\?$/\1/p" packaging/$PKG.service)
+UNIT_NAME=$PKG-standalone.service
+# The CloudStack agent's transient unit: no unit file may have this name.
+AGENT_UNIT=$PKG.service
+SHIM=usr/share/cloudstack-agent/lib/scripts/vm/hypervisor/kvm/imageserver
+COMMON_SHIM=/usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/imageserver
+STOP_TIMEOUT=$(sed -n "s/^TimeoutStopSec=\([0-9]*\)s\?$/\1/p" packaging/$UNIT_NAME)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -69,8 +83,15 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/csis-packaging-XXXXXX")
 SERVER_PID=""
 NBD_PID=""
 INSTALLED_BY_US=0
+DECOY_COMMON=0
+# The agent replay's server creates /var/run/cloudstack (its sockets are gone
+# after each stop): removed again when it was not there before.
+RUN_DIR_EXISTED=0
+[ -e /var/run/cloudstack ] && RUN_DIR_EXISTED=1
 cleanup() {
     set +e
+    [ "$DECOY_COMMON" = 1 ] && $SUDO rm -rf /usr/share/cloudstack-common
+    [ "$RUN_DIR_EXISTED" = 0 ] && $SUDO rmdir /var/run/cloudstack 2>/dev/null
     [ -n "$SERVER_PID" ] && kill -KILL "$SERVER_PID" 2>/dev/null
     [ -n "$NBD_PID" ] && kill "$NBD_PID" 2>/dev/null && wait "$NBD_PID" 2>/dev/null
     if [ "$INSTALLED_BY_US" = 1 ] && dpkg-query -W "$PKG" >/dev/null 2>&1; then
@@ -115,12 +136,16 @@ deb_has() { # PATH MODE-PREFIX
     grep -Eq "^$2 .* \./$1\$" "$WORK/deb.list"
 }
 check "deb ships /usr/bin/$PKG (0755)" deb_has "usr/bin/$PKG" '-rwxr-xr-x'
-if deb_has "lib/systemd/system/$PKG.service" '-rw-r--r--'; then
-    UNIT_IN_DEB=lib/systemd/system/$PKG.service
+if deb_has "lib/systemd/system/$UNIT_NAME" '-rw-r--r--'; then
+    UNIT_IN_DEB=lib/systemd/system/$UNIT_NAME
 else
-    UNIT_IN_DEB=usr/lib/systemd/system/$PKG.service
+    UNIT_IN_DEB=usr/lib/systemd/system/$UNIT_NAME
 fi
 check "deb ships the unit /$UNIT_IN_DEB" deb_has "$UNIT_IN_DEB" '-rw-r--r--'
+check "deb ships no $AGENT_UNIT (the agent's transient unit name)" eval '! grep -q "/$AGENT_UNIT\$" "$WORK/deb.list"'
+check "deb ships the agent's shim /$SHIM/__main__.py (0644)" deb_has "$SHIM/__main__.py" '-rw-r--r--'
+check "deb ships /$SHIM/__init__.py (0644)" deb_has "$SHIM/__init__.py" '-rw-r--r--'
+check "deb ships nothing under /usr/share/cloudstack-common" eval '! grep -q "\./usr/share/cloudstack-common" "$WORK/deb.list"'
 check "deb ships /etc/default/$PKG" deb_has "etc/default/$PKG" '-rw-r--r--'
 check "deb ships /usr/share/doc/$PKG/copyright" deb_has "usr/share/doc/$PKG/copyright" '-rw-r--r--'
 
@@ -128,7 +153,9 @@ mkdir "$WORK/deb-control" "$WORK/deb-root"
 dpkg-deb -e "$DEB" "$WORK/deb-control"
 dpkg-deb -x "$DEB" "$WORK/deb-root"
 check "deb conffiles lists /etc/default/$PKG" grep -qx "/etc/default/$PKG" "$WORK/deb-control/conffiles"
-check "deb unit is packaging/$PKG.service" cmp -s "$WORK/deb-root/$UNIT_IN_DEB" "packaging/$PKG.service"
+check "deb unit is packaging/$UNIT_NAME" cmp -s "$WORK/deb-root/$UNIT_IN_DEB" "packaging/$UNIT_NAME"
+check "deb shim is packaging/imageserver/__main__.py" cmp -s "$WORK/deb-root/$SHIM/__main__.py" packaging/imageserver/__main__.py
+check "deb prerm removes the shim's bytecode cache" grep -q "^rm -rf /$SHIM/__pycache__\$" "$WORK/deb-control/prerm"
 check "deb /etc/default file is packaging/$PKG.default" cmp -s "$WORK/deb-root/etc/default/$PKG" "packaging/$PKG.default"
 check "deb copyright holds the Apache-2.0 text" grep -q "Apache License" "$WORK/deb-root/usr/share/doc/$PKG/copyright"
 check "deb postinst does not start the service" eval '! grep -q "deb-systemd-invoke start" "$WORK/deb-control/postinst"'
@@ -144,8 +171,9 @@ rpmq --requires >"$WORK/rpm.requires"
 check "rpm Requires has libnbd" eval 'sed "s/ .*//" "$WORK/rpm.requires" | grep -qx libnbd'
 check "rpm Recommends has qemu-img" eval 'rpmq --recommends | sed "s/ .*//" | grep -qx qemu-img'
 rpmq --list >"$WORK/rpm.list"
-for f in /usr/bin/$PKG /usr/lib/systemd/system/$PKG.service /etc/sysconfig/$PKG \
-    /usr/share/licenses/$PKG/LICENSE; do
+check "rpm ships no $AGENT_UNIT" eval '! grep -q "/$AGENT_UNIT\$" "$WORK/rpm.list"'
+for f in /usr/bin/$PKG /usr/lib/systemd/system/$UNIT_NAME /etc/sysconfig/$PKG \
+    /$SHIM/__init__.py /$SHIM/__main__.py /usr/share/licenses/$PKG/LICENSE; do
     check "rpm ships $f" grep -qx "$f" "$WORK/rpm.list"
 done
 check "rpm marks /etc/sysconfig/$PKG as config" eval 'rpmq --configfiles | grep -qx /etc/sysconfig/$PKG'
@@ -173,11 +201,18 @@ check "dpkg reports $PKG $(deb_field Version) installed" \
 check "libnbd0 installed (pulled in by Depends)" eval 'dpkg-query -W -f="\${Status}" libnbd0 | grep -q "install ok installed"'
 UNIT=""
 for d in /lib/systemd/system /usr/lib/systemd/system; do
-    [ -f "$d/$PKG.service" ] && UNIT="$d/$PKG.service" && break
+    [ -f "$d/$UNIT_NAME" ] && UNIT="$d/$UNIT_NAME" && break
 done
 check "unit installed under /lib or /usr/lib/systemd/system" test -n "$UNIT"
+check "unit $UNIT_NAME has Conflicts=$AGENT_UNIT" eval 'grep -qx "Conflicts=$AGENT_UNIT" "$UNIT"'
+# systemd-run --unit=cloudstack-image-server fails with "Unit ... was already
+# loaded or has a fragment file" when a unit file of that name exists in one
+# of these directories; systemd is not running here, so check the files.
+fragments=$(ls -d /etc/systemd/system/$AGENT_UNIT /run/systemd/system/$AGENT_UNIT \
+    /lib/systemd/system/$AGENT_UNIT /usr/lib/systemd/system/$AGENT_UNIT 2>/dev/null || true)
+check "no unit file $AGENT_UNIT after install (${fragments:-none}): systemd-run can create it" test -z "$fragments"
 check "/etc/default/$PKG installed" test -f "/etc/default/$PKG"
-check "install does not enable the service" test ! -e "/etc/systemd/system/multi-user.target.wants/$PKG.service"
+check "install does not enable the service" test ! -e "/etc/systemd/system/multi-user.target.wants/$UNIT_NAME"
 check "$BIN has no .debug_info section" eval '! readelf -S -W "$BIN" | grep -q "\.debug_info"'
 check "$BIN finds all its shared libraries" eval '! ldd "$BIN" | grep -q "not found"'
 
@@ -248,10 +283,39 @@ else
     echo "# skip: systemd-analyze not available, unit not verified"
 fi
 
-# --- 5. removal -------------------------------------------------------------------
+# --- 5. the CloudStack agent's sequence ---------------------------------------------
+# cloudstack-common's own imageserver, where the agent would find it without
+# us: a stand-in when cloudstack-common is not installed (removed at the end).
+if [ ! -e /usr/share/cloudstack-common ]; then
+    DECOY_COMMON=1
+    $SUDO mkdir -p "$COMMON_SHIM"
+    printf 'raise SystemExit("cloudstack-common imageserver stand-in")\n' |
+        $SUDO tee "$COMMON_SHIM/__main__.py" >/dev/null
+fi
+for tool in socat qemu-nbd qemu-img qemu-io openssl; do
+    command -v "$tool" >/dev/null || { not_ok "$tool for the agent replay (scripts/deps.sh installs it)"; }
+done
+if PYTHON=$(scripts/imageio-venv.sh); then
+    if $SUDO "$PYTHON" tests/agent_replay.py >"$WORK/replay.log" 2>&1; then
+        ok "the agent's create -> transfer -> finalize cycle, twice (tests/agent_replay.py)"
+    else
+        not_ok "the agent's create -> transfer -> finalize cycle, twice (tests/agent_replay.py)"
+    fi
+    sed 's/^/#   /' "$WORK/replay.log"
+else
+    not_ok "ovirt-imageio virtualenv for the agent replay"
+fi
+
+# --- 6. removal -------------------------------------------------------------------
 $SUDO dpkg -r "$PKG" >/dev/null
 check "dpkg -r removes $BIN" test ! -e "$BIN"
 check "dpkg -r removes the unit" eval '[ -n "$UNIT" ] && [ ! -e "$UNIT" ]'
+check "dpkg -r leaves nothing of the shim (/$SHIM)" test ! -e "/$SHIM"
+if [ -e "$COMMON_SHIM/__main__.py" ] && [ -n "${PYTHON:-}" ]; then
+    found=$("$PYTHON" tests/agent_replay.py --find 2>&1 || true)
+    check "the agent finds cloudstack-common's imageserver again ($found)" \
+        test "$found" = "$COMMON_SHIM/__main__.py"
+fi
 check "dpkg -r keeps the conffile /etc/default/$PKG" test -f "/etc/default/$PKG"
 $SUDO dpkg --purge "$PKG" >/dev/null
 INSTALLED_BY_US=0

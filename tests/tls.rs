@@ -50,7 +50,7 @@ fn https_serves_reads_and_writes() {
     assert!(ok);
     assert_eq!(
         String::from_utf8_lossy(&body),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
     );
 
     // A ranged PUT over TLS, read back.

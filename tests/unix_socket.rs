@@ -47,7 +47,7 @@ fn assert_options_advertise<S: Read + Write>(c: &mut Client<S>, socket: &Path) {
     assert_eq!(
         all.text(),
         format!(
-            r#"{{"unix_socket":"{socket}","features":["extents","zero","flush"],"max_readers":8,"max_writers":4}}"#
+            r#"{{"unix_socket":"{socket}","features":["extents","zero","flush"],"max_readers":4,"max_writers":4}}"#
         )
     );
     let one = c.request("OPTIONS", "/images/img", &[], b"");
@@ -56,7 +56,7 @@ fn assert_options_advertise<S: Read + Write>(c: &mut Client<S>, socket: &Path) {
     assert_eq!(
         one.json(),
         json!({"unix_socket": socket, "features": ["extents", "zero", "flush"],
-               "max_readers": 8, "max_writers": 4})
+               "max_readers": 4, "max_writers": 4})
     );
 }
 
@@ -192,6 +192,8 @@ fn shares_the_request_limit_with_tcp() {
             sock.to_str().unwrap(),
             "--max-requests",
             "1",
+            "--max-waiting",
+            "0",
         ],
     );
     let mut env = Env {
@@ -292,7 +294,7 @@ fn empty_path_turns_it_off() {
     let r = server.request("OPTIONS", "/images/*", &[], b"");
     assert_eq!(
         r.text(),
-        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":8,"max_writers":4}"#
+        r#"{"unix_socket":null,"features":["extents","zero","flush"],"max_readers":4,"max_writers":4}"#
     );
     assert_eq!(server.log_count("HTTP unix socket"), 0, "{}", server.log());
     // Only the control socket in the config dir; nothing else made.

@@ -49,6 +49,12 @@ use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
 use crate::zeroes::ZEROES;
 
 /// Idle connections kept per transfer.
+/// The most block status pairs a checksum holds for its zero extents:
+/// 1 MiB of pairs and 1.5 MiB of extents (plus one reply of the server:
+/// qemu-nbd sends at most 131,072 pairs, 2 MiB), so that a checksum stays
+/// within a data request's few MiB.
+pub const CHECKSUM_MAX_EXTENTS: usize = 1 << 16;
+
 const MAX_IDLE: usize = 4;
 /// Bound on connect + handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -501,7 +507,9 @@ impl NbdHandle {
     }
 
     /// Extents whose `zero` flag means the range reads as zeroes (see
-    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`.
+    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`,
+    /// or when the image has more than [`CHECKSUM_MAX_EXTENTS`] (a checksum
+    /// then reads every block: slower, the same result, bounded memory).
     pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
         let size = self.size();
         if size == 0 {
@@ -510,7 +518,22 @@ impl NbdHandle {
         if !self.allocation_available() {
             return Ok(extents::whole(size, false));
         }
-        let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
+        let lists = match self.conn().block_status_at_most(
+            0,
+            size,
+            &[nbd::CONTEXT_BASE_ALLOCATION],
+            CHECKSUM_MAX_EXTENTS,
+        ) {
+            // Too fragmented to hold its extents: every block is read.
+            Err(e) if e.errno() == libc::E2BIG => {
+                log::info!(
+                    "image_id={}: {e}; checksum reads every block",
+                    self.lent.storage.id()
+                );
+                return Ok(extents::whole(size, false));
+            }
+            r => r.map_err(|e| self.lent.error(e))?,
+        };
         Ok(extents::reads_as_zero(&lists[0], size))
     }
 

@@ -17,6 +17,8 @@ pub struct ApiError {
     message: String,
     /// For 416: the image size, sent as `Content-Range: bytes */size`.
     unsatisfiable_size: Option<u64>,
+    /// For 503: seconds, sent as `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             status,
             message: message.into(),
             unsatisfiable_size: None,
+            retry_after: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -41,7 +44,16 @@ impl ApiError {
             status: StatusCode::RANGE_NOT_SATISFIABLE,
             message: "range not satisfiable".into(),
             unsatisfiable_size: Some(size),
+            retry_after: None,
         }
+    }
+    /// The same error, telling the client to try again in `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -76,6 +88,9 @@ impl ResponseError for ApiError {
         let mut b = HttpResponse::build(self.status);
         if let Some(size) = self.unsatisfiable_size {
             b.insert_header((header::CONTENT_RANGE, format!("bytes */{size}")));
+        }
+        if let Some(secs) = self.retry_after {
+            b.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
         b.content_type("application/json")
             .body(serde_json::json!({ "error": self.message }).to_string())

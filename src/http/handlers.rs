@@ -15,13 +15,15 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::limits::{RequestSlot, RequestSlots};
 use super::patch_op::{parse_patch_json, PatchOp};
 use super::range::{parse_content_range, parse_range, RangeError};
 use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
-use crate::direct_body::{DirectBody, Inbox, Outbox};
+use crate::direct_body::{Abort, DirectBody, Inbox, Outbox};
+use crate::head_timeout::HeadClock;
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
 
@@ -67,6 +69,20 @@ fn direct_inbox(req: &HttpRequest) -> Option<Inbox> {
     req.conn_data::<Inbox>().cloned()
 }
 
+/// A slot from `slots` for this request, waiting in its queue (see
+/// `super::limits`); the wait ends early when the request's client closes
+/// its connection.
+async fn slot(req: &HttpRequest, slots: &RequestSlots) -> Result<RequestSlot, ApiError> {
+    let clock = req.conn_data::<HeadClock>();
+    let gone = async {
+        match clock {
+            Some(clock) => clock.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    slots.acquire(gone).await
+}
+
 fn json_ok(value: &Value) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
@@ -74,8 +90,10 @@ fn json_ok(value: &Value) -> HttpResponse {
 }
 
 /// The single entry point: every request comes through here. What it asks
-/// for is decided by [`route`]; the request's lease ends in `finish`, or
-/// with a GET's body.
+/// for is decided by [`route`]; the request's lease ends in `finish`, with
+/// a GET's body, or with a write's last NBD write; a request dropped before
+/// its end keeps it until its backend work is over (see [`detached`] and
+/// `ops::write`).
 pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
     let (id, op) = match route(req.method(), req.path()) {
         Route::Info => return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))),
@@ -95,19 +113,44 @@ pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppSt
         .lookup(&id)
         .await
         .ok_or_else(ApiError::unknown_image)?;
-    let result = match op {
+    match op {
         // The body holds the lease and counts the request when it ends.
-        Op::Read => return get_image(&req, &state, t).await,
-        Op::Options => options(&state, &t).await,
-        Op::Head => head_image(&t).await,
-        Op::Extents => get_extents(&req, &t).await,
-        Op::Checksum => get_checksum(&req, &state, &t).await,
-        Op::Write => put(&req, payload, &state, &t).await,
-        Op::Patch => patch(&req, payload, &state, &t).await,
-        Op::Flush => flush(&t).await,
-        Op::UnknownTail => Err(ApiError::not_found()),
-    };
-    finish(result, t)
+        Op::Read => get_image(&req, &state, t).await,
+        // The write holds it until none of its writes is in flight.
+        Op::Write => put(&req, payload, &state, t).await,
+        Op::Patch => patch(&req, payload, &state, t).await,
+        Op::UnknownTail => finish(Err(ApiError::not_found()), t),
+        // A backend call each, without a body to read: run to the end.
+        op => {
+            detached(async move {
+                let result = match op {
+                    Op::Options => options(&state, &t).await,
+                    Op::Head => head_image(&t).await,
+                    Op::Extents => get_extents(&req, &state, &t).await,
+                    Op::Checksum => get_checksum(&req, &state, &t).await,
+                    Op::Flush => flush(&t).await,
+                    // Served above.
+                    Op::Read | Op::Write | Op::Patch | Op::UnknownTail => {
+                        Err(ApiError::not_found())
+                    }
+                };
+                finish(result, t)
+            })
+            .await
+        }
+    }
+}
+
+/// Runs `work` (which holds a request's lease, and slot if any) as a task
+/// of its own on the worker, and waits for it. If the request is dropped
+/// first (its connection closed, the server stopping), the work still runs
+/// to its end with what it holds: its blocking backend call cannot be
+/// stopped, and must not go on without them (unregister waits for the
+/// lease; the slot bounds the server's work).
+async fn detached(work: impl std::future::Future<Output = Res> + 'static) -> Res {
+    actix_web::rt::spawn(work)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::internal("internal error")))
 }
 
 /// Ends a request's use of its transfer: counted as served when it
@@ -185,17 +228,17 @@ fn caps_at_most(t: &Lease) -> Caps {
 }
 
 async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> Res {
-    let slot = state.requests.try_acquire()?;
     let range = header_str(req, header::RANGE)?;
     let spec = match range.map(parse_range).transpose() {
         Ok(s) => s,
         Err(RangeError::Invalid(_)) => return Err(ApiError::bad_request("invalid Range header")),
         Err(RangeError::Unsatisfiable) => None,
     };
+    let slot = slot(req, &state.requests).await?;
     let log = OpLog::start(
         "GET",
         t.id(),
-        format_args!("range={}", range.unwrap_or("-")),
+        format_args!("range={} {}", range.unwrap_or("-"), waited(&slot)),
     );
     let handle = ops::open(t.transfer()).await?;
     let size = handle.size();
@@ -218,8 +261,13 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     }
     // The body keeps the request slot and the lease until it is dropped. The
     // head goes out with the first chunk: a backend that fails (or times
-    // out) before it is a JSON error, not a truncated body.
-    let mut body = ops::read_stream(handle, start, len, log, t, slot, state.body_timeout);
+    // out) before it is a JSON error, not a truncated body. A client that
+    // takes no data for the body timeout loses its connection.
+    let stalled = ops::Stalled {
+        timeout: state.body_timeout,
+        connection: req.conn_data::<Abort>().cloned(),
+    };
+    let mut body = ops::read_stream(handle, start, len, log, t, slot, stalled);
     body.first_chunk().await?;
     // Written around actix-http's write buffer where the connection can
     // (every connection of this server; see `direct_body`).
@@ -229,6 +277,12 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
             .body(DirectBody::new(body, len, outbox.clone()))),
         None => Ok(resp.body(SizedStream::new(len, body))),
     }
+}
+
+/// How long a request waited for its slot, for its start log line
+/// (`make load` reads the wait times from these).
+fn waited(slot: &RequestSlot) -> String {
+    format!("slot_wait_ms={}", slot.waited().as_millis())
 }
 
 /// The body of a HEAD reply: declares the size a GET would send (actix
@@ -263,7 +317,7 @@ async fn head_image(t: &Lease) -> Res {
         .body(HeadBody(size)))
 }
 
-async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
+async fn get_extents(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease) -> Res {
     if !caps_at_most(t).extents {
         return Err(ApiError::bad_request(
             "extents not supported for file backend",
@@ -275,17 +329,96 @@ async fn get_extents(req: &HttpRequest, t: &Lease) -> Res {
         Some("dirty") => true,
         Some(_) => return Err(ApiError::bad_request("unsupported extents context")),
     };
+    let slot = slot(req, &state.extents).await?;
     let _log = OpLog::start(
         "EXTENTS",
         t.id(),
-        format_args!("context={}", context.as_deref().unwrap_or("-")),
+        format_args!(
+            "context={} {}",
+            context.as_deref().unwrap_or("-"),
+            waited(&slot)
+        ),
     );
-    let list = ops::extents(t.transfer(), dirty).await?;
-    let body = serde_json::to_vec(&list)
+    let resp = match ops::extents(t.transfer(), dirty).await? {
+        ops::ExtentList::Allocation(list) => json_array(list, slot)?,
+        ops::ExtentList::Dirty(list) => json_array(list, slot)?,
+    };
+    Ok(resp)
+}
+
+/// Extents serialised per response piece.
+const JSON_PIECE: usize = 4096;
+
+/// A 200 whose body is `items` as a JSON array, serialised a piece at a time
+/// as the client takes it (never the whole text at once: an extents list
+/// may hold a million entries); `guard` lives as long as the body.
+fn json_array<T, G>(items: Vec<T>, guard: G) -> Res
+where
+    T: serde::Serialize + Unpin + 'static,
+    G: Unpin + 'static,
+{
+    let mut len = Counter(0);
+    serde_json::to_writer(&mut len, &items)
         .map_err(|e| ApiError::internal(format!("cannot encode extents: {e}")))?;
+    let body = JsonArray {
+        items,
+        next: 0,
+        _guard: guard,
+    };
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(body))
+        .body(SizedStream::new(len.0, body)))
+}
+
+/// Counts the bytes written to it.
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The pieces of a JSON array, as `serde_json::to_writer` writes it whole.
+struct JsonArray<T, G> {
+    items: Vec<T>,
+    /// The next item to write (past the end: the array is closed).
+    next: usize,
+    _guard: G,
+}
+
+impl<T: serde::Serialize + Unpin, G: Unpin> futures_util::Stream for JsonArray<T, G> {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.next > this.items.len() {
+            return Poll::Ready(None);
+        }
+        let mut out = Vec::new();
+        if this.next == 0 {
+            out.push(b'[');
+        }
+        let end = (this.next + JSON_PIECE).min(this.items.len());
+        for (i, item) in this.items[this.next..end].iter().enumerate() {
+            if this.next + i > 0 {
+                out.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut out, item) {
+                return Poll::Ready(Some(Err(std::io::Error::other(e))));
+            }
+        }
+        this.next = end;
+        if end == this.items.len() {
+            out.push(b']');
+            this.next = end + 1;
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
 }
 
 /// `GET /images/{id}/checksum[?algorithm=…&block_size=…]`: imageio's
@@ -297,14 +430,15 @@ async fn get_checksum(req: &HttpRequest, state: &web::Data<AppState>, t: &Lease)
         query_param(req, "block_size")?.as_deref(),
     )
     .map_err(ApiError::bad_request)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     let mut log = OpLog::start(
         "CHECKSUM",
         t.id(),
         format_args!(
-            "algorithm={} block_size={}",
+            "algorithm={} block_size={} {}",
             params.algorithm.name(),
-            params.block_size
+            params.block_size,
+            waited(&slot)
         ),
     );
     let sum = ops::checksum(t.transfer(), params, &mut log).await?;
@@ -326,7 +460,7 @@ async fn put(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
@@ -337,7 +471,7 @@ async fn put(
     let flush = parse_flush_param(req)?;
     let content_range = match header_str(req, header::CONTENT_RANGE)? {
         None => None,
-        Some(_) if !caps_at_most(t).ranged_writes => {
+        Some(_) if !caps_at_most(&t).ranged_writes => {
             return Err(ApiError::bad_request(
                 "Content-Range PUT not supported for file backend; use full PUT",
             ))
@@ -349,17 +483,18 @@ async fn put(
     };
     // Full-image PUTs of one image run one at a time (the next waits here,
     // holding no slot); ranged PUTs run concurrently with everything.
-    let _lock = match content_range {
+    let lock = match content_range {
         None => Some(state.locks.lock(t.id()).await),
         Some(_) => None,
     };
-    let _slot = state.requests.try_acquire()?;
-    let mut log = OpLog::start(
+    let slot = slot(req, &state.requests).await?;
+    let log = OpLog::start(
         "PUT",
         t.id(),
         format_args!(
-            "content_length={length} content_range={} flush={flush}",
-            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-")
+            "content_length={length} content_range={} flush={flush} {}",
+            header_str(req, header::CONTENT_RANGE)?.unwrap_or("-"),
+            waited(&slot)
         ),
     );
     let writer = ops::open_writer(t.transfer()).await?;
@@ -378,7 +513,7 @@ async fn put(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, start, flush, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, start, flush, log, t, (slot, lock)).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
     ))
@@ -388,9 +523,9 @@ async fn patch(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
 ) -> Res {
-    if !caps_at_most(t).ranged_writes {
+    if !caps_at_most(&t).ranged_writes {
         return Err(ApiError::bad_request(
             "range writes and PATCH not supported for file backend; use PUT for full upload",
         ));
@@ -403,9 +538,9 @@ async fn patch(
         .trim()
         .to_ascii_lowercase();
     let range = header_str(req, header::RANGE)?;
-    let _slot = state.requests.try_acquire()?;
+    let slot = slot(req, &state.requests).await?;
     if let (Some(range), false) = (range, content_type == "application/json") {
-        return patch_range(req, payload, state, t, range).await;
+        return patch_range(req, payload, state, t, slot, range).await;
     }
     if content_type != "application/json" {
         return Err(ApiError::new(
@@ -418,14 +553,20 @@ async fn patch(
         return Err(ApiError::bad_request("Invalid Content-Length"));
     }
     let body = read_small_body(&mut payload, length as usize, state).await?;
-    match parse_patch_json(&body)? {
-        PatchOp::Flush => flush(t).await,
-        PatchOp::Zero {
-            offset,
-            size,
-            flush,
-        } => zero(t, offset, size, flush).await,
-    }
+    let op = parse_patch_json(&body)?;
+    detached(async move {
+        let result = match op {
+            PatchOp::Flush => flush(&t).await,
+            PatchOp::Zero {
+                offset,
+                size,
+                flush,
+            } => zero(&t, offset, size, flush).await,
+        };
+        drop(slot);
+        finish(result, t)
+    })
+    .await
 }
 
 /// Reads a small body of exactly `length` bytes (already bounded by the caller).
@@ -460,7 +601,8 @@ async fn patch_range(
     req: &HttpRequest,
     mut payload: Payload,
     state: &web::Data<AppState>,
-    t: &Lease,
+    t: Lease,
+    slot: RequestSlot,
     range: &str,
 ) -> Res {
     let length = content_length(req)?;
@@ -468,10 +610,10 @@ async fn patch_range(
         return Err(ApiError::bad_request("Content-Length must be positive"));
     }
     let spec = parse_range(range).map_err(|e| ApiError::from_range(e, "Range", 0))?;
-    let mut log = OpLog::start(
+    let log = OpLog::start(
         "PATCH range",
         t.id(),
-        format_args!("range={range} content_length={length}"),
+        format_args!("range={range} content_length={length} {}", waited(&slot)),
     );
     let writer = ops::open_writer(t.transfer()).await?;
     // Never `None`: a replacing writer takes no range writes (refused above).
@@ -491,7 +633,7 @@ async fn patch_range(
         timeout: state.body_timeout,
         direct: direct_inbox(req),
     };
-    let written = ops::write(body, writer, a, false, &mut log, t.transfer()).await?;
+    let written = ops::write(body, writer, a, false, log, t, slot).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }
 

@@ -17,7 +17,7 @@ use actix_web::middleware::DefaultHeaders;
 use actix_web::web;
 
 use crate::transfers::Transfers;
-use limits::{ImageLocks, RequestSlots};
+use limits::{ImageLocks, Queue, RequestSlots, MAX_EXTENTS_LISTS};
 
 /// `Access-Control-Allow-Methods` on every response that does not set its own.
 pub const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
@@ -32,8 +32,11 @@ pub struct AppState {
     /// What OPTIONS advertises per writable transfer: writes one client may
     /// run in parallel on it.
     pub max_writers: usize,
-    /// The server-wide bound on data requests in flight.
+    /// The server-wide bound on data requests in flight, and their queue.
     pub requests: RequestSlots,
+    /// The server-wide bound on extents lists being built (never behind
+    /// data requests).
+    pub extents: RequestSlots,
     /// Full-image PUTs of one image run one at a time.
     pub locks: ImageLocks,
     /// Longest wait for the next piece of a request body.
@@ -48,13 +51,15 @@ impl AppState {
         max_readers: usize,
         max_writers: usize,
         max_requests: usize,
+        queue: Queue,
         body_timeout: Duration,
     ) -> AppState {
         AppState {
             transfers,
             max_readers,
             max_writers,
-            requests: RequestSlots::new(max_requests),
+            requests: RequestSlots::new("data request", max_requests, queue),
+            extents: RequestSlots::new("extents request", MAX_EXTENTS_LISTS, queue),
             locks: ImageLocks::new(),
             body_timeout,
             unix_socket: None,

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::connection::Connection;
 use super::error::{Error, Result};
-use super::MAX_BLOCK_STATUS;
+use super::{MAX_BLOCK_STATUS, MAX_EXTENTS};
 
 impl Connection {
     /// Block status of `offset..offset+len` for each of `contexts` (which must
@@ -20,11 +20,26 @@ impl Connection {
     /// have equal flags (replies are not merged here; see `crate::extents`).
     /// Queries in steps of up to 4 GiB and continues from wherever the
     /// server's replies stop; each query waits at most the command timeout.
+    /// Fails with `E2BIG` once the lists hold more than [`MAX_EXTENTS`]
+    /// pairs together (memory: at most that many, 16 bytes each, plus one
+    /// reply: qemu-nbd sends at most 131,072 pairs per context a reply).
     pub fn block_status(
         &mut self,
         offset: u64,
         len: u64,
         contexts: &[&str],
+    ) -> Result<Vec<Vec<(u64, u32)>>> {
+        self.block_status_at_most(offset, len, contexts, MAX_EXTENTS)
+    }
+
+    /// [`Connection::block_status`], failing with `E2BIG` once the lists
+    /// hold more than `max` pairs together.
+    pub fn block_status_at_most(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+        max: usize,
     ) -> Result<Vec<Vec<(u64, u32)>>> {
         self.check_range(offset, len)?;
         self.check_alive()?;
@@ -65,6 +80,13 @@ impl Connection {
                 return Err(Error::new(
                     libc::EIO,
                     "internal error in block status callback",
+                ));
+            }
+            let held: usize = s.extents.iter().map(Vec::len).sum();
+            if held > max {
+                return Err(Error::new(
+                    libc::E2BIG,
+                    format!("more than {max} extents before offset {from}"),
                 ));
             }
             let next = s.covered.iter().copied().min().unwrap_or(end);

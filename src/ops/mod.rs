@@ -23,7 +23,7 @@ mod read;
 mod simple;
 mod write;
 
-pub use read::{read_stream, ReadBody};
+pub use read::{read_stream, ReadBody, Stalled};
 pub use simple::{checksum, extents, flush, zero, ExtentList};
 pub use write::{write, Body};
 
@@ -34,7 +34,9 @@ use actix_web::rt::task::spawn_blocking;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::backend::nbd::NbdQueue;
 use crate::backend::{BackendError, Handle, Writer};
+use crate::nbd::Retired;
 use crate::transfers::Transfer;
 
 /// Why an operation failed. The HTTP layer turns each into its response
@@ -116,6 +118,22 @@ pub async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
         return Err(OpError::ReadOnly);
     }
     Ok(writer)
+}
+
+/// Waits until no command of `queue` is in flight, handing each that
+/// retires to `retired`. A fatal error (the connection died or timed out)
+/// ends the wait: nothing more can retire then. A request that stops early
+/// calls it before it gives back what it holds, so that nothing it started
+/// outlives it.
+async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
+    while queue.queued() > 0 {
+        let before = queue.queued();
+        match std::future::poll_fn(|cx| queue.poll_oldest(cx)).await {
+            Ok(done) => retired(done),
+            Err(_) if queue.queued() < before => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each

@@ -15,9 +15,10 @@ use futures_util::Stream;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
+use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::nbd::NbdHandle;
 use crate::backend::{BackendError, Handle};
+use crate::direct_body::Abort;
 use crate::nbd::Retired;
 use crate::transfers::{Lease, Transfer};
 
@@ -25,8 +26,7 @@ use crate::transfers::{Lease, Transfer};
 /// long as the response (the request's lease, reader slot, log line). The
 /// request counts as served once its last byte is handed on; a body dropped
 /// earlier (backend error, client gone) counts as failed. The reader drops
-/// the lease and guard early when the client stops reading (see
-/// `read_stream`).
+/// the lease and guard itself when it stops early (see `read_stream`).
 pub struct ReadBody<G> {
     rx: mpsc::Receiver<Result<Bytes, BackendError>>,
     /// The first chunk, taken early by [`ReadBody::first_chunk`].
@@ -104,10 +104,12 @@ impl<G> Stream for ReadBody<G> {
 /// socket is full, so the backend is not left waiting each time the client
 /// side stalls. A backend error ends the stream with an error, so the client
 /// sees a truncated body (the length was promised in the headers), never a
-/// clean short one. A client that takes no data for `stall_timeout` is
-/// given up on: the reader stops, the backend and `guard` (slot, lease) are
-/// released, and its body ends in an error. Must be called on the worker's
-/// runtime.
+/// clean short one. A client that takes no data for the stall timeout is
+/// given up on (see [`Stalled`]): its connection is closed, and the reader
+/// stops. A reader that stops early (the client gone or stalled, a backend
+/// error nobody took) releases the backend, then `guard` (slot) and the
+/// lease, once the reads it had in flight have retired. Must be called on
+/// the worker's runtime.
 pub fn read_stream<G: Send + 'static>(
     handle: Handle,
     start: u64,
@@ -115,7 +117,7 @@ pub fn read_stream<G: Send + 'static>(
     log: OpLog,
     mut lease: Lease,
     guard: G,
-    stall_timeout: Duration,
+    stalled: Stalled,
 ) -> ReadBody<G> {
     if len == 0 {
         lease.served();
@@ -124,7 +126,7 @@ pub fn read_stream<G: Send + 'static>(
     let out = Sender {
         tx,
         id: log.id.clone(),
-        stall_timeout,
+        stalled,
     };
     let transfer = lease.transfer().clone();
     let held: Held<G> = Arc::new(Mutex::new(Some((lease, guard))));
@@ -144,71 +146,96 @@ pub fn read_stream<G: Send + 'static>(
     }
 }
 
+/// When a GET's client counts as gone though still connected, and what
+/// then ends its connection.
+pub struct Stalled {
+    /// The client took no data for this long.
+    pub timeout: Duration,
+    /// The connection to close then (with every buffer it holds: actix's,
+    /// the socket's, a chunk half written); `None` on a connection that
+    /// cannot be aborted, where only the request's own resources go.
+    pub connection: Option<Abort>,
+}
+
 /// Where a GET reader sends its chunks.
 struct Sender {
     tx: mpsc::Sender<Result<Bytes, BackendError>>,
     id: String,
-    stall_timeout: Duration,
+    stalled: Stalled,
 }
 
 impl Sender {
     /// Sends a chunk read at `offset`; false when the reader must stop: the
-    /// client is gone, or took nothing for `stall_timeout` (then the lease
-    /// and guard in `held` are released now, not when actix gives up).
-    async fn send<G>(&self, chunk: Bytes, offset: u64, held: &Held<G>) -> bool {
-        match tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(chunk))).await {
+    /// client is gone, or took nothing for the stall timeout (then its
+    /// connection is closed).
+    async fn send(&self, chunk: Bytes, offset: u64) -> bool {
+        match tokio::time::timeout(self.stalled.timeout, self.tx.send(Ok(chunk))).await {
             Ok(Ok(())) => true,
             Ok(Err(_)) => {
                 log::info!("GET client disconnected image_id={} at={offset}", self.id);
                 false
             }
             Err(_) => {
-                self.stalled(offset, held);
+                self.stalled(offset);
                 false
             }
         }
     }
 
-    /// The client took nothing for `stall_timeout`: releases the lease and
-    /// guard now, not when actix gives up.
-    fn stalled<G>(&self, offset: u64, held: &Held<G>) {
+    /// The client took nothing for the stall timeout: closes its
+    /// connection.
+    fn stalled(&self, offset: u64) {
+        let secs = self.stalled.timeout.as_secs();
         log::warn!(
-            "GET client stopped reading image_id={} at={offset}: released after {}s",
+            "GET client stopped reading image_id={} at={offset}: connection closed after {secs}s",
             self.id,
-            self.stall_timeout.as_secs()
         );
-        drop(held.lock().take());
+        if let Some(c) = &self.stalled.connection {
+            c.abort(format!("the client took no data for {secs} s"));
+        }
     }
 
     /// Ends the body with `e`, read at `offset`; waits for the client at
-    /// most `stall_timeout`, like [`Sender::send`]. A timeout was logged by
-    /// the backend already.
-    async fn fail<G>(&self, offset: u64, e: BackendError, held: &Held<G>) {
+    /// most the stall timeout, like [`Sender::send`] (false then). A
+    /// timeout was logged by the backend already.
+    async fn fail(&self, offset: u64, e: BackendError) -> bool {
         if !matches!(e, BackendError::Timeout(_)) {
             log::error!("GET error image_id={} offset={offset} err={e}", self.id);
         }
-        if tokio::time::timeout(self.stall_timeout, self.tx.send(Err(e)))
-            .await
-            .is_err()
-        {
-            self.stalled(offset, held);
+        let sent = tokio::time::timeout(self.stalled.timeout, self.tx.send(Err(e))).await;
+        if sent.is_err() {
+            self.stalled(offset);
         }
+        sent.is_ok()
     }
 }
 
+/// Gives back the lease and guard of a GET whose reader stopped early (its
+/// body may live on a little, until actix drops it).
+fn release<G>(held: &Held<G>) {
+    drop(held.lock().take());
+}
+
 /// Reads an NBD export with up to `WINDOW` requests in flight, sending the
-/// chunks in order; stops when the body is dropped or stalls.
+/// chunks in order. Stops when the body is dropped or stalls, once the
+/// reads in flight have retired.
 async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held: Held<G>) {
     let mut handle = match handle.into_queue() {
         Ok(q) => q,
-        Err(e) => return out.fail(start, e, &held).await,
+        Err(e) => {
+            if !out.fail(start, e).await {
+                release(&held);
+            }
+            return;
+        }
     };
     let size = CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)).max(1);
     let buffers = Buffers::new(size);
     let end = start + len;
     let mut next = start;
     let mut sent = start;
-    let result: Result<(), BackendError> = async {
+    // Whether every chunk was handed on.
+    let result: Result<bool, BackendError> = async {
         loop {
             while handle.queued() < WINDOW && next < end {
                 let n = (end - next).min(size as u64) as usize;
@@ -216,7 +243,7 @@ async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held:
                 next += n as u64;
             }
             if handle.queued() == 0 {
-                return Ok(());
+                return Ok(true);
             }
             // A chunk is read as several requests; the last one gives it back.
             let (buf, n) = loop {
@@ -224,17 +251,25 @@ async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held:
                     break (buf, n);
                 }
             };
-            if !out.send(buffers.lend(buf, n), sent, &held).await {
-                handle.discard();
-                return Ok(());
+            if !out.send(buffers.lend(buf, n), sent).await {
+                return Ok(false);
             }
             sent += n as u64;
         }
     }
     .await;
-    if let Err(e) = result {
-        handle.discard();
-        out.fail(sent, e, &held).await;
+    if matches!(result, Ok(true)) {
+        return;
+    }
+    handle.discard();
+    retire_all(&mut handle, |_| ()).await;
+    let delivered = match result {
+        Err(e) => out.fail(sent, e).await,
+        Ok(_) => false,
+    };
+    // A delivered error ends the body, which then ends the request.
+    if !delivered {
+        release(&held);
     }
 }
 
@@ -256,11 +291,14 @@ fn read_in_thread<G: Send + 'static>(
             let mut buf = buffers.get();
             if let Err(e) = handle.read_at(&mut buf[..n], off) {
                 handle.discard();
-                rt.block_on(out.fail(off, e, &held));
+                if !rt.block_on(out.fail(off, e)) {
+                    release(&held);
+                }
                 return;
             }
-            if !rt.block_on(out.send(buffers.lend(buf, n), off, &held)) {
-                return;
+            if !rt.block_on(out.send(buffers.lend(buf, n), off)) {
+                // No read is in flight on a file.
+                return release(&held);
             }
             off += n as u64;
         }

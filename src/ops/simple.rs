@@ -57,14 +57,21 @@ pub enum ExtentList {
 /// or the export does not offer it).
 pub async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpError> {
     let mut h = open(t).await?;
+    let id = t.id().to_string();
     blocking(move || {
-        if !dirty {
-            return Ok(ExtentList::Allocation(h.allocation_extents()?));
-        }
-        Ok(ExtentList::Dirty(match h.dirty_extents()? {
-            Some(list) => list,
-            None => extents::all_dirty(&h.allocation_extents()?),
-        }))
+        let list = (|| {
+            if !dirty {
+                return Ok(ExtentList::Allocation(h.allocation_extents()?));
+            }
+            Ok(ExtentList::Dirty(match h.dirty_extents()? {
+                Some(list) => list,
+                None => extents::all_dirty(&h.allocation_extents()?),
+            }))
+        })();
+        list.map_err(|e: crate::backend::BackendError| {
+            log::error!("EXTENTS error image_id={id} err={e}");
+            OpError::from(e)
+        })
     })
     .await
 }

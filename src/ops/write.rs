@@ -12,14 +12,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
+use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileUpload;
 use crate::backend::nbd::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Writer};
 use crate::direct_body::Inbox;
 use crate::nbd::Retired;
 use crate::stats::TransferStats;
-use crate::transfers::Transfer;
+use crate::transfers::Lease;
 use crate::zeroes::is_zero;
 
 /// Granularity of zero detection in uploads: qcow2's default cluster size,
@@ -61,6 +61,93 @@ impl Written {
     fn retired(&mut self, r: Retired) {
         if let Retired::Done(n) = r {
             self.add(n);
+        }
+    }
+}
+
+/// What a write request holds until no write of it is in flight: the
+/// count of what it wrote, its log line, guard (request slot, full-PUT
+/// lock) and lease. Dropped, it ends them in that order (as a handler's
+/// locals end): the log line says what landed before the next full PUT
+/// may start, and before the lease ends (which an unregister waits for);
+/// the request counts as failed unless its lease was marked served.
+struct Held<G> {
+    written: Written,
+    log: Option<OpLog>,
+    guard: Option<G>,
+    lease: Lease,
+}
+
+impl<G> Held<G> {
+    fn log(&mut self) -> &mut OpLog {
+        self.log.as_mut().expect("the log line ends with Held")
+    }
+}
+
+impl<G> Drop for Held<G> {
+    fn drop(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            log.bytes = self.written.bytes;
+        }
+        drop(self.guard.take());
+        // Then the lease (a field).
+    }
+}
+
+/// An NBD write's queue and what its request holds. Whatever ends the
+/// request, they go together: when dropped with commands still in flight
+/// (the handler was dropped: a client reset, a TLS stream cut, shutdown), a
+/// task of its own on the worker takes them and waits for every command to
+/// retire, counting what landed, before anything is given back. Nothing
+/// blocks the event loop.
+struct Inflight<G: Send + 'static> {
+    queue: Option<NbdQueue>,
+    held: Option<Held<G>>,
+}
+
+impl<G: Send + 'static> Inflight<G> {
+    /// The queue and the count (present until the end).
+    fn parts(&mut self) -> (&mut NbdQueue, &mut Written) {
+        match (&mut self.queue, &mut self.held) {
+            (Some(q), Some(h)) => (q, &mut h.written),
+            _ => unreachable!("an Inflight is whole until it ends"),
+        }
+    }
+
+    /// No command is in flight: the connection goes back (or is closed),
+    /// then what the request holds is returned.
+    fn finish(mut self) -> Option<Held<G>> {
+        drop(self.queue.take());
+        self.held.take()
+    }
+}
+
+impl<G: Send + 'static> Drop for Inflight<G> {
+    fn drop(&mut self) {
+        let (Some(mut queue), Some(mut held)) = (self.queue.take(), self.held.take()) else {
+            return;
+        };
+        if queue.queued() == 0 {
+            drop(queue);
+            return drop(held);
+        }
+        queue.discard();
+        let drain = async move {
+            retire_all(&mut queue, |r| held.written.retired(r)).await;
+            let op = held.log().op;
+            log::info!(
+                "{op} image_id={} ended with NBD writes in flight: {} bytes landed",
+                held.lease.id(),
+                held.written.bytes
+            );
+            drop(queue);
+            drop(held);
+        };
+        // The worker's runtime, whose reactor the queue is registered with.
+        // Without one (the runtime is going away) the queue is closed here.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(drain)),
+            Err(_) => drop(drain),
         }
     }
 }
@@ -332,73 +419,93 @@ pub struct Body<'a> {
 /// read with at most `timeout` between pieces; a body that ends early or
 /// stalls is an error, and nothing is committed for a replacing writer.
 /// All-zero runs become zero requests where the backend can zero (the
-/// export keeps them sparse). Returns the bytes written. Returns only once
-/// no write of this request is in flight, so the caller's locks cover
-/// every write. Bytes are added to the transfer's stats as the backend
-/// completes them.
-pub async fn write(
+/// export keeps them sparse). Returns the bytes written; bytes are added to
+/// the transfer's stats as the backend completes them.
+///
+/// The request's `lease` (counted as served on success), `guard` and `log`
+/// are given back only once no write of the request is in flight, however
+/// the request ends: also when this future is dropped before it completes
+/// (see [`Inflight`]; for a file, its writer thread holds them).
+pub async fn write<G: Send + 'static>(
     body: Body<'_>,
     writer: Writer,
     offset: u64,
     flush: bool,
-    log: &mut OpLog,
-    t: &Arc<Transfer>,
+    log: OpLog,
+    lease: Lease,
+    guard: G,
 ) -> Result<u64, OpError> {
     if matches!(writer, Writer::Replace(_)) && offset != 0 {
         return Err(OpError::NotSupported(
             "ranged writes are not supported by the file backend",
         ));
     }
+    let id = log.id.clone();
     let mut body = BodyChunks::new(body);
-    let mut written = Written {
-        bytes: 0,
-        stats: t.stats().clone(),
-    };
-    let result = match writer {
-        Writer::At(h) => match h.caps() {
-            Ok(caps) => write_nbd(&mut body, h, offset, caps.can_zero, flush, &mut written).await,
-            Err(e) => Err(Failure::Backend(e)),
+    let held = Held {
+        written: Written {
+            bytes: 0,
+            stats: lease.stats().clone(),
         },
-        Writer::Replace(u) => write_file(&mut body, u, flush, &mut written).await,
+        log: Some(log),
+        guard: Some(guard),
+        lease,
     };
-    log.bytes = written.bytes;
-    log.direct = Some(body.direct_bytes);
-    match result {
-        Ok(()) => Ok(written.bytes),
+    let (result, held) = match writer {
+        Writer::At(h) => write_nbd(&mut body, h, offset, flush, held).await,
+        Writer::Replace(u) => write_file(&mut body, u, flush, held).await,
+    };
+    let written = held.as_ref().map_or(0, |h| h.written.bytes);
+    let result = match result {
+        Ok(()) => Ok(written),
         Err(Failure::Client(e)) => Err(e),
         Err(Failure::Backend(e)) => {
             // A timeout was logged by the backend already.
             if !matches!(e, BackendError::Timeout(_)) {
-                log::error!("write error image_id={} err={e}", log.id);
+                log::error!("write error image_id={id} err={e}");
             }
             Err(e.into())
         }
+    };
+    if let Some(mut held) = held {
+        held.log().direct = Some(body.direct_bytes);
+        if result.is_ok() {
+            held.lease.served();
+        }
     }
+    result
 }
 
 /// Writes the body to an NBD export with up to `WINDOW` requests in flight
 /// (to disjoint ranges, so their order does not matter), keeping them moving
 /// while the next chunk arrives. On failure, waits for what is in flight.
-async fn write_nbd(
+/// Gives `held` back once nothing is (`None`: lost with a writer thread).
+async fn write_nbd<G: Send + 'static>(
     body: &mut BodyChunks<'_>,
     handle: NbdHandle,
     offset: u64,
-    zero_ok: bool,
     flush: bool,
-    written: &mut Written,
-) -> Result<(), Failure> {
-    let mut handle = handle.into_queue().map_err(Failure::Backend)?;
-    let r = pump_nbd(body, &mut handle, offset, zero_ok, flush, written).await;
+    held: Held<G>,
+) -> (Result<(), Failure>, Option<Held<G>>) {
+    let queue = match handle
+        .caps()
+        .and_then(|caps| Ok((caps, handle.into_queue()?)))
+    {
+        Ok(q) => q,
+        Err(e) => return (Err(Failure::Backend(e)), Some(held)),
+    };
+    let (caps, queue) = queue;
+    let mut inflight = Inflight {
+        queue: Some(queue),
+        held: Some(held),
+    };
+    let (queue, written) = inflight.parts();
+    let r = pump_nbd(body, queue, offset, caps.can_zero, flush, written).await;
     if r.is_err() {
-        handle.discard();
-        while handle.queued() > 0 {
-            match poll_fn(|cx| handle.poll_oldest(cx)).await {
-                Ok(done) => written.retired(done),
-                Err(_) => break,
-            }
-        }
+        queue.discard();
+        retire_all(queue, |r| written.retired(r)).await;
     }
-    r
+    (r, inflight.finish())
 }
 
 async fn pump_nbd(
@@ -475,32 +582,32 @@ async fn pump_nbd(
 
 /// Writes the body to a new file on a blocking thread, committing it only
 /// when every byte arrived.
-async fn write_file(
+async fn write_file<G: Send + 'static>(
     body: &mut BodyChunks<'_>,
     upload: FileUpload,
     flush: bool,
-    written: &mut Written,
-) -> Result<(), Failure> {
+    mut held: Held<G>,
+) -> (Result<(), Failure>, Option<Held<G>>) {
     let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(DEPTH);
-    let stats = written.stats.clone();
+    // The thread holds what the request holds until its last write: if
+    // this future is dropped, it finds the channel closed and ends there.
     let writer = spawn_blocking(move || {
         let mut upload = upload;
-        let mut written = 0u64;
-        loop {
+        let result = loop {
             match rx.blocking_recv() {
                 Some(Some(b)) => {
                     if let Err(e) = upload.write(&b) {
-                        return (written, Err(e));
+                        break Err(e);
                     }
-                    written += b.len() as u64;
-                    stats.add_written(b.len() as u64);
+                    held.written.add(b.len() as u64);
                 }
                 // Every byte arrived.
-                Some(None) => return (written, upload.commit(flush).map(|_| ())),
+                Some(None) => break upload.commit(flush).map(|_| ()),
                 // The body failed: the upload is dropped, the target unchanged.
-                None => return (written, Err(BackendError::Io("upload aborted".into()))),
+                None => break Err(BackendError::Io("upload aborted".into())),
             }
-        }
+        };
+        (result, held)
     });
     let mut client_error = None;
     loop {
@@ -521,14 +628,15 @@ async fn write_file(
         }
     }
     drop(tx);
-    let (n, result) = writer
-        .await
-        .unwrap_or_else(|_| (0, Err(BackendError::Io("writer thread panicked".into()))));
-    written.bytes = n;
-    match client_error {
+    let (result, held) = match writer.await {
+        Ok((result, held)) => (result, Some(held)),
+        Err(_) => (Err(BackendError::Io("writer thread panicked".into())), None),
+    };
+    let result = match client_error {
         Some(e) => Err(Failure::Client(e)),
         None => result.map_err(Failure::Backend),
-    }
+    };
+    (result, held)
 }
 
 #[cfg(test)]

@@ -174,6 +174,19 @@ impl<S: Read + Write> Client<S> {
         self.read_one(false)
     }
 
+    /// Reads what the server sends until it closes the connection (or the
+    /// read fails): how many bytes came.
+    pub fn read_until_closed(&mut self) -> usize {
+        let mut n = 0;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k,
+            }
+        }
+    }
+
     /// The buffered reader of the connection (to read a body piecewise).
     pub fn reader(&mut self) -> &mut BufReader<S> {
         &mut self.stream

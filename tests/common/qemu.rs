@@ -190,9 +190,11 @@ impl QemuNbd {
             .arg(socket)
             .arg("--persistent")
             .arg(format!("--shared={}", opts.shared))
-            .arg("--cache=writeback")
-            .arg("-f")
-            .arg(&opts.format);
+            .arg("--cache=writeback");
+        // No format: `image` is an `--image-opts` spec (in `extra`).
+        if !opts.format.is_empty() {
+            cmd.arg("-f").arg(&opts.format);
+        }
         if opts.read_only {
             cmd.arg("--read-only");
         }
