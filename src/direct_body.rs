@@ -96,9 +96,10 @@
 //!
 //! [`HeadDeadline`]: crate::head_timeout::HeadDeadline
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,22 +114,83 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::sys::RecvLowat;
-
 /// The most a direct read waits for (`SO_RCVLOWAT`): the worker wakes once
 /// per this many body bytes instead of once per segment or two.
 const LOW_WATER: usize = 256 * 1024;
 
-/// Sets the connection's receive low-water mark, if it has one; a socket
-/// that refuses it keeps the kernel's default from then on.
-fn low_water(lowat: &mut Option<RecvLowat>, bytes: usize) {
-    if let Some(lw) = lowat {
-        if let Err(e) = lw.set(bytes) {
-            log::debug!("SO_RCVLOWAT: {e}");
-            *lowat = None;
+/// The receive low-water mark a connection's direct reads want while they
+/// wait (`SO_RCVLOWAT`): shared by its [`DirectIo`], which says what it
+/// wants before each read, and the [`LowWaterStream`] at the bottom of the
+/// stream, which sets it on the socket when a read would block. One worker
+/// thread.
+#[derive(Clone)]
+pub struct LowWater(Rc<Cell<usize>>);
+
+impl Default for LowWater {
+    /// The kernel's default mark: 1.
+    fn default() -> Self {
+        LowWater(Rc::new(Cell::new(1)))
+    }
+}
+
+impl LowWater {
+    /// The mark to set if the next read would block (at least 1).
+    fn want(&self, bytes: usize) {
+        self.0.set(bytes.max(1));
+    }
+}
+
+/// A TCP stream whose receive low-water mark follows its connection's
+/// [`LowWater`]. The mark matters only while a reader waits (a
+/// non-blocking receive returns what is queued whatever the mark), so it is
+/// set when a read would block, and only when it changes: a direct read
+/// that waits then wakes once per up to [`LOW_WATER`] bytes; actix's reads
+/// want 1 again. A socket that refuses the mark keeps the kernel's default.
+pub struct LowWaterStream<T> {
+    io: T,
+    mark: LowWater,
+    /// The mark the socket has.
+    set: usize,
+    refused: bool,
+}
+
+impl<T> LowWaterStream<T> {
+    pub fn new(io: T, mark: LowWater) -> Self {
+        LowWaterStream {
+            io,
+            mark,
+            set: 1,
+            refused: false,
         }
     }
 }
+
+impl<T: AsyncRead + AsFd + Unpin> AsyncRead for LowWaterStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let want = this.mark.0.get();
+        if r.is_pending() && want != this.set && !this.refused {
+            // Lowering it signals the bytes already queued (tcp(7)); raising
+            // it after data arrived below it was signalled already: either
+            // way the waker registered above is woken when it should be.
+            match crate::sys::set_recv_lowat(this.io.as_fd(), want) {
+                Ok(()) => this.set = want,
+                Err(e) => {
+                    log::debug!("SO_RCVLOWAT: {e}");
+                    this.refused = true;
+                }
+            }
+        }
+        r
+    }
+}
+
+crate::head_timeout::write_through!(LowWaterStream);
 
 /// The chunk a connection is to write before anything else, and whether its
 /// first byte went out yet. Shared by the connection's stream and the body
@@ -378,9 +440,10 @@ pub struct DirectIo<T> {
     inbox: Inbox,
     abort: Abort,
     write_deadline: Option<WriteDeadline>,
-    /// The socket's receive low-water mark (plain TCP only): raised while
-    /// a direct read waits, back to 1 before actix reads again.
-    lowat: Option<RecvLowat>,
+    /// The receive low-water mark its reads want while they wait (set on
+    /// the socket by a [`LowWaterStream`] under it, plain TCP only): up to
+    /// [`LOW_WATER`] for a direct read, 1 for actix's.
+    low_water: LowWater,
 }
 
 impl<T> DirectIo<T> {
@@ -391,14 +454,14 @@ impl<T> DirectIo<T> {
             inbox: Inbox::default(),
             abort: Abort::default(),
             write_deadline: None,
-            lowat: None,
+            low_water: LowWater::default(),
         }
     }
 
-    /// Direct reads that wait wait for up to [`LOW_WATER`] bytes (see
-    /// [`RecvLowat`]); `lowat` is `io`'s socket.
-    pub fn with_recv_lowat(mut self, lowat: Option<RecvLowat>) -> Self {
-        self.lowat = lowat;
+    /// Direct reads that wait wait for up to [`LOW_WATER`] bytes, through
+    /// `mark`, the handle of the [`LowWaterStream`] at the bottom of `io`.
+    pub fn with_low_water(mut self, mark: LowWater) -> Self {
+        self.low_water = mark;
         self
     }
 
@@ -501,7 +564,7 @@ impl<T: AsyncRead + Unpin> DirectIo<T> {
             // bytes of room, so that actix does not make room by moving
             // what it holds before its next read (which waits, below).
             Mode::Armed if buf.remaining() > PROBE_SPARE => {
-                low_water(&mut this.lowat, 1);
+                this.low_water.want(1);
                 let room = buf.remaining() - PROBE_SPARE;
                 let mut probe = ReadBuf::new(buf.initialize_unfilled_to(room));
                 let r = ready!(Pin::new(&mut this.io).poll_read(cx, &mut probe));
@@ -515,7 +578,7 @@ impl<T: AsyncRead + Unpin> DirectIo<T> {
             }
             Mode::Off | Mode::Armed | Mode::Direct { budget: 0, .. } => {
                 drop(s);
-                low_water(&mut this.lowat, 1);
+                this.low_water.want(1);
                 Pin::new(&mut this.io).poll_read(cx, buf)
             }
             Mode::Direct {
@@ -525,13 +588,15 @@ impl<T: AsyncRead + Unpin> DirectIo<T> {
             } if chunk.len() < *want => {
                 let room =
                     (*want - chunk.len()).min(usize::try_from(*budget).unwrap_or(usize::MAX));
+                // If it has to wait, for up to LOW_WATER of the body's
+                // bytes at once (never more than are still to come).
+                this.low_water.want(room.min(LOW_WATER));
                 let polled = tokio_util::io::poll_read_buf(
                     Pin::new(&mut this.io),
                     cx,
                     &mut chunk.limit(room),
                 );
                 let Poll::Ready(got) = polled else {
-                    low_water(&mut this.lowat, room.min(LOW_WATER));
                     return Poll::Pending;
                 };
                 let got = got?;
@@ -717,6 +782,59 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// The mark a connection's reads want reaches its socket when a read
+    /// would block, and only then; the reader is woken once it is reached.
+    #[tokio::test]
+    async fn low_water_is_set_on_the_socket_when_a_read_waits() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (sock, _) = l.accept().await.unwrap();
+        let mark = LowWater::default();
+        let mut s = LowWaterStream::new(sock, mark.clone());
+        let kernel = |s: &LowWaterStream<tokio::net::TcpStream>| {
+            crate::sys::recv_lowat(s.io.as_fd()).unwrap()
+        };
+        let mut buf = [0u8; 64];
+        let mut poll_once = |s: &mut LowWaterStream<tokio::net::TcpStream>| {
+            let mut rb = ReadBuf::new(&mut buf);
+            let r = futures_util::FutureExt::now_or_never(poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut *s).poll_read(cx, &mut rb))
+            }))
+            .unwrap();
+            match r {
+                Poll::Pending => (true, 0),
+                Poll::Ready(r) => {
+                    r.unwrap();
+                    (false, rb.filled().len())
+                }
+            }
+        };
+        mark.want(8192);
+        assert_eq!(kernel(&s), 1, "not set before a read waits");
+        assert_eq!(poll_once(&mut s), (true, 0));
+        assert_eq!(kernel(&s), 8192);
+        // Bytes queued below the mark wake no one; reaching it does.
+        client.write_all(&[7u8; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll_once(&mut s), (true, 0));
+        client.write_all(&[7u8; 8092]).await.unwrap();
+        let mut got = 0;
+        for _ in 0..500 {
+            got += poll_once(&mut s).1;
+            if got == 8192 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, 8192);
+        assert_eq!(kernel(&s), 8192);
+        mark.want(1);
+        assert_eq!(poll_once(&mut s), (true, 0));
+        assert_eq!(kernel(&s), 1);
+    }
 
     /// A chunk's buffer that counts its drops.
     struct Owned(Vec<u8>, Arc<AtomicUsize>);

@@ -26,12 +26,11 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::control::ControlSocket;
-use crate::direct_body::DirectIo;
+use crate::direct_body::{DirectIo, LowWater, LowWaterStream};
 use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::limits::{ConnLimit, Queue};
 use crate::http::{self, AppState};
 use crate::request_gate::RequestGate;
-use crate::sys::RecvLowat;
 use crate::tls::{Fill, ReadAhead};
 use crate::transfers::{self, Transfers};
 use crate::unix_socket;
@@ -288,10 +287,11 @@ fn http_server(
                     fn_service(move |io: TcpStream| {
                         let peer = io.peer_addr().ok();
                         set_nodelay(&io);
-                        let lowat = recv_lowat(&io);
+                        let mark = LowWater::default();
+                        let io = LowWaterStream::new(io, mark.clone());
                         ready(
                             conn.wrap(io, peer)
-                                .map(|(io, proto, peer)| (io.with_recv_lowat(lowat), proto, peer)),
+                                .map(|(io, proto, peer)| (io.with_low_water(mark), proto, peer)),
                         )
                     })
                     .and_then(http)
@@ -337,14 +337,6 @@ fn set_nodelay(io: &TcpStream) {
     if let Err(e) = io.set_nodelay(true) {
         log::debug!("TCP_NODELAY: {e}");
     }
-}
-
-/// The handle that lets direct reads of PUT bodies wait for more than a
-/// segment (see `direct_body`); None (reads as before) if it fails.
-fn recv_lowat(io: &TcpStream) -> Option<RecvLowat> {
-    RecvLowat::new(io)
-        .map_err(|e| log::debug!("SO_RCVLOWAT handle: {e}"))
-        .ok()
 }
 
 /// Binds every address `addr` resolves to (SO_REUSEADDR, a backlog of 1024,

@@ -4,44 +4,7 @@
 //! server.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-
-/// A socket's receive low-water mark (`SO_RCVLOWAT`, socket(7)): while it
-/// is `n`, the kernel reports the socket readable, and wakes a reader, only
-/// once `n` bytes are queued (or the peer closed, or an error is pending).
-/// Held through a duplicate of the socket's descriptor, so that it can be
-/// kept beside a stream that owns the original.
-#[derive(Debug)]
-pub struct RecvLowat {
-    fd: OwnedFd,
-    /// The mark last set (1, the kernel's default, until one is set).
-    current: usize,
-}
-
-impl RecvLowat {
-    /// For the socket `sock` (a duplicate of its descriptor).
-    pub fn new(sock: &impl AsFd) -> io::Result<Self> {
-        Ok(RecvLowat {
-            fd: sock.as_fd().try_clone_to_owned()?,
-            current: 1,
-        })
-    }
-
-    /// Sets the mark to `bytes` (at least 1), unless it is already that.
-    pub fn set(&mut self, bytes: usize) -> io::Result<()> {
-        let bytes = bytes.max(1);
-        if bytes != self.current {
-            set_recv_lowat(self.fd.as_fd(), bytes)?;
-            self.current = bytes;
-        }
-        Ok(())
-    }
-
-    /// The mark last set.
-    pub fn get(&self) -> usize {
-        self.current
-    }
-}
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// `setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, bytes)`; `bytes` above
 /// `c_int::MAX` is set as `c_int::MAX`.
@@ -95,6 +58,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
     use std::time::Duration;
 
     fn pair() -> (TcpStream, TcpStream) {
@@ -108,11 +72,9 @@ mod tests {
     fn the_kernel_holds_the_mark_set_and_the_handle_follows_it() {
         let (_a, b) = pair();
         assert_eq!(recv_lowat(b.as_fd()).expect("get"), 1);
-        let mut lw = RecvLowat::new(&b).expect("dup");
-        lw.set(65536).expect("set");
+        set_recv_lowat(b.as_fd(), 65536).expect("set");
         assert_eq!(recv_lowat(b.as_fd()).expect("get"), 65536);
-        assert_eq!(lw.get(), 65536);
-        lw.set(0).expect("set");
+        set_recv_lowat(b.as_fd(), 1).expect("set");
         assert_eq!(recv_lowat(b.as_fd()).expect("get"), 1);
         // Passed as c_int::MAX; TCP caps the mark at what its receive
         // buffer may grow to (on Linux half of net.ipv4.tcp_rmem's maximum).
@@ -128,9 +90,8 @@ mod tests {
     async fn readiness_waits_for_the_mark_and_lowering_it_wakes() {
         let (mut a, b) = pair();
         b.set_nonblocking(true).expect("nonblocking");
-        let mut lw = RecvLowat::new(&b).expect("dup");
         let b = tokio::net::TcpStream::from_std(b).expect("tokio stream");
-        lw.set(8).expect("set");
+        set_recv_lowat(b.as_fd(), 8).expect("set");
         a.write_all(b"1234").expect("write");
         assert!(
             tokio::time::timeout(Duration::from_millis(300), b.readable())
@@ -138,7 +99,7 @@ mod tests {
                 .is_err(),
             "readable with 4 bytes queued below a mark of 8"
         );
-        lw.set(1).expect("set");
+        set_recv_lowat(b.as_fd(), 1).expect("set");
         tokio::time::timeout(Duration::from_secs(10), b.readable())
             .await
             .expect("readable once the mark is lowered")
@@ -147,7 +108,7 @@ mod tests {
         assert_eq!(b.try_read(&mut buf).expect("read"), 4);
         assert_eq!(&buf[..4], b"1234");
 
-        lw.set(8).expect("set");
+        set_recv_lowat(b.as_fd(), 8).expect("set");
         a.write_all(b"5678").expect("write");
         a.write_all(b"9abc").expect("write");
         let mut got = Vec::new();
