@@ -176,7 +176,7 @@ impl Connection {
     }
 
     /// The longest wait for a reply (see [`ConnectOptions::command_timeout`]).
-    pub fn command_timeout(&self) -> Option<Duration> {
+    pub(crate) fn command_timeout(&self) -> Option<Duration> {
         self.command_timeout
     }
 
@@ -339,7 +339,7 @@ impl Connection {
     /// Checks, without a round trip, that an idle connection is still usable:
     /// not dead, and the server has not closed the socket (an idle NBD
     /// socket with nothing in flight has nothing to read unless it hung up).
-    pub fn probe_alive(&self) -> bool {
+    pub(crate) fn probe_alive(&self) -> bool {
         if self.is_dead() {
             return false;
         }
