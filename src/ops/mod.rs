@@ -141,9 +141,9 @@ async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
 /// ones. The backend reads a chunk as several NBD requests (see
 /// `backend::nbd::PIPELINE_REQUEST`) and writes it as one.
 pub(crate) const CHUNK: usize = 512 * 1024;
-/// NBD requests in flight per transfer (2 MiB of reads, 4 MiB of writes):
-/// hides qemu-nbd's per-request latency (it serves the requests of one
-/// connection concurrently).
+/// NBD requests a GET or PUT keeps in flight on the NBD connection it holds
+/// (2 MiB of reads, 4 MiB of writes): hides qemu-nbd's per-request latency
+/// (it serves the requests of one connection concurrently).
 const WINDOW: usize = 8;
 /// Chunks read ahead of the client (beyond those in flight).
 const DEPTH: usize = 2;
