@@ -38,8 +38,4 @@ fn main() {
     bindings
         .write_to_file(out.join("bindings.rs"))
         .expect("could not write libnbd bindings");
-
-    // Let dependents know which optional entry points exist in this libnbd
-    // (Debian 12 ships 1.14 without the 64-bit block status API).
-    println!("cargo:version={}", lib.version);
 }

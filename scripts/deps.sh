@@ -8,6 +8,8 @@
 # compiler to link, pkg-config, libnbd's headers (>= 1.14, for libnbd-sys's
 # bindgen) and libclang. It checks for each of those, not for packages, so a
 # machine that already builds the crate installs nothing.
+# Before anything is installed, it checks that rustc is at least Cargo.toml's
+# rust-version and stops, saying what to do, when it is older.
 set -euo pipefail
 
 SUDO=""
@@ -27,6 +29,30 @@ for a in "$@"; do
         *) extra+=("$a") ;;
     esac
 done
+
+# The Rust toolchain first, before any package is installed: cargo, and a
+# rustc at least Cargo.toml's rust-version (the newest rust-version of the
+# locked dependencies; an older rustc fails in the middle of the build).
+rust_min=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$(dirname "$0")/../Cargo.toml" | head -n 1)
+if ! command -v cargo >/dev/null; then
+    echo "deps: cargo not found: install a Rust toolchain (rustc >= $rust_min), e.g. from https://rustup.rs" >&2
+    exit 1
+fi
+rust_have=$("${RUSTC:-rustc}" --version 2>/dev/null | awk '{print $2}') || rust_have=""
+rust_have=${rust_have%%-*}
+if [ -z "$rust_have" ] || [ "$(printf '%s\n%s\n' "$rust_min" "$rust_have" | sort -V | head -n 1)" != "$rust_min" ]; then
+    if [ -z "$rust_have" ]; then
+        echo "deps: \`${RUSTC:-rustc} --version\` failed: this crate needs rustc $rust_min or newer" >&2
+    else
+        echo "deps: rustc $rust_have is older than $rust_min, the minimum this crate and its locked dependencies need (rust-version in Cargo.toml)" >&2
+    fi
+    if command -v rustup >/dev/null; then
+        echo "deps: run \`rustup update\` (or \`rustup default stable\` if a pinned older toolchain is the default)" >&2
+    else
+        echo "deps: install Rust $rust_min or newer, e.g. from https://rustup.rs (a distribution's rustc is often older)" >&2
+    fi
+    exit 1
+fi
 
 # install_missing NAME...: installs those of NAME not installed yet.
 if command -v apt-get >/dev/null; then
@@ -111,7 +137,3 @@ if [ $clients = 1 ] && ! nbdkit curl --help >/dev/null 2>&1; then
     fi
 fi
 
-if ! command -v cargo >/dev/null; then
-    echo "deps: cargo not found: install a Rust toolchain (>= 1.80), e.g. from https://rustup.rs" >&2
-    exit 1
-fi

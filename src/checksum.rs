@@ -31,18 +31,18 @@ use crate::zeroes::{is_zero, ZEROES};
 
 const MIB: u64 = 1024 * 1024;
 /// imageio's default block size.
-pub const DEFAULT_BLOCK_SIZE: u64 = 4 * MIB;
+pub(crate) const DEFAULT_BLOCK_SIZE: u64 = 4 * MIB;
 /// Smallest and largest block size accepted (imageio's limits).
-pub const MIN_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE / 4;
-pub const MAX_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE * 4;
+pub(crate) const MIN_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE / 4;
+pub(crate) const MAX_BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE * 4;
 /// Block sizes must be multiples of this.
-pub const BLOCK_ALIGNMENT: u64 = 4096;
+pub(crate) const BLOCK_ALIGNMENT: u64 = 4096;
 /// Buffers per request: one being read while the other is hashed.
 const BUFFERS: usize = 2;
 /// Bytes per buffer: a block is read in pieces of at most this.
-pub const PIECE: usize = 2 * 1024 * 1024;
+pub(crate) const PIECE: usize = 2 * 1024 * 1024;
 /// The most a checksum request holds in buffers.
-pub const MAX_BUFFERED: usize = BUFFERS * PIECE;
+pub(crate) const MAX_BUFFERED: usize = BUFFERS * PIECE;
 // Within a data request's budget (see `crate::ops`), whatever the block size.
 const _: () = assert!(MAX_BUFFERED <= 4 * 1024 * 1024);
 
@@ -51,7 +51,7 @@ const _: () = assert!(MAX_BUFFERED <= 4 * 1024 * 1024);
 /// cannot pass). imageio offers whatever its Python and OpenSSL have; these
 /// are the ones every imageio client has too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     Blake2b,
     Blake2s,
     Md5,
@@ -68,7 +68,7 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every algorithm, sorted by name (the order of the algorithms list).
-    pub const ALL: [Algorithm; 12] = [
+    pub(crate) const ALL: [Algorithm; 12] = [
         Algorithm::Blake2b,
         Algorithm::Blake2s,
         Algorithm::Md5,
@@ -84,10 +84,10 @@ impl Algorithm {
     ];
 
     /// imageio's default.
-    pub const DEFAULT: Algorithm = Algorithm::Blake2b;
+    pub(crate) const DEFAULT: Algorithm = Algorithm::Blake2b;
 
     /// The name as Python's hashlib spells it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Algorithm::Blake2b => "blake2b",
             Algorithm::Blake2s => "blake2s",
@@ -104,19 +104,19 @@ impl Algorithm {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Algorithm> {
+    pub(crate) fn from_name(name: &str) -> Option<Algorithm> {
         Self::ALL.into_iter().find(|a| a.name() == name)
     }
 
     /// Every name, sorted.
-    pub fn names() -> Vec<&'static str> {
+    pub(crate) fn names() -> Vec<&'static str> {
         Self::ALL.iter().map(|a| a.name()).collect()
     }
 }
 
 /// What a checksum request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Params {
+pub(crate) struct Params {
     pub algorithm: Algorithm,
     pub block_size: u64,
 }
@@ -141,7 +141,10 @@ impl Params {
     /// Validates the query parameters `algorithm` and `block_size` (absent:
     /// imageio's defaults) in imageio's order and with its messages; the
     /// error is the message of a 400.
-    pub fn parse(algorithm: Option<&str>, block_size: Option<&str>) -> Result<Params, String> {
+    pub(crate) fn parse(
+        algorithm: Option<&str>,
+        block_size: Option<&str>,
+    ) -> Result<Params, String> {
         let algorithm = match algorithm {
             None => Algorithm::DEFAULT,
             Some(a) => Algorithm::from_name(a).ok_or_else(|| {
@@ -176,7 +179,7 @@ impl Params {
 
 /// The reply, field for field as imageio sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Checksum {
+pub(crate) struct Checksum {
     pub algorithm: &'static str,
     pub block_size: u64,
     pub checksum: String,
@@ -424,7 +427,7 @@ where
 /// The checksum of the whole image behind `handle`. Blocking; memory:
 /// [`MAX_BUFFERED`] bytes of buffers, and the image's zero extents. On
 /// error the handle is marked not reusable.
-pub fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
+pub(crate) fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
     let result = (|| {
         let size = handle.size();
         let extents = handle.reads_as_zero_extents()?;

@@ -9,21 +9,21 @@ use std::time::Duration;
 use serde_json::Value;
 
 /// A config file larger than this is refused (`image_server.py` reads 4 KiB).
-pub const MAX_CONFIG_BYTES: u64 = 4096;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 4096;
 /// Longest accepted transfer id (one file name component).
-pub const MAX_ID_LEN: usize = 255;
+pub(crate) const MAX_ID_LEN: usize = 255;
 /// `idle_timeout_seconds` below 1 means this; so does its absence from a
 /// config file (`image_server.py` had no idle timeout).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(86400);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(86400);
 /// A transfer registered over the control socket without
 /// `idle_timeout_seconds` is dropped after this long without a request, as
 /// CloudStack's newer image server does: an agent that forgets to
 /// unregister (or dies) leaves no transfer behind for a day.
-pub const REGISTERED_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const REGISTERED_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where a config comes from: decides the idle timeout when it sets none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// Registered over the control socket.
     Registered,
     /// A file in the config dir.
@@ -32,7 +32,7 @@ pub enum Source {
 
 impl Source {
     /// How the control socket's `status` names it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Source::Registered => "registered",
             Source::ConfigDir => "config_dir",
@@ -40,7 +40,7 @@ impl Source {
     }
 
     /// The idle timeout of a config without `idle_timeout_seconds`.
-    pub fn default_idle_timeout(self) -> Duration {
+    pub(crate) fn default_idle_timeout(self) -> Duration {
         match self {
             Source::Registered => REGISTERED_IDLE_TIMEOUT,
             Source::ConfigDir => DEFAULT_IDLE_TIMEOUT,
@@ -77,7 +77,7 @@ impl TransferConfig {
 
     /// Validates a config given as a JSON value. Keys the server does not
     /// use (such as the `token` newer agents send) are accepted and ignored.
-    pub fn from_value(value: &Value, source: Source) -> Result<TransferConfig, String> {
+    pub(crate) fn from_value(value: &Value, source: Source) -> Result<TransferConfig, String> {
         let obj = value
             .as_object()
             .ok_or_else(|| "config must be a JSON object".to_string())?;
@@ -162,7 +162,7 @@ fn required_path(v: Option<&Value>, key: &str) -> Result<PathBuf, String> {
 
 /// A transfer id is one path component: not empty, not `.` or `..`, without
 /// `/`, `\` or NUL, at most 255 bytes.
-pub fn valid_transfer_id(id: &str) -> bool {
+pub(crate) fn valid_transfer_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id != "."

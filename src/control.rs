@@ -36,16 +36,14 @@ use crate::unix_socket::{self, SocketFile};
 
 /// Where the agent expects the control socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
-/// Mode of the socket file: the agent (root or the cloud group) only.
-pub use crate::unix_socket::SOCKET_MODE;
 /// Longest accepted request line.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Time a client has to send its whole request.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to take the reply.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control connections served at once; more get an error reply at once.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// After the reply, what the client still sends (the rest of an oversized
 /// request) is read and dropped, up to this much and this long, so that
 /// closing does not reset the connection before the client read the reply.
@@ -54,7 +52,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A bound control socket. Its file is removed when this is dropped (if it
 /// is still the one we made).
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: UnixListener,
     file: SocketFile,
 }
@@ -63,7 +61,7 @@ impl ControlSocket {
     /// Binds `path` (see [`unix_socket::bind`]: parent directory created,
     /// a stale socket replaced, mode 0660). Must run inside the tokio
     /// runtime.
-    pub fn bind(path: &Path) -> io::Result<ControlSocket> {
+    pub(crate) fn bind(path: &Path) -> io::Result<ControlSocket> {
         let (listener, file) = unix_socket::bind(path, "control socket")?;
         listener.set_nonblocking(true)?;
         Ok(ControlSocket {
@@ -72,7 +70,7 @@ impl ControlSocket {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.file.path()
     }
 
@@ -80,7 +78,7 @@ impl ControlSocket {
     /// bounds how long an unregister waits for requests in flight before
     /// it replies with an error (the transfer is still dropped once they
     /// end).
-    pub async fn serve(self, state: Arc<Transfers>, unregister_wait: Duration) {
+    pub(crate) async fn serve(self, state: Arc<Transfers>, unregister_wait: Duration) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = match self.listener.accept().await {
@@ -252,7 +250,7 @@ fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
 ///   (from its config; absent there: 600 registered, 86400 config dir)
 /// - `started_at`: when the server made the transfer, Unix time in seconds
 /// - `closed`: refuses new requests (being unregistered, or idle)
-pub fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value {
+pub(crate) fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value {
     let s = t.stats().snapshot();
     json!({
         "transfer_id": t.id(),

@@ -124,7 +124,7 @@ const LOW_WATER: usize = 256 * 1024;
 /// stream, which sets it on the socket when a read would block. One worker
 /// thread.
 #[derive(Clone)]
-pub struct LowWater(Rc<Cell<usize>>);
+pub(crate) struct LowWater(Rc<Cell<usize>>);
 
 impl Default for LowWater {
     /// The kernel's default mark: 1.
@@ -146,7 +146,7 @@ impl LowWater {
 /// set when a read would block, and only when it changes: a direct read
 /// that waits then wakes once per up to [`LOW_WATER`] bytes; actix's reads
 /// want 1 again. A socket that refuses the mark keeps the kernel's default.
-pub struct LowWaterStream<T> {
+pub(crate) struct LowWaterStream<T> {
     io: T,
     mark: LowWater,
     /// The mark the socket has.
@@ -155,7 +155,7 @@ pub struct LowWaterStream<T> {
 }
 
 impl<T> LowWaterStream<T> {
-    pub fn new(io: T, mark: LowWater) -> Self {
+    pub(crate) fn new(io: T, mark: LowWater) -> Self {
         LowWaterStream {
             io,
             mark,
@@ -196,7 +196,7 @@ crate::head_timeout::write_through!(LowWaterStream);
 /// first byte went out yet. Shared by the connection's stream and the body
 /// being sent on it (one worker thread).
 #[derive(Debug, Clone, Default)]
-pub struct Outbox(Rc<RefCell<Pending>>);
+pub(crate) struct Outbox(Rc<RefCell<Pending>>);
 
 #[derive(Debug, Default)]
 struct Pending {
@@ -228,7 +228,7 @@ const PROBE_SPARE: usize = 1024;
 /// Shared by the connection's stream and the body reader (one worker
 /// thread).
 #[derive(Debug, Clone, Default)]
-pub struct Inbox(Rc<RefCell<Intake>>);
+pub(crate) struct Inbox(Rc<RefCell<Intake>>);
 
 #[derive(Debug, Default)]
 struct Intake {
@@ -280,7 +280,7 @@ impl Intake {
 impl Inbox {
     /// Asks for the rest of the current request's body (see the module docs):
     /// false if the stream is not free for it.
-    pub fn arm(&self) -> bool {
+    pub(crate) fn arm(&self) -> bool {
         let mut s = self.0.borrow_mut();
         if !matches!(s.mode, Mode::Off) || s.owed > 0 {
             return false;
@@ -292,13 +292,13 @@ impl Inbox {
     /// Whether a piece of the body that ends at `end` (an address in
     /// actix's read buffer) ends where the probe read did: then the body
     /// reader has every byte actix read.
-    pub fn is_probe_end(&self, end: usize) -> bool {
+    pub(crate) fn is_probe_end(&self, end: usize) -> bool {
         matches!(self.0.borrow().mode, Mode::Probed(e) if e == end)
     }
 
     /// After the probe was found: the next `budget` bytes of the stream
     /// are the rest of the body, to be read into `buf` up to `want` bytes.
-    pub fn start(&self, buf: Vec<u8>, want: usize, budget: u64) {
+    pub(crate) fn start(&self, buf: Vec<u8>, want: usize, budget: u64) {
         let mut s = self.0.borrow_mut();
         debug_assert!(matches!(s.mode, Mode::Probed(_)));
         s.mode = Mode::Direct {
@@ -310,7 +310,7 @@ impl Inbox {
     }
 
     /// The chunk being read into, once full.
-    pub fn take_full(&self) -> Option<Vec<u8>> {
+    pub(crate) fn take_full(&self) -> Option<Vec<u8>> {
         let mut s = self.0.borrow_mut();
         match &mut s.mode {
             Mode::Direct { buf, want, .. } if buf.as_ref().is_some_and(|b| b.len() == *want) => {
@@ -321,7 +321,7 @@ impl Inbox {
     }
 
     /// How full the chunk being read into is (`None`: none given).
-    pub fn filled(&self) -> Option<usize> {
+    pub(crate) fn filled(&self) -> Option<usize> {
         match &self.0.borrow().mode {
             Mode::Direct { buf: Some(b), .. } => Some(b.len()),
             _ => None,
@@ -329,7 +329,7 @@ impl Inbox {
     }
 
     /// The next chunk to read into, after [`Inbox::take_full`].
-    pub fn give(&self, chunk: Vec<u8>, size: usize) {
+    pub(crate) fn give(&self, chunk: Vec<u8>, size: usize) {
         let mut s = self.0.borrow_mut();
         if let Mode::Direct { buf, want, .. } = &mut s.mode {
             *buf = Some(chunk);
@@ -340,7 +340,7 @@ impl Inbox {
 
     /// The body reader is done or gone: actix reads the stream again, after
     /// the placeholders it is owed. A chunk being read into is dropped.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         let mut s = self.0.borrow_mut();
         s.mode = Mode::Off;
         s.wake();
@@ -351,7 +351,7 @@ impl Inbox {
 /// client): from then on the connection's stream fails every read and
 /// write, so actix drops the connection, and with it every buffer it holds.
 #[derive(Debug, Clone, Default)]
-pub struct Abort(Arc<AbortState>);
+pub(crate) struct Abort(Arc<AbortState>);
 
 #[derive(Debug, Default)]
 struct AbortState {
@@ -364,7 +364,7 @@ struct AbortState {
 
 impl Abort {
     /// Ends the connection (at once if its task is waiting on the socket).
-    pub fn abort(&self, reason: String) {
+    pub(crate) fn abort(&self, reason: String) {
         *self.0.reason.lock() = reason;
         self.0.aborted.store(true, Ordering::Release);
         if let Some(w) = self.0.waker.lock().take() {
@@ -434,7 +434,7 @@ impl WriteDeadline {
 }
 
 /// A connection's stream that writes its [`Outbox`] when flushed.
-pub struct DirectIo<T> {
+pub(crate) struct DirectIo<T> {
     io: T,
     outbox: Outbox,
     inbox: Inbox,
@@ -447,7 +447,7 @@ pub struct DirectIo<T> {
 }
 
 impl<T> DirectIo<T> {
-    pub fn new(io: T) -> Self {
+    pub(crate) fn new(io: T) -> Self {
         DirectIo {
             io,
             outbox: Outbox::default(),
@@ -460,7 +460,7 @@ impl<T> DirectIo<T> {
 
     /// Direct reads that wait wait for up to [`LOW_WATER`] bytes, through
     /// `mark`, the handle of the [`LowWaterStream`] at the bottom of `io`.
-    pub fn with_low_water(mut self, mark: LowWater) -> Self {
+    pub(crate) fn with_low_water(mut self, mark: LowWater) -> Self {
         self.low_water = mark;
         self
     }
@@ -468,7 +468,7 @@ impl<T> DirectIo<T> {
     /// Fails the stream once a write of actix's (not the outbox: see
     /// [`WriteDeadline`]) has waited `limit` for a client that takes
     /// nothing; actix then drops the connection.
-    pub fn with_write_timeout(mut self, limit: Duration) -> Self {
+    pub(crate) fn with_write_timeout(mut self, limit: Duration) -> Self {
         self.write_deadline = Some(WriteDeadline {
             limit,
             timer: None,
@@ -491,22 +491,22 @@ impl<T> DirectIo<T> {
     }
 
     /// The handle that ends the connection (conn data too).
-    pub fn abort(&self) -> Abort {
+    pub(crate) fn abort(&self) -> Abort {
         self.abort.clone()
     }
 
     /// The handle for the connection's responses
     /// (`HttpServiceBuilder::on_connect_ext` puts it into their conn data).
-    pub fn outbox(&self) -> Outbox {
+    pub(crate) fn outbox(&self) -> Outbox {
         self.outbox.clone()
     }
 
     /// The handle for the connection's request bodies (conn data too).
-    pub fn inbox(&self) -> Inbox {
+    pub(crate) fn inbox(&self) -> Inbox {
         self.inbox.clone()
     }
 
-    pub fn get_ref(&self) -> &T {
+    pub(crate) fn get_ref(&self) -> &T {
         &self.io
     }
 
@@ -716,7 +716,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<S> DirectBody<S> {
-    pub fn new(stream: S, len: u64, outbox: Outbox) -> Self {
+    pub(crate) fn new(stream: S, len: u64, outbox: Outbox) -> Self {
         DirectBody {
             stream,
             outbox,

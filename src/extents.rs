@@ -30,7 +30,7 @@ pub struct DirtyExtent {
 }
 
 /// One extent covering `0..size` (none for an empty image).
-pub fn whole(size: u64, zero: bool) -> Vec<Extent> {
+pub(crate) fn whole(size: u64, zero: bool) -> Vec<Extent> {
     if size == 0 {
         Vec::new()
     } else {
@@ -92,7 +92,7 @@ spanned!(Extent, DirtyExtent);
 /// `qemu:allocation-depth` (hole = depth 0), both from offset 0, merged on
 /// common boundaries in one linear pass; touching extents with the same
 /// flags are merged.
-pub fn from_allocation(
+pub(crate) fn from_allocation(
     alloc: &[(u64, u32)],
     depth: Option<&[(u64, u32)]>,
     size: u64,
@@ -126,7 +126,7 @@ pub fn from_allocation(
 /// range reads as zeroes (`STATE_ZERO`); a hole without that flag may read
 /// as anything. Past the end of the list counts as data. Used where a wrong
 /// `zero` would give a wrong result (checksums), not for the `/extents` API.
-pub fn reads_as_zero(alloc: &[(u64, u32)], size: u64) -> Vec<Extent> {
+pub(crate) fn reads_as_zero(alloc: &[(u64, u32)], size: u64) -> Vec<Extent> {
     let mut out = Vec::with_capacity(alloc.len());
     let mut a = status_cursor(alloc, |f| f & nbd::STATE_ZERO != 0);
     let mut pos = 0;
@@ -151,7 +151,7 @@ pub fn reads_as_zero(alloc: &[(u64, u32)], size: u64) -> Vec<Extent> {
 /// Whole-list fallback for `context=dirty` without a bitmap: every
 /// allocation extent reported dirty (those that differ only in `hole`
 /// merged, as dirty extents have no hole).
-pub fn all_dirty(alloc: &[Extent]) -> Vec<DirtyExtent> {
+pub(crate) fn all_dirty(alloc: &[Extent]) -> Vec<DirtyExtent> {
     let mut out = Vec::with_capacity(alloc.len());
     for e in alloc {
         push(

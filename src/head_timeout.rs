@@ -58,7 +58,7 @@ enum Phase {
 /// requests (through actix's per-connection data). Connections live on one
 /// worker thread.
 #[derive(Debug, Clone, Default)]
-pub struct HeadClock(Rc<ClockState>);
+pub(crate) struct HeadClock(Rc<ClockState>);
 
 #[derive(Debug, Default)]
 struct ClockState {
@@ -85,12 +85,12 @@ impl HeadClock {
 
     /// How many responses of the connection are complete: actix has encoded
     /// their last byte and is done with them.
-    pub fn responses(&self) -> u64 {
+    pub(crate) fn responses(&self) -> u64 {
         self.0.responses.get()
     }
 
     /// Wakes `waker` when the next response completes.
-    pub fn wake_on_response(&self, waker: &Waker) {
+    pub(crate) fn wake_on_response(&self, waker: &Waker) {
         *self.0.waker.borrow_mut() = Some(waker.clone());
     }
 
@@ -118,7 +118,7 @@ impl HeadClock {
     /// `request_gate`'s read-ahead once the request was read whole, until
     /// 16 KiB more are stashed). For a request that waits: its client is
     /// gone.
-    pub fn closed(&self) -> impl Future<Output = ()> + '_ {
+    pub(crate) fn closed(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
             if self.0.closed.get() {
                 return Poll::Ready(());
@@ -139,7 +139,7 @@ impl HeadClock {
 /// timer misses. actix stops its keep-alive timer whenever its read buffer
 /// holds bytes, and the start of a head pipelined behind a request stays in
 /// that buffer, unseen here (it was read while the request was busy).
-pub struct HeadDeadline<T> {
+pub(crate) struct HeadDeadline<T> {
     io: T,
     clock: HeadClock,
     head: Duration,
@@ -149,7 +149,7 @@ pub struct HeadDeadline<T> {
 }
 
 impl<T> HeadDeadline<T> {
-    pub fn new(io: T, head: Duration, idle: Duration) -> Self {
+    pub(crate) fn new(io: T, head: Duration, idle: Duration) -> Self {
         HeadDeadline {
             io,
             clock: HeadClock::default(),
@@ -161,7 +161,7 @@ impl<T> HeadDeadline<T> {
 
     /// The handle for the connection's requests
     /// (`HttpServiceBuilder::on_connect_ext` puts it into their conn data).
-    pub fn clock(&self) -> HeadClock {
+    pub(crate) fn clock(&self) -> HeadClock {
         self.clock.clone()
     }
 
@@ -320,11 +320,11 @@ impl<B: MessageBody> MessageBody for TrackedBody<B> {
 
 /// What [`track_heads`] answers with: the application's response (or its
 /// error response), its body tracked.
-pub type TrackedResponse<B> = Response<TrackedBody<EitherBody<B, BoxBody>>>;
+pub(crate) type TrackedResponse<B> = Response<TrackedBody<EitherBody<B, BoxBody>>>;
 
 /// Wraps the application so that each request marks its connection busy
 /// when it arrives and done when its response is.
-pub fn track_heads<SF, B>(
+pub(crate) fn track_heads<SF, B>(
     app: SF,
 ) -> impl ServiceFactory<
     Request,

@@ -1,5 +1,7 @@
 //! `cloudstack-image-server`: CLI → settings → server.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

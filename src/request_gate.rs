@@ -310,7 +310,7 @@ impl Framer {
 
 /// A connection's stream that hands actix one request at a time (see the
 /// module docs).
-pub struct RequestGate<T> {
+pub(crate) struct RequestGate<T> {
     io: T,
     framer: Framer,
     /// Requests read whole (their last byte handed to actix).
@@ -326,7 +326,7 @@ pub struct RequestGate<T> {
 
 impl<T> RequestGate<T> {
     /// `clock`: the connection's, whose response count opens the gate.
-    pub fn new(io: T, clock: HeadClock) -> Self {
+    pub(crate) fn new(io: T, clock: HeadClock) -> Self {
         RequestGate {
             io,
             framer: Framer::new(),
@@ -337,7 +337,7 @@ impl<T> RequestGate<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
+    pub(crate) fn get_ref(&self) -> &T {
         &self.io
     }
 }

@@ -45,13 +45,13 @@ pub const DEFAULT_UNIX_SOCKET: &str = "/var/run/cloudstack/image-server-http.soc
 const UNIX_SOCKET_NAME: &str = "HTTP unix socket";
 
 /// An idle keep-alive connection is closed after this.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(60);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
 /// Pending connections the kernel queues for `accept` (actix-web's default).
 const LISTEN_BACKLOG: i32 = 1024;
 
 /// How often transfers are checked against their idle timeout.
-pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// PEM files that turn on HTTPS.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Counters of one transfer, from when the server made it (registered, or
 /// its config file loaded).
 #[derive(Debug)]
-pub struct TransferStats {
+pub(crate) struct TransferStats {
     started_at: SystemTime,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
@@ -21,7 +21,7 @@ pub struct TransferStats {
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Unix time, seconds.
     pub started_at: u64,
     pub bytes_read: u64,
@@ -38,7 +38,7 @@ impl Default for TransferStats {
 }
 
 impl TransferStats {
-    pub fn new() -> TransferStats {
+    pub(crate) fn new() -> TransferStats {
         TransferStats {
             started_at: SystemTime::now(),
             bytes_read: AtomicU64::new(0),
@@ -50,17 +50,17 @@ impl TransferStats {
     }
 
     /// Image bytes handed to a GET response body.
-    pub fn add_read(&self, n: u64) {
+    pub(crate) fn add_read(&self, n: u64) {
         self.bytes_read.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Request-body bytes the backend accepted (PUT, PATCH with Range).
-    pub fn add_written(&self, n: u64) {
+    pub(crate) fn add_written(&self, n: u64) {
         self.bytes_written.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Bytes zeroed by PATCH `{"op":"zero"}`.
-    pub fn add_zeroed(&self, n: u64) {
+    pub(crate) fn add_zeroed(&self, n: u64) {
         self.bytes_zeroed.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -73,7 +73,7 @@ impl TransferStats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
             started_at: self
                 .started_at

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// `setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, bytes)`; `bytes` above
 /// `c_int::MAX` is set as `c_int::MAX`.
-pub fn set_recv_lowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+pub(crate) fn set_recv_lowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: `fd` is an open descriptor for the whole call (a
     // `BorrowedFd` cannot outlive it); `&value` points to a live, aligned
@@ -30,8 +30,9 @@ pub fn set_recv_lowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     }
 }
 
+#[cfg(test)]
 /// `getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT)`: the mark the kernel holds.
-pub fn recv_lowat(fd: BorrowedFd<'_>) -> io::Result<usize> {
+pub(crate) fn recv_lowat(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is an open descriptor for the whole call; `&mut value`

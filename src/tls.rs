@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
 mod stream;
-pub use stream::{Fill, ReadAhead, READ_AHEAD};
+pub(crate) use stream::{Fill, ReadAhead};
 
 /// A PEM file larger than this is refused.
 const MAX_PEM_BYTES: u64 = 1024 * 1024;

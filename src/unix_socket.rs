@@ -8,18 +8,18 @@ use std::path::{Path, PathBuf};
 
 /// Mode of every socket file the server makes: its owner (root, for the
 /// packaged service) and its group only.
-pub const SOCKET_MODE: u32 = 0o660;
+pub(crate) const SOCKET_MODE: u32 = 0o660;
 
 /// A socket file this process made. Removed when dropped, if it is still
 /// the one we made (same inode): a newer server may have replaced it.
 #[derive(Debug)]
-pub struct SocketFile {
+pub(crate) struct SocketFile {
     path: PathBuf,
     ino: u64,
 }
 
 impl SocketFile {
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -37,7 +37,7 @@ impl Drop for SocketFile {
 /// if missing, replaces a stale socket file (one nobody listens on), refuses
 /// a live socket or any other kind of file, and sets mode 0660. The
 /// listener is blocking, as `std` makes it.
-pub fn bind(path: &Path, what: &str) -> io::Result<(UnixListener, SocketFile)> {
+pub(crate) fn bind(path: &Path, what: &str) -> io::Result<(UnixListener, SocketFile)> {
     let with_path = |e: io::Error, doing: &str| {
         io::Error::new(e.kind(), format!("{what} {}: {doing}: {e}", path.display()))
     };

@@ -3,11 +3,11 @@
 //! NBD backend's writes of zeroes.
 
 /// Zero bytes to write or hash without allocating a buffer of them.
-pub static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+pub(crate) static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 /// True when every byte is zero. ORs 4 KiB blocks (which vectorises) and
 /// stops at the first block with data.
-pub fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }

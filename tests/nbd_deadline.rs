@@ -60,11 +60,11 @@ fn warm_pool(server: &Server, nbd: &QemuNbd, id: &str, data: &[u8]) {
     // The tests need three idle pooled connections (a GET streaming, a PUT,
     // a GET that has not sent its head), seen open on qemu-nbd's side (its
     // listening socket plus one per client connection). Under load a
-    // connection used to be closed instead of pooled (issue 12's closing
-    // note: concurrent first loads of a config file made one transfer each,
-    // and a reader waiting for its client longer than --nbd-timeout timed
-    // out); the warm-up is still repeated until they are there, as this is
-    // the tests' precondition, not what they test.
+    // connection used to be closed instead of pooled (concurrent first
+    // loads of a config file made one transfer each, and a reader waiting
+    // for its client longer than --nbd-timeout timed out); the warm-up is
+    // still repeated until they are there, as this is the tests'
+    // precondition, not what they test.
     for round in 1..=5 {
         warm_once(server, id, data);
         let pooled = poll_pooled(server, nbd, 4 * round);

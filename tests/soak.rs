@@ -194,7 +194,7 @@ fn client_loop(
                 r.status
             })
         } else if op < 94 {
-            let r = if op % 2 == 0 {
+            let r = if op.is_multiple_of(2) {
                 conn.call("POST", &format!("{path}/flush"), &[], b"")
             } else {
                 conn.call("PATCH", &path, &json, br#"{"op":"flush"}"#)

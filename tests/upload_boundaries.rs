@@ -1,6 +1,6 @@
-//! Where a PUT body meets the connection (issue 15: a large Content-Length
-//! body is read straight from the stream into the NBD write buffers, around
-//! actix-http's payload decoder). Every test writes seeded random bytes and
+//! Where a PUT body meets the connection (the direct read: a large
+//! Content-Length body is read straight from the stream into the NBD write
+//! buffers, around actix-http's payload decoder; src/direct_body.rs). Every test writes seeded random bytes and
 //! then checks the image byte for byte, so a byte misplaced, lost,
 //! duplicated or leaked into the next request shows: where the head ends and
 //! the body begins (in one read or not), `Expect: 100-continue`, reads that

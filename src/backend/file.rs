@@ -18,7 +18,7 @@ fn unavailable(path: &Path, e: std::io::Error) -> BackendError {
 }
 
 /// An open image file.
-pub struct FileHandle {
+pub(crate) struct FileHandle {
     file: File,
     size: u64,
     unflushed: Arc<Unflushed>,
@@ -29,7 +29,7 @@ pub struct FileHandle {
 
 impl FileHandle {
     /// Opens the file at `path`, whose writes and flushes `unflushed` counts.
-    pub fn open(path: &Path, unflushed: Arc<Unflushed>) -> Result<FileHandle> {
+    pub(crate) fn open(path: &Path, unflushed: Arc<Unflushed>) -> Result<FileHandle> {
         let covers = unflushed.flush_starts();
         let file = File::open(path).map_err(|e| unavailable(path, e))?;
         let md = file.metadata().map_err(|e| unavailable(path, e))?;
@@ -44,11 +44,11 @@ impl FileHandle {
         })
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         match offset.checked_add(buf.len() as u64) {
             Some(end) if end <= self.size => {}
             _ => return Err(BackendError::OutOfRange { size: self.size }),
@@ -63,7 +63,7 @@ impl FileHandle {
     }
 
     /// fsync: covers the uploads completed before the file was opened.
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| BackendError::Io(e.to_string()))?;
@@ -76,7 +76,7 @@ impl FileHandle {
 /// the same directory, which is renamed over the target only once complete.
 /// Dropped without [`FileUpload::commit`], the temporary file is removed and
 /// the target is unchanged.
-pub struct FileUpload {
+pub(crate) struct FileUpload {
     file: Option<File>,
     tmp: PathBuf,
     target: PathBuf,
@@ -87,7 +87,7 @@ pub struct FileUpload {
 impl FileUpload {
     /// Starts replacing `target`, whose writes and flushes `unflushed`
     /// counts.
-    pub fn create(target: &Path, unflushed: Arc<Unflushed>) -> Result<FileUpload> {
+    pub(crate) fn create(target: &Path, unflushed: Arc<Unflushed>) -> Result<FileUpload> {
         let dir = target
             .parent()
             .ok_or_else(|| BackendError::Unavailable("file has no parent directory".into()))?;
@@ -118,7 +118,7 @@ impl FileUpload {
         })
     }
 
-    pub fn write(&mut self, buf: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, buf: &[u8]) -> Result<()> {
         let f = self.file.as_mut().expect("open until commit");
         f.write_all(buf)
             .map_err(|e| BackendError::Io(e.to_string()))?;
@@ -130,7 +130,7 @@ impl FileUpload {
     /// fsyncs the directory). Counts as a completed write, and with `flush`
     /// as flushed: full uploads of one image run one at a time (see
     /// `crate::http::limits`), so no other upload completes in between.
-    pub fn commit(mut self, flush: bool) -> Result<u64> {
+    pub(crate) fn commit(mut self, flush: bool) -> Result<u64> {
         let f = self.file.take().expect("open until commit");
         if flush {
             f.sync_all().map_err(|e| BackendError::Io(e.to_string()))?;

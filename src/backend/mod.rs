@@ -5,11 +5,11 @@
 //! Everything here blocks: call it from a blocking thread, never from an
 //! async worker.
 
-pub mod file;
+pub(crate) mod file;
 pub mod nbd;
 mod storage;
 
-pub use storage::{Storage, Unflushed};
+pub(crate) use storage::{Storage, Unflushed};
 
 use std::fmt;
 
@@ -18,7 +18,7 @@ use crate::extents::Extent;
 
 /// What went wrong in a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendError {
+pub(crate) enum BackendError {
     /// The storage could not be reached (NBD connect/handshake failed,
     /// file missing): nothing was done.
     Unavailable(String),
@@ -44,27 +44,27 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-pub type Result<T> = std::result::Result<T, BackendError>;
+pub(crate) type Result<T> = std::result::Result<T, BackendError>;
 
 /// What a backend can do: OPTIONS advertises it, and requests for what it
 /// cannot do are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
+pub(crate) struct Caps {
     /// Writes are refused.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// Ranges can be made to read as zeroes without sending them.
-    pub can_zero: bool,
-    pub can_flush: bool,
+    pub(crate) can_zero: bool,
+    pub(crate) can_flush: bool,
     /// Allocation (and dirty) extents can be listed.
-    pub extents: bool,
+    pub(crate) extents: bool,
     /// Writes at an offset (`Content-Range` PUT, PATCH); without them a
     /// write replaces the whole image (see [`Writer`]).
-    pub ranged_writes: bool,
+    pub(crate) ranged_writes: bool,
 }
 
 impl Caps {
     /// The file backend: reads, whole-file uploads, fsync.
-    pub const FILE: Caps = Caps {
+    pub(crate) const FILE: Caps = Caps {
         read_only: false,
         can_zero: false,
         can_flush: true,
@@ -74,7 +74,7 @@ impl Caps {
 
     /// The most an NBD export offers; its own flags may take away writes,
     /// zero and flush (see [`Handle::caps`]).
-    pub const NBD_MOST: Caps = Caps {
+    pub(crate) const NBD_MOST: Caps = Caps {
         read_only: false,
         can_zero: true,
         can_flush: true,
@@ -85,7 +85,7 @@ impl Caps {
 
 /// What a backend can do as far as its config tells, without opening it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KnownCaps {
+pub(crate) enum KnownCaps {
     /// All of it (the file backend).
     All(Caps),
     /// At most this; the open backend tells the rest (an NBD export).
@@ -93,7 +93,7 @@ pub enum KnownCaps {
 }
 
 impl KnownCaps {
-    pub fn of(backend: &BackendConfig) -> KnownCaps {
+    pub(crate) fn of(backend: &BackendConfig) -> KnownCaps {
         match backend {
             BackendConfig::File { .. } => KnownCaps::All(Caps::FILE),
             BackendConfig::Nbd { .. } => KnownCaps::AtMost(Caps::NBD_MOST),
@@ -102,7 +102,7 @@ impl KnownCaps {
 
     /// The most the backend can do: what it lacks here, it lacks whatever
     /// its image.
-    pub fn at_most(self) -> Caps {
+    pub(crate) fn at_most(self) -> Caps {
         match self {
             KnownCaps::All(c) | KnownCaps::AtMost(c) => c,
         }
@@ -110,7 +110,7 @@ impl KnownCaps {
 }
 
 /// A backend opened for a write request (see [`Storage::open_writer`]).
-pub enum Writer {
+pub(crate) enum Writer {
     /// Writes at offsets into the image (NBD).
     At(nbd::NbdHandle),
     /// A new image written from its start, replacing the old one only once
@@ -120,7 +120,7 @@ pub enum Writer {
 
 impl Writer {
     /// What the backend can do (read-only, zero, ...).
-    pub fn caps(&self) -> Result<Caps> {
+    pub(crate) fn caps(&self) -> Result<Caps> {
         match self {
             Writer::At(h) => h.caps(),
             Writer::Replace(_) => Ok(Caps::FILE),
@@ -129,7 +129,7 @@ impl Writer {
 
     /// The size that writes must fit in; `None` for a replacing writer,
     /// whose new image is as long as what is written.
-    pub fn size(&self) -> Option<u64> {
+    pub(crate) fn size(&self) -> Option<u64> {
         match self {
             Writer::At(h) => Some(h.size()),
             Writer::Replace(_) => None,
@@ -138,21 +138,21 @@ impl Writer {
 }
 
 /// An open backend, used by one request at a time.
-pub enum Handle {
+pub(crate) enum Handle {
     Nbd(nbd::NbdHandle),
     File(file::FileHandle),
 }
 
 impl Handle {
     /// Image size in bytes.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         match self {
             Handle::Nbd(h) => h.size(),
             Handle::File(h) => h.size(),
         }
     }
 
-    pub fn caps(&self) -> Result<Caps> {
+    pub(crate) fn caps(&self) -> Result<Caps> {
         match self {
             Handle::Nbd(h) => h.caps(),
             Handle::File(_) => Ok(Caps::FILE),
@@ -160,25 +160,15 @@ impl Handle {
     }
 
     /// Fills `buf` from `offset`.
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self {
             Handle::Nbd(h) => h.read_at(buf, offset),
             Handle::File(h) => h.read_at(buf, offset),
         }
     }
 
-    /// Writes `buf` at `offset` (never past the end of the image).
-    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        match self {
-            Handle::Nbd(h) => h.write_at(buf, offset),
-            Handle::File(_) => Err(BackendError::Io(
-                "ranged writes are not supported by the file backend".into(),
-            )),
-        }
-    }
-
     /// Makes `len` bytes at `offset` read as zeroes.
-    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
             Handle::Nbd(h) => h.zero(offset, len),
             Handle::File(_) => Err(BackendError::Io(
@@ -187,7 +177,7 @@ impl Handle {
         }
     }
 
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         match self {
             Handle::Nbd(h) => h.flush(),
             Handle::File(h) => h.flush(),
@@ -195,7 +185,7 @@ impl Handle {
     }
 
     /// Allocation extents covering the whole image (`zero` = hole or zero).
-    pub fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
             Handle::Nbd(h) => h.allocation_extents(),
             Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
@@ -204,7 +194,7 @@ impl Handle {
 
     /// Extents whose `zero` flag guarantees the range reads as zeroes (no
     /// such knowledge for files: one data extent).
-    pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
             Handle::Nbd(h) => h.reads_as_zero_extents(),
             Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
@@ -213,7 +203,7 @@ impl Handle {
 
     /// Allocation extents merged with the configured dirty bitmap, or `None`
     /// when no bitmap is configured or the server did not offer it.
-    pub fn dirty_extents(&mut self) -> Result<Option<Vec<crate::extents::DirtyExtent>>> {
+    pub(crate) fn dirty_extents(&mut self) -> Result<Option<Vec<crate::extents::DirtyExtent>>> {
         match self {
             Handle::Nbd(h) => h.dirty_extents(),
             Handle::File(_) => Ok(None),
@@ -221,7 +211,7 @@ impl Handle {
     }
 
     /// Marks the handle as not reusable (an error left it in an unknown state).
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         if let Handle::Nbd(h) = self {
             h.discard();
         }

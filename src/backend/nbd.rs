@@ -53,11 +53,11 @@ use crate::zeroes::ZEROES;
 /// 1 MiB of pairs and 1.5 MiB of extents (plus one reply of the server:
 /// qemu-nbd sends at most 131,072 pairs, 2 MiB), so that a checksum stays
 /// within a data request's few MiB.
-pub const CHECKSUM_MAX_EXTENTS: usize = 1 << 16;
+pub(crate) const CHECKSUM_MAX_EXTENTS: usize = 1 << 16;
 
 const MAX_IDLE: usize = 4;
 /// Bound on connect + handshake.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of each NBD request when a buffer is read or written with several
 /// requests in flight. qemu-nbd allocates a bounce buffer per read request;
 /// from 512 KiB on, its allocator hands them back to the kernel and faults
@@ -76,11 +76,11 @@ pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 120;
 
 /// A request's turn to hold the one connection of a transfer whose export
 /// is not multi-conn (`None`: no turn needed or held). Given back when dropped.
-pub type Turn = Option<OwnedSemaphorePermit>;
+pub(crate) type Turn = Option<OwnedSemaphorePermit>;
 
 /// Idle connections of one transfer, and the turns of a transfer whose
 /// export takes one connection at a time (see the module documentation).
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Mutex<PoolInner>,
     /// One permit: the turn to hold a connection to a not-multi-conn export.
     turns: Arc<Semaphore>,
@@ -103,7 +103,7 @@ impl Pool {
     /// A transfer's pool, empty. Its new connections fail a command (and are
     /// discarded) when the server does not reply within `command_timeout`
     /// (`--nbd-timeout`; `None`: no limit).
-    pub fn new(command_timeout: Option<Duration>) -> Pool {
+    pub(crate) fn new(command_timeout: Option<Duration>) -> Pool {
         Pool {
             inner: Mutex::new(PoolInner {
                 idle: Vec::new(),
@@ -119,7 +119,7 @@ impl Pool {
     /// Waits for this request's turn to connect: at once on a multi-conn
     /// export, else once no other request of the transfer holds a
     /// connection (first come, first served).
-    pub async fn turn(&self) -> Turn {
+    pub(crate) async fn turn(&self) -> Turn {
         if self.multi_conn.load(Ordering::Acquire) {
             return None;
         }
@@ -129,7 +129,7 @@ impl Pool {
     /// The turn if it is free now (for the blocking paths that run once no
     /// request is in flight: a turn still held is about to come back, and
     /// the connect then simply waits for the server to accept it).
-    pub fn try_turn(&self) -> Turn {
+    pub(crate) fn try_turn(&self) -> Turn {
         if self.multi_conn.load(Ordering::Acquire) {
             return None;
         }
@@ -158,17 +158,13 @@ impl Pool {
 
     /// Closes the idle connections and, from now on, every connection that
     /// is returned.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let drained: Vec<Connection> = {
             let mut inner = self.inner.lock();
             inner.closed = true;
             std::mem::take(&mut inner.idle)
         };
         drop(drained);
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.inner.lock().idle.len()
     }
 }
 
@@ -320,7 +316,7 @@ impl Drop for Lent {
 }
 
 /// One NBD connection lent to one request, for blocking calls.
-pub struct NbdHandle {
+pub(crate) struct NbdHandle {
     lent: Lent,
     conn: Option<Connection>,
     bitmap_context: Option<String>,
@@ -330,7 +326,7 @@ impl NbdHandle {
     /// Opens a connection: a pooled one, or a new one. `turn` is the
     /// request's turn (see [`Pool::turn`]); kept while the connection turns
     /// out not to be multi-conn.
-    pub fn open(
+    pub(crate) fn open(
         storage: Arc<Storage>,
         socket: &Path,
         export: Option<&str>,
@@ -386,7 +382,7 @@ impl NbdHandle {
 
     /// Turns the handle into a queue of commands driven from the calling
     /// thread's tokio reactor (call it on the async worker that polls).
-    pub fn into_queue(mut self) -> Result<NbdQueue> {
+    pub(crate) fn into_queue(mut self) -> Result<NbdQueue> {
         let conn = self.conn.take().expect("connection present until drop");
         let lent = self.lent.take();
         let mut queue = NbdQueue { lent, pipe: None };
@@ -411,11 +407,11 @@ impl NbdHandle {
         r.map_err(|e| self.lent.error(e))
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.conn_ref().size()
     }
 
-    pub fn caps(&self) -> Result<Caps> {
+    pub(crate) fn caps(&self) -> Result<Caps> {
         let c = self.conn_ref();
         Ok(Caps {
             read_only: c.is_read_only().map_err(io_err)?,
@@ -433,7 +429,7 @@ impl NbdHandle {
         }
     }
 
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         if buf.len() > PIPELINE_REQUEST {
             self.with(|c| c.pread_pipelined(buf, offset, PIPELINE_REQUEST))
@@ -442,7 +438,7 @@ impl NbdHandle {
         }
     }
 
-    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         self.lent.wrote = true;
         if buf.len() > PIPELINE_REQUEST {
@@ -452,7 +448,7 @@ impl NbdHandle {
         }
     }
 
-    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
         self.lent.wrote = true;
         let can_zero = self.conn_ref().can_zero().unwrap_or(false);
@@ -467,7 +463,7 @@ impl NbdHandle {
 
     /// Flushes: covers the writes of this request and every write of the
     /// transfer that completed before (see the module documentation).
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         self.lent.start_flush();
         self.with(|c| c.flush())?;
         self.lent.flushed();
@@ -480,7 +476,7 @@ impl NbdHandle {
             .unwrap_or(false)
     }
 
-    pub fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
         let size = self.size();
         if size == 0 {
             return Ok(Vec::new());
@@ -510,7 +506,7 @@ impl NbdHandle {
     /// [`extents::reads_as_zero`]); one data extent without `base:allocation`,
     /// or when the image has more than [`CHECKSUM_MAX_EXTENTS`] (a checksum
     /// then reads every block: slower, the same result, bounded memory).
-    pub fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
         let size = self.size();
         if size == 0 {
             return Ok(Vec::new());
@@ -537,7 +533,7 @@ impl NbdHandle {
         Ok(extents::reads_as_zero(&lists[0], size))
     }
 
-    pub fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
+    pub(crate) fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
         let Some(ctx) = self.bitmap_context.clone() else {
             return Ok(None);
         };
@@ -566,7 +562,7 @@ impl NbdHandle {
         Ok(Some(extents::merge_dirty(&alloc, &lists[1], size)))
     }
 
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.lent.reusable = false;
     }
 }
@@ -582,7 +578,7 @@ impl Drop for NbdHandle {
 /// One NBD connection lent to one request, with commands queued on it and
 /// retired from the async worker (see [`nbd::Pipeline`]). Goes back to the
 /// pool only when no command is in flight.
-pub struct NbdQueue {
+pub(crate) struct NbdQueue {
     lent: Lent,
     pipe: Option<Pipeline>,
 }
@@ -614,13 +610,13 @@ impl NbdQueue {
     }
 
     /// Commands started and not yet retired by `poll_oldest`.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.pipe.as_ref().map_or(0, |p| p.queued())
     }
 
     /// Starts reading `len` bytes at `offset` into the start of `buf`,
     /// without blocking, as requests of `PIPELINE_REQUEST` bytes.
-    pub fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
+    pub(crate) fn start_read(&mut self, buf: Vec<u8>, len: usize, offset: u64) -> Result<()> {
         self.check(offset, len as u64)?;
         self.with(|p| p.queue_read(buf, len, offset, PIPELINE_REQUEST))
     }
@@ -628,7 +624,7 @@ impl NbdQueue {
     /// Starts writing `data` at `offset`, without blocking. Commands in
     /// flight together may complete in any order: callers keep them to
     /// disjoint ranges.
-    pub fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
+    pub(crate) fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
         self.check(offset, data.len() as u64)?;
         self.lent.wrote = true;
         self.with(|p| p.queue_write(data, offset, WRITE_REQUEST))
@@ -636,7 +632,7 @@ impl NbdQueue {
 
     /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
     /// when the server can, else writes of zeroes.
-    pub fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
         self.lent.wrote = true;
         let can_zero = self.conn_ref().can_zero().unwrap_or(false);
@@ -653,7 +649,7 @@ impl NbdQueue {
 
     /// Starts a flush; start it only once the writes it must cover have
     /// retired. Once it retired, call [`NbdQueue::flushed`].
-    pub fn start_flush(&mut self) -> Result<()> {
+    pub(crate) fn start_flush(&mut self) -> Result<()> {
         self.lent.start_flush();
         self.with(|p| p.queue_flush())
     }
@@ -661,7 +657,7 @@ impl NbdQueue {
     /// Retires the oldest started request once complete (see
     /// [`nbd::Pipeline::poll_oldest`]): the last request of a read gives
     /// back its buffer, a write or zero the bytes it covered.
-    pub fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
+    pub(crate) fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
         match self.pipe().poll_oldest(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.lent.error(e))),
@@ -670,11 +666,11 @@ impl NbdQueue {
 
     /// Marks the storage flushed up to what the flush started by
     /// [`NbdQueue::start_flush`] covers (it retired).
-    pub fn flushed(&self) {
+    pub(crate) fn flushed(&self) {
         self.lent.flushed();
     }
 
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.lent.reusable = false;
     }
 }

@@ -15,7 +15,7 @@ use crate::config::BackendConfig;
 /// write is still in flight must not count as covering it. A flush covers
 /// only the writes completed before it started.
 #[derive(Debug, Default)]
-pub struct Unflushed {
+pub(crate) struct Unflushed {
     /// Writes (or zeroes) completed, counted per request once none of its
     /// writes is in flight.
     completed: AtomicU64,
@@ -27,31 +27,31 @@ pub struct Unflushed {
 impl Unflushed {
     /// Counts a request's writes as completed: call once none of them is in
     /// flight any more.
-    pub fn wrote(&self) {
+    pub(crate) fn wrote(&self) {
         self.completed.fetch_add(1, Ordering::AcqRel);
     }
 
     /// What a flush starting now covers: pass it to [`Unflushed::flushed`]
     /// once the flush succeeded.
-    pub fn flush_starts(&self) -> u64 {
+    pub(crate) fn flush_starts(&self) -> u64 {
         self.completed.load(Ordering::Acquire)
     }
 
     /// A flush that started when [`Unflushed::flush_starts`] said `covers`
     /// succeeded.
-    pub fn flushed(&self, covers: u64) {
+    pub(crate) fn flushed(&self, covers: u64) {
         self.flushed_upto.fetch_max(covers, Ordering::AcqRel);
     }
 
     /// Whether a completed write is not covered by a flush yet.
-    pub fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         self.completed.load(Ordering::Acquire) > self.flushed_upto.load(Ordering::Acquire)
     }
 }
 
 /// One transfer's storage (see the module documentation). Handles keep it
 /// alive while they are open.
-pub struct Storage {
+pub(crate) struct Storage {
     /// The transfer's id, for log lines.
     id: String,
     backend: BackendConfig,
@@ -60,7 +60,7 @@ pub struct Storage {
 }
 
 impl Storage {
-    pub fn new(id: &str, backend: BackendConfig, pool: nbd::Pool) -> Arc<Storage> {
+    pub(crate) fn new(id: &str, backend: BackendConfig, pool: nbd::Pool) -> Arc<Storage> {
         Arc::new(Storage {
             id: id.to_string(),
             backend,
@@ -69,12 +69,12 @@ impl Storage {
         })
     }
 
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
     /// What the backend can do as far as its config tells.
-    pub fn known_caps(&self) -> KnownCaps {
+    pub(crate) fn known_caps(&self) -> KnownCaps {
         KnownCaps::of(&self.backend)
     }
 
@@ -87,14 +87,14 @@ impl Storage {
     }
 
     /// Whether a completed write is not covered by a flush yet.
-    pub fn is_unflushed(&self) -> bool {
+    pub(crate) fn is_unflushed(&self) -> bool {
         self.unflushed.any()
     }
 
     /// Waits (without blocking a thread) for a request's turn to open the
     /// storage: only a not-multi-conn NBD export makes requests take turns
     /// (see [`nbd::Pool::turn`]). Pass it to [`Storage::open_in_turn`].
-    pub async fn turn(&self) -> nbd::Turn {
+    pub(crate) async fn turn(&self) -> nbd::Turn {
         match self.backend {
             BackendConfig::Nbd { .. } => self.pool.turn().await,
             BackendConfig::File { .. } => None,
@@ -103,7 +103,7 @@ impl Storage {
 
     /// Opens the storage without waiting for a turn: for the blocking paths
     /// that run once no request is in flight. Blocking.
-    pub fn open(self: &Arc<Self>) -> Result<Handle> {
+    pub(crate) fn open(self: &Arc<Self>) -> Result<Handle> {
         let turn = match self.backend {
             BackendConfig::Nbd { .. } => self.pool.try_turn(),
             BackendConfig::File { .. } => None,
@@ -113,7 +113,7 @@ impl Storage {
 
     /// Opens the storage (an NBD connection, from the pool when one is idle,
     /// or the file) in the request's `turn`. Blocking.
-    pub fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
+    pub(crate) fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
         self.open_as(turn, Handle::Nbd, |path, unflushed| {
             file::FileHandle::open(path, unflushed).map(Handle::File)
         })
@@ -123,7 +123,7 @@ impl Storage {
     /// way this backend takes writes: positioned writes into the export
     /// for NBD, a whole new file (the old one need not exist) for a file.
     /// Blocking.
-    pub fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
+    pub(crate) fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
         self.open_as(turn, Writer::At, |path, unflushed| {
             file::FileUpload::create(path, unflushed).map(Writer::Replace)
         })
@@ -156,7 +156,7 @@ impl Storage {
 
     /// Flushes if anything was written since the last flush (when the
     /// transfer is retired, e.g. at shutdown): true when it did. Blocking.
-    pub fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
+    pub(crate) fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
         if !self.is_unflushed() {
             return Ok(false);
         }
@@ -166,7 +166,7 @@ impl Storage {
 
     /// Closes the pooled NBD connections, and every connection still lent
     /// out as soon as it comes back. Blocking (NBD disconnects).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.pool.close();
     }
 }

@@ -22,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -30,16 +30,16 @@ impl ApiError {
             retry_after: None,
         }
     }
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
-    pub fn not_found() -> ApiError {
+    pub(crate) fn not_found() -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "not found")
     }
-    pub fn unknown_image() -> ApiError {
+    pub(crate) fn unknown_image() -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "unknown image_id")
     }
-    pub fn range_not_satisfiable(size: u64) -> ApiError {
+    pub(crate) fn range_not_satisfiable(size: u64) -> ApiError {
         ApiError {
             status: StatusCode::RANGE_NOT_SATISFIABLE,
             message: "range not satisfiable".into(),
@@ -48,18 +48,19 @@ impl ApiError {
         }
     }
     /// The same error, telling the client to try again in `secs` seconds.
-    pub fn retry_after(mut self, secs: u64) -> ApiError {
+    pub(crate) fn retry_after(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs);
         self
     }
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after
     }
-    pub fn internal(message: impl Into<String>) -> ApiError {
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
     /// From a range parse/resolve failure: 400 with `what`, or 416.
-    pub fn from_range(e: RangeError, what: &str, size: u64) -> ApiError {
+    pub(crate) fn from_range(e: RangeError, what: &str, size: u64) -> ApiError {
         match e {
             RangeError::Unsatisfiable => Self::range_not_satisfiable(size),
             RangeError::Invalid(why) => Self::bad_request(format!("invalid {what} header: {why}")),
@@ -68,7 +69,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
-    pub fn message(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 }

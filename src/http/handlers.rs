@@ -30,7 +30,7 @@ use crate::transfers::Lease;
 type Res = Result<HttpResponse, ApiError>;
 
 /// Largest JSON body PATCH accepts.
-pub const MAX_JSON_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_JSON_BODY: u64 = 64 * 1024;
 
 /// The first value of query parameter `name`.
 fn query_param(req: &HttpRequest, name: &str) -> Result<Option<String>, ApiError> {
@@ -94,7 +94,11 @@ fn json_ok(value: &Value) -> HttpResponse {
 /// a GET's body, or with a write's last NBD write; a request dropped before
 /// its end keeps it until its backend work is over (see [`detached`] and
 /// `ops::write`).
-pub async fn dispatch(req: HttpRequest, payload: Payload, state: web::Data<AppState>) -> Res {
+pub(crate) async fn dispatch(
+    req: HttpRequest,
+    payload: Payload,
+    state: web::Data<AppState>,
+) -> Res {
     let (id, op) = match route(req.method(), req.path()) {
         Route::Info => return Ok(json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))),
         // Server information, as in imageio: no transfer needed.

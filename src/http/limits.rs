@@ -40,11 +40,11 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, OwnedSemaphorePermit, Se
 use super::error::ApiError;
 
 /// The reply to a data request when `--max-waiting` requests already wait.
-pub const TOO_MANY_REQUESTS: &str = "too many requests";
+pub(crate) const TOO_MANY_REQUESTS: &str = "too many requests";
 /// The reply to a request that waited `--queue-timeout` for a slot.
-pub const QUEUE_TIMEOUT: &str = "timed out waiting for a request slot";
+pub(crate) const QUEUE_TIMEOUT: &str = "timed out waiting for a request slot";
 /// The reply to a request whose client went away while it waited.
-pub const CLIENT_GONE: &str = "client went away while waiting";
+pub(crate) const CLIENT_GONE: &str = "client went away while waiting";
 
 /// Largest `--max-requests` (far above what memory allows anyway: each data
 /// request may hold several MiB of buffers).
@@ -70,7 +70,7 @@ pub struct Queue {
 
 /// A FIFO pool of slots with a bounded queue: the server-wide bound on data
 /// requests in flight ([`RequestSlots`]) and the extents pool.
-pub struct RequestSlots {
+pub(crate) struct RequestSlots {
     what: &'static str,
     max: usize,
     slots: Arc<Semaphore>,
@@ -79,17 +79,17 @@ pub struct RequestSlots {
 }
 
 /// Extents lists built at once, server-wide.
-pub const MAX_EXTENTS_LISTS: usize = 2;
+pub(crate) const MAX_EXTENTS_LISTS: usize = 2;
 
 /// One granted slot, released when dropped; says how long it was waited for.
-pub struct RequestSlot {
+pub(crate) struct RequestSlot {
     _permit: OwnedSemaphorePermit,
     waited: Duration,
 }
 
 impl RequestSlot {
     /// How long the request waited for it.
-    pub fn waited(&self) -> Duration {
+    pub(crate) fn waited(&self) -> Duration {
         self.waited
     }
 }
@@ -107,7 +107,7 @@ impl Drop for Waiter<'_> {
 impl RequestSlots {
     /// `max` slots (clamped to 1..=[`MAX_REQUESTS_LIMIT`]) for `what`
     /// (named in the log), waited for as `queue` says.
-    pub fn new(what: &'static str, max: usize, queue: Queue) -> RequestSlots {
+    pub(crate) fn new(what: &'static str, max: usize, queue: Queue) -> RequestSlots {
         let max = max.clamp(1, MAX_REQUESTS_LIMIT);
         RequestSlots {
             what,
@@ -121,16 +121,18 @@ impl RequestSlots {
         }
     }
 
-    pub fn max(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max(&self) -> usize {
         self.max
     }
 
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_use(&self) -> usize {
         self.max - self.slots.available_permits()
     }
 
     /// Requests waiting for a slot now.
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
     }
 
@@ -150,7 +152,10 @@ impl RequestSlots {
     /// queue timeout; [`CLIENT_GONE`] as soon as `gone` completes (the
     /// request's client closed its connection). Holds nothing while it
     /// waits but its place in the queue, which dropping the future gives up.
-    pub async fn acquire(&self, gone: impl Future<Output = ()>) -> Result<RequestSlot, ApiError> {
+    pub(crate) async fn acquire(
+        &self,
+        gone: impl Future<Output = ()>,
+    ) -> Result<RequestSlot, ApiError> {
         let started = Instant::now();
         // FIFO: a free permit is never left for a newcomer while others
         // wait (tokio's semaphore hands released permits to waiters first).
@@ -211,7 +216,7 @@ impl RequestSlots {
 }
 
 /// `Retry-After` of a 503 from the request queue, seconds.
-pub const RETRY_AFTER_SECS: u64 = 1;
+pub(crate) const RETRY_AFTER_SECS: u64 = 1;
 
 /// actix's per-worker connection limit: what the open-file limit leaves
 /// after `reserved` fds (NBD connections, files, listeners, the control
@@ -219,7 +224,7 @@ pub const RETRY_AFTER_SECS: u64 = 1;
 /// when the server holds that many connections (new ones then wait in the
 /// listen backlog; actix resumes accepting as connections close), and again
 /// only after the count fell well below it.
-pub struct ConnLimit {
+pub(crate) struct ConnLimit {
     per_worker: usize,
     total: usize,
     open: AtomicUsize,
@@ -227,10 +232,10 @@ pub struct ConnLimit {
 }
 
 /// actix-server's default connections per worker.
-pub const ACTIX_MAX_CONNECTIONS: usize = 25_600;
+pub(crate) const ACTIX_MAX_CONNECTIONS: usize = 25_600;
 
 impl ConnLimit {
-    pub fn new(nofile: u64, reserved: u64, workers: usize) -> ConnLimit {
+    pub(crate) fn new(nofile: u64, reserved: u64, workers: usize) -> ConnLimit {
         let workers = workers.max(1);
         let usable = usize::try_from(nofile.saturating_sub(reserved)).unwrap_or(usize::MAX);
         let per_worker = (usable / workers).clamp(1, ACTIX_MAX_CONNECTIONS);
@@ -243,20 +248,21 @@ impl ConnLimit {
     }
 
     /// actix-server's `max_concurrent_connections`.
-    pub fn per_worker(&self) -> usize {
+    pub(crate) fn per_worker(&self) -> usize {
         self.per_worker
     }
 
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
     /// Counts a new connection until the guard is dropped with it.
-    pub fn opened(self: &Arc<Self>) -> ConnGuard {
+    pub(crate) fn opened(self: &Arc<Self>) -> ConnGuard {
         let n = self.open.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.total && !self.warned.swap(true, Ordering::AcqRel) {
             log::warn!(
@@ -270,7 +276,7 @@ impl ConnLimit {
 }
 
 /// One open connection, counted by its [`ConnLimit`] until dropped.
-pub struct ConnGuard(Arc<ConnLimit>);
+pub(crate) struct ConnGuard(Arc<ConnLimit>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -282,17 +288,17 @@ impl Drop for ConnGuard {
 }
 
 /// A held per-image full-PUT lock.
-pub type ImageGuard = OwnedMutexGuard<()>;
+pub(crate) type ImageGuard = OwnedMutexGuard<()>;
 
 /// Per-image locks serialising full-image PUTs, created on demand and
 /// forgotten when unused.
 #[derive(Default)]
-pub struct ImageLocks {
+pub(crate) struct ImageLocks {
     locks: Mutex<HashMap<String, Weak<AsyncMutex<()>>>>,
 }
 
 impl ImageLocks {
-    pub fn new() -> ImageLocks {
+    pub(crate) fn new() -> ImageLocks {
         ImageLocks::default()
     }
 
@@ -310,7 +316,7 @@ impl ImageLocks {
     }
 
     /// Waits for the image's full-PUT lock (FIFO: tokio's mutex is fair).
-    pub async fn lock(&self, id: &str) -> ImageGuard {
+    pub(crate) async fn lock(&self, id: &str) -> ImageGuard {
         self.get(id).lock_owned().await
     }
 }

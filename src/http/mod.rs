@@ -2,12 +2,12 @@
 //! the transfer up in `crate::transfers`, parse and validate, take the
 //! limits and locks, then call one operation of `crate::ops`.
 
-pub mod error;
-pub mod handlers;
+pub(crate) mod error;
+pub(crate) mod handlers;
 pub mod limits;
 pub mod patch_op;
 pub mod range;
-pub mod routes;
+pub(crate) mod routes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,33 +20,33 @@ use crate::transfers::Transfers;
 use limits::{ImageLocks, Queue, RequestSlots, MAX_EXTENTS_LISTS};
 
 /// `Access-Control-Allow-Methods` on every response that does not set its own.
-pub const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
+pub(crate) const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
 
 /// Server-wide state shared by all workers.
-pub struct AppState {
+pub(crate) struct AppState {
     /// What a transfer id names (shared with the control socket).
-    pub transfers: Arc<Transfers>,
+    pub(crate) transfers: Arc<Transfers>,
     /// What OPTIONS advertises per transfer: reads one client may run in
     /// parallel on it.
-    pub max_readers: usize,
+    pub(crate) max_readers: usize,
     /// What OPTIONS advertises per writable transfer: writes one client may
     /// run in parallel on it.
-    pub max_writers: usize,
+    pub(crate) max_writers: usize,
     /// The server-wide bound on data requests in flight, and their queue.
-    pub requests: RequestSlots,
+    pub(crate) requests: RequestSlots,
     /// The server-wide bound on extents lists being built (never behind
     /// data requests).
-    pub extents: RequestSlots,
+    pub(crate) extents: RequestSlots,
     /// Full-image PUTs of one image run one at a time.
-    pub locks: ImageLocks,
+    pub(crate) locks: ImageLocks,
     /// Longest wait for the next piece of a request body.
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// The HTTP Unix socket's path, as OPTIONS advertises it (`None`: off).
-    pub unix_socket: Option<String>,
+    pub(crate) unix_socket: Option<String>,
 }
 
 impl AppState {
-    pub fn new(
+    pub(crate) fn new(
         transfers: Arc<Transfers>,
         max_readers: usize,
         max_writers: usize,
@@ -68,7 +68,7 @@ impl AppState {
 }
 
 /// Registers the routes and the headers every response carries.
-pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
+pub(crate) fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state)
             .default_service(web::to(handlers::dispatch));
@@ -77,7 +77,7 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
 
 /// Middleware adding `Access-Control-Allow-Methods` and `Accept-Ranges`
 /// where a handler did not set them.
-pub fn default_headers() -> DefaultHeaders {
+pub(crate) fn default_headers() -> DefaultHeaders {
     DefaultHeaders::new()
         .add((
             HeaderName::from_static("access-control-allow-methods"),

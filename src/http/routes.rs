@@ -10,7 +10,7 @@ const CHECKSUM_ALGORITHMS: &str = "checksum/algorithms";
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// `GET /info[/]`: server information.
     Info,
     /// `GET /images/{any}/checksum/algorithms`.
@@ -28,7 +28,7 @@ pub enum Route {
 
 /// What a request does with its transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// `OPTIONS /images/{id}`.
     Options,
     /// `GET /images/{id}`.
@@ -52,7 +52,7 @@ pub enum Op {
 }
 
 /// Decides what `method` on `path` asks for (see [`Route`]).
-pub fn route(method: &Method, path: &str) -> Route {
+pub(crate) fn route(method: &Method, path: &str) -> Route {
     if is_info(path) {
         return if *method == Method::GET {
             Route::Info

@@ -34,7 +34,7 @@ impl Connection {
 
     /// [`Connection::block_status`], failing with `E2BIG` once the lists
     /// hold more than `max` pairs together.
-    pub fn block_status_at_most(
+    pub(crate) fn block_status_at_most(
         &mut self,
         offset: u64,
         len: u64,

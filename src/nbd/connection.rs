@@ -176,7 +176,7 @@ impl Connection {
     }
 
     /// The longest wait for a reply (see [`ConnectOptions::command_timeout`]).
-    pub fn command_timeout(&self) -> Option<Duration> {
+    pub(crate) fn command_timeout(&self) -> Option<Duration> {
         self.command_timeout
     }
 
@@ -339,7 +339,7 @@ impl Connection {
     /// Checks, without a round trip, that an idle connection is still usable:
     /// not dead, and the server has not closed the socket (an idle NBD
     /// socket with nothing in flight has nothing to read unless it hung up).
-    pub fn probe_alive(&self) -> bool {
+    pub(crate) fn probe_alive(&self) -> bool {
         if self.is_dead() {
             return false;
         }
@@ -394,10 +394,16 @@ impl Drop for Connection {
         // (sent at once into the socket, without waiting for the server:
         // this may run on an async worker); never on a poisoned handle,
         // whose state machine must not run again (commands may be in flight
-        // on released buffers). nbd_close only closes the socket and frees
-        // the handle and its commands; it reads and writes no buffer of
-        // ours. Buffers of a Pipeline's commands are freed only after this
-        // (see `Pipeline`).
+        // on released buffers). nbd_close closes the socket and frees the
+        // handle and every command it still holds (queued, in flight, or
+        // completed and not retired). It reads and writes none of those
+        // commands' data buffers and calls none of our callbacks but the
+        // `free` of each command's callbacks: of ours, only block status'
+        // `release_state` (block_status.rs), which drops that command's own
+        // reference to its state (from Arc::into_raw, so still valid; the
+        // state goes too when that was the last) and touches nothing else;
+        // the completion callbacks we pass are empty, without a `free`. Buffers of a Pipeline's commands are freed only
+        // after this (see `Pipeline`).
         unsafe {
             if !self.poisoned
                 && sys::nbd_aio_in_flight(self.h()) == 0

@@ -50,6 +50,6 @@ const MAX_ZERO: u64 = 1 << 30;
 /// The most block status pairs one call collects, all contexts together
 /// (see `Connection::block_status`): what bounds the memory of an extents
 /// list (and so of a reply of `GET /images/{id}/extents`).
-pub const MAX_EXTENTS: usize = 1 << 20;
+pub(crate) const MAX_EXTENTS: usize = 1 << 20;
 /// The largest block status request (32-bit length, kept 1 MiB aligned).
 const MAX_BLOCK_STATUS: u64 = (1 << 32) - (1 << 20);

@@ -23,9 +23,9 @@ mod read;
 mod simple;
 mod write;
 
-pub use read::{read_stream, ReadBody, Stalled};
-pub use simple::{checksum, extents, flush, zero, ExtentList};
-pub use write::{write, Body};
+pub(crate) use read::{read_stream, Stalled};
+pub(crate) use simple::{checksum, extents, flush, zero, ExtentList};
+pub(crate) use write::{write, Body};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,7 +42,7 @@ use crate::transfers::Transfer;
 /// Why an operation failed. The HTTP layer turns each into its response
 /// (`From<OpError> for ApiError` in `crate::http::error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpError {
+pub(crate) enum OpError {
     /// The client sent no body bytes for the body timeout, `received`
     /// bytes into the body.
     BodyTimeout { received: u64 },
@@ -88,7 +88,7 @@ impl std::fmt::Display for OpError {
 impl std::error::Error for OpError {}
 
 /// Runs blocking backend work on the blocking pool.
-pub async fn blocking<T, E, F>(f: F) -> Result<T, E>
+pub(crate) async fn blocking<T, E, F>(f: F) -> Result<T, E>
 where
     F: FnOnce() -> Result<T, E> + Send + 'static,
     T: Send + 'static,
@@ -102,7 +102,7 @@ where
 /// Opens the transfer's storage for one request, once it is the request's
 /// turn (only a not-multi-conn NBD export makes requests of a transfer take
 /// turns; see `crate::backend::nbd`).
-pub async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
+pub(crate) async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
     let turn = t.storage().turn().await;
     let s = t.storage().clone();
     blocking(move || s.open_in_turn(turn).map_err(OpError::from)).await
@@ -110,7 +110,7 @@ pub async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
 
 /// Opens the transfer's storage for a write request, in its turn (see
 /// [`open`]); a read-only image is [`OpError::ReadOnly`].
-pub async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
+pub(crate) async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
     let turn = t.storage().turn().await;
     let s = t.storage().clone();
     let writer = blocking(move || s.open_writer(turn).map_err(OpError::from)).await?;
@@ -140,17 +140,17 @@ async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
 /// ones. The backend reads a chunk as several NBD requests (see
 /// `backend::nbd::PIPELINE_REQUEST`) and writes it as one.
-pub const CHUNK: usize = 512 * 1024;
-/// NBD requests in flight per transfer (2 MiB of reads, 4 MiB of writes):
-/// hides qemu-nbd's per-request latency (it serves the requests of one
-/// connection concurrently).
+pub(crate) const CHUNK: usize = 512 * 1024;
+/// NBD requests a GET or PUT keeps in flight on the NBD connection it holds
+/// (2 MiB of reads, 4 MiB of writes): hides qemu-nbd's per-request latency
+/// (it serves the requests of one connection concurrently).
 const WINDOW: usize = 8;
 /// Chunks read ahead of the client (beyond those in flight).
 const DEPTH: usize = 2;
 
 /// Logs the start of an operation and, when dropped, its end with the bytes
 /// moved and the duration (`image_server.py`'s `… start` / `… end` lines).
-pub struct OpLog {
+pub(crate) struct OpLog {
     op: &'static str,
     id: String,
     started: Instant,
@@ -160,7 +160,7 @@ pub struct OpLog {
 }
 
 impl OpLog {
-    pub fn start(op: &'static str, id: &str, detail: std::fmt::Arguments<'_>) -> OpLog {
+    pub(crate) fn start(op: &'static str, id: &str, detail: std::fmt::Arguments<'_>) -> OpLog {
         log::info!("{op} start image_id={id} {detail}");
         OpLog {
             op,

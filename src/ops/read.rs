@@ -27,7 +27,7 @@ use crate::transfers::{Lease, Transfer};
 /// request counts as served once its last byte is handed on; a body dropped
 /// earlier (backend error, client gone) counts as failed. The reader drops
 /// the lease and guard itself when it stops early (see `read_stream`).
-pub struct ReadBody<G> {
+pub(crate) struct ReadBody<G> {
     rx: mpsc::Receiver<Result<Bytes, BackendError>>,
     /// The first chunk, taken early by [`ReadBody::first_chunk`].
     first: Option<Bytes>,
@@ -47,7 +47,7 @@ impl<G> ReadBody<G> {
     /// backend that fails or times out before any byte was read is a JSON
     /// error (its status from the error) instead of a response head
     /// followed by a truncated body. The chunk stays first in the body.
-    pub async fn first_chunk(&mut self) -> Result<(), OpError> {
+    pub(crate) async fn first_chunk(&mut self) -> Result<(), OpError> {
         if self.remaining == 0 || self.first.is_some() {
             return Ok(());
         }
@@ -110,7 +110,7 @@ impl<G> Stream for ReadBody<G> {
 /// error nobody took) releases the backend, then `guard` (slot) and the
 /// lease, once the reads it had in flight have retired. Must be called on
 /// the worker's runtime.
-pub fn read_stream<G: Send + 'static>(
+pub(crate) fn read_stream<G: Send + 'static>(
     handle: Handle,
     start: u64,
     len: u64,
@@ -148,7 +148,7 @@ pub fn read_stream<G: Send + 'static>(
 
 /// When a GET's client counts as gone though still connected, and what
 /// then ends its connection.
-pub struct Stalled {
+pub(crate) struct Stalled {
     /// The client took no data for this long.
     pub timeout: Duration,
     /// The connection to close then (with every buffer it holds: actix's,

@@ -13,7 +13,7 @@ use crate::transfers::Transfer;
 /// Makes `size` bytes at `offset` read as zeroes (clamped to the end of the
 /// image), then flushes when asked. Returns the bytes zeroed, also counted
 /// in the transfer's stats.
-pub async fn zero(
+pub(crate) async fn zero(
     t: &Arc<Transfer>,
     offset: u64,
     size: u64,
@@ -47,7 +47,7 @@ pub async fn zero(
 /// A transfer's extents (see [`extents()`]).
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
-pub enum ExtentList {
+pub(crate) enum ExtentList {
     Allocation(Vec<Extent>),
     Dirty(Vec<DirtyExtent>),
 }
@@ -55,7 +55,7 @@ pub enum ExtentList {
 /// The allocation extents of the whole image, or with `dirty` those merged
 /// with the configured dirty bitmap (every extent dirty when there is none
 /// or the export does not offer it).
-pub async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpError> {
+pub(crate) async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpError> {
     let mut h = open(t).await?;
     let id = t.id().to_string();
     blocking(move || {
@@ -77,7 +77,7 @@ pub async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpErr
 }
 
 /// The checksum of the whole image (see [`checksum()`]).
-pub async fn checksum(
+pub(crate) async fn checksum(
     t: &Arc<Transfer>,
     params: checksum::Params,
     log: &mut OpLog,
@@ -97,7 +97,7 @@ pub async fn checksum(
 }
 
 /// Flushes what was written to the transfer's storage (fsync for a file).
-pub async fn flush(t: &Arc<Transfer>) -> Result<(), OpError> {
+pub(crate) async fn flush(t: &Arc<Transfer>) -> Result<(), OpError> {
     let mut h = open(t).await?;
     blocking(move || {
         h.flush().map_err(|e| {

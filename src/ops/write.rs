@@ -407,7 +407,7 @@ impl Drop for BodyChunks<'_> {
 /// between its pieces. `direct`: the connection's [`Inbox`], when the body
 /// is framed by its Content-Length alone (so that the rest of it can be
 /// read around actix).
-pub struct Body<'a> {
+pub(crate) struct Body<'a> {
     pub payload: &'a mut Payload,
     pub length: u64,
     pub timeout: Duration,
@@ -426,7 +426,7 @@ pub struct Body<'a> {
 /// are given back only once no write of the request is in flight, however
 /// the request ends: also when this future is dropped before it completes
 /// (see [`Inflight`]; for a file, its writer thread holds them).
-pub async fn write<G: Send + 'static>(
+pub(crate) async fn write<G: Send + 'static>(
     body: Body<'_>,
     writer: Writer,
     offset: u64,

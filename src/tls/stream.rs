@@ -24,7 +24,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes asked of the socket per receive.
-pub const READ_AHEAD: usize = 256 * 1024;
+pub(crate) const READ_AHEAD: usize = 256 * 1024;
 
 /// A receive smaller than this, once read, gives the buffer back: a
 /// connection between requests, or sending request heads and small
@@ -33,7 +33,7 @@ const KEEP_ABOVE: usize = 16 * 1024;
 
 /// A stream whose reads go through one buffer of up to [`READ_AHEAD`]
 /// bytes, allocated (not zeroed) when a receive needs it.
-pub struct ReadAhead<T> {
+pub(crate) struct ReadAhead<T> {
     inner: T,
     /// The bytes received and not yet read.
     buf: BytesMut,
@@ -42,7 +42,7 @@ pub struct ReadAhead<T> {
 }
 
 impl<T> ReadAhead<T> {
-    pub fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T) -> Self {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
@@ -50,7 +50,7 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
+    pub(crate) fn get_ref(&self) -> &T {
         &self.inner
     }
 }
@@ -139,18 +139,19 @@ impl<T: ActixStream> ActixStream for ReadAhead<T> {
 /// the reader has room for and rustls can give without waiting, not one
 /// record (tokio-rustls returns at most one 16 KiB record per read, and
 /// each read is a round through actix's dispatcher and the body reader).
-pub struct Fill<T> {
+pub(crate) struct Fill<T> {
     inner: T,
     /// An error met after some bytes were already returned: the next read's.
     error: Option<io::Error>,
 }
 
 impl<T> Fill<T> {
-    pub fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T) -> Self {
         Fill { inner, error: None }
     }
 
-    pub fn get_ref(&self) -> &T {
+    #[cfg(test)]
+    pub(crate) fn get_ref(&self) -> &T {
         &self.inner
     }
 }

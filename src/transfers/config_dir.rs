@@ -34,7 +34,7 @@ impl Stamp {
 
 /// Transfers configured as files `<dir>/<id>`, read on demand and cached
 /// while the file is unchanged.
-pub struct ConfigDir {
+pub(super) struct ConfigDir {
     dir: PathBuf,
     cache: Mutex<HashMap<String, (Stamp, Arc<Transfer>)>>,
     /// What every transfer loaded here gets.
@@ -42,7 +42,7 @@ pub struct ConfigDir {
 }
 
 impl ConfigDir {
-    pub fn new(dir: PathBuf, settings: Settings) -> ConfigDir {
+    pub(super) fn new(dir: PathBuf, settings: Settings) -> ConfigDir {
         ConfigDir {
             dir,
             cache: Mutex::new(HashMap::new()),
@@ -51,19 +51,19 @@ impl ConfigDir {
     }
 
     /// Every transfer loaded from the config dir and still cached.
-    pub fn all(&self) -> Vec<Arc<Transfer>> {
+    pub(super) fn all(&self) -> Vec<Arc<Transfer>> {
         self.cache.lock().values().map(|(_, t)| t.clone()).collect()
     }
 
     /// The transfer `id` if it is loaded (cached), without touching the
     /// disk: possibly closed, possibly older than the file now on disk.
-    pub fn cached(&self, id: &str) -> Option<Arc<Transfer>> {
+    pub(super) fn cached(&self, id: &str) -> Option<Arc<Transfer>> {
         self.cache.lock().get(id).map(|(_, t)| t.clone())
     }
 
     /// The transfer `id`, or `None` when the id is invalid or its config is
     /// missing, unreadable or invalid (logged). Blocking: stats and reads a file.
-    pub fn load(&self, id: &str) -> Option<Arc<Transfer>> {
+    pub(super) fn load(&self, id: &str) -> Option<Arc<Transfer>> {
         if !valid_transfer_id(id) {
             return None;
         }
@@ -120,7 +120,7 @@ impl ConfigDir {
     /// Closes every cached transfer idle for longer than its idle timeout
     /// and returns them (still to be retired: see [`Transfer::retire`]). They
     /// stay cached, closed, so the id is refused until its file changes.
-    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+    pub(super) fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         self.cache
             .lock()
             .values()

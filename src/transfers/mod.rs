@@ -31,11 +31,10 @@ use crate::config::{valid_transfer_id, Source, TransferConfig};
 use config_dir::ConfigDir;
 use registry::Registry;
 
-pub use registry::MAX_REGISTERED;
-pub use transfer::{Lease, Settings, Transfer};
+pub(crate) use transfer::{Lease, Settings, Transfer};
 
 /// Every transfer of the server: the registered ones and the config dir's.
-pub struct Transfers {
+pub(crate) struct Transfers {
     registry: Registry,
     /// Shared with the blocking thread that reads a config file.
     config_dir: Arc<ConfigDir>,
@@ -43,7 +42,7 @@ pub struct Transfers {
 
 impl Transfers {
     /// No transfer registered yet; config files are read from `config_dir`.
-    pub fn new(config_dir: PathBuf, settings: Settings) -> Transfers {
+    pub(crate) fn new(config_dir: PathBuf, settings: Settings) -> Transfers {
         Transfers {
             registry: Registry::new(settings),
             config_dir: Arc::new(ConfigDir::new(config_dir, settings)),
@@ -56,7 +55,7 @@ impl Transfers {
     /// unknown or closed transfer. A registered transfer is found without
     /// leaving the calling task; only the config-dir fallback (it stats and
     /// may read a file) runs on the blocking pool.
-    pub async fn lookup(&self, id: &str) -> Option<Lease> {
+    pub(crate) async fn lookup(&self, id: &str) -> Option<Lease> {
         if !valid_transfer_id(id) {
             return None;
         }
@@ -80,7 +79,7 @@ impl Transfers {
     /// and reads nothing from disk: a config-dir transfer is found once an
     /// HTTP request loaded it. Closed transfers (being unregistered, or
     /// idle) are found too.
-    pub fn find(&self, id: &str) -> Option<(Arc<Transfer>, Source)> {
+    pub(crate) fn find(&self, id: &str) -> Option<(Arc<Transfer>, Source)> {
         if !valid_transfer_id(id) {
             return None;
         }
@@ -92,7 +91,7 @@ impl Transfers {
 
     /// Every transfer currently held: registered ones (also those being
     /// unregistered) and those loaded from the config dir and still cached.
-    pub fn all(&self) -> Vec<Arc<Transfer>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Transfer>> {
         let mut all = self.registry.all();
         all.extend(self.config_dir.all());
         all
@@ -102,7 +101,7 @@ impl Transfers {
     /// its idle timeout; returns them so they can be retired (see
     /// [`Transfer::retire`]) off the async workers. Registered ones are
     /// dropped; config-dir ones stay, closed, until their file changes.
-    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+    pub(crate) fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         let registered = self.registry.expire_idle(now);
         for t in &registered {
             log::info!(
@@ -126,7 +125,7 @@ impl Transfers {
 
     /// Registers (or re-registers) `id`; see `Registry::register`. Returns
     /// the transfer it replaced, which the caller should retire once drained.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         id: &str,
         config: TransferConfig,
@@ -138,18 +137,18 @@ impl Transfers {
     /// (they get 404, whatever the config dir holds). The caller waits for
     /// [`Transfer::drained`], then calls [`Transfers::unregistered`]. `None`
     /// when `id` is not registered.
-    pub fn begin_unregister(&self, id: &str) -> Option<Arc<Transfer>> {
+    pub(crate) fn begin_unregister(&self, id: &str) -> Option<Arc<Transfer>> {
         self.registry.begin_unregister(id)
     }
 
     /// Ends unregistering `t`: drops it, if `id` still names it (it may have
     /// been registered anew meanwhile).
-    pub fn unregistered(&self, id: &str, t: &Arc<Transfer>) {
+    pub(crate) fn unregistered(&self, id: &str, t: &Arc<Transfer>) {
         self.registry.remove(id, t);
     }
 
     /// Registered transfers that are not being unregistered.
-    pub fn registered_count(&self) -> usize {
+    pub(crate) fn registered_count(&self) -> usize {
         self.registry.active_count()
     }
 }

@@ -12,16 +12,16 @@ use super::{Settings, Transfer};
 use crate::config::{valid_transfer_id, TransferConfig};
 
 /// Most transfers registered at once; more are refused.
-pub const MAX_REGISTERED: usize = 4096;
+pub(crate) const MAX_REGISTERED: usize = 4096;
 
-pub struct Registry {
+pub(super) struct Registry {
     map: Mutex<HashMap<String, Arc<Transfer>>>,
     /// What every transfer registered here gets.
     settings: Settings,
 }
 
 impl Registry {
-    pub fn new(settings: Settings) -> Registry {
+    pub(super) fn new(settings: Settings) -> Registry {
         Registry {
             map: Mutex::new(HashMap::new()),
             settings,
@@ -33,7 +33,7 @@ impl Registry {
     /// activity; a different config replaces it: requests in flight finish
     /// on the old one, whose connections are closed when they end. Returns
     /// the replaced transfer, which the caller should retire.
-    pub fn register(
+    pub(super) fn register(
         &self,
         id: &str,
         config: TransferConfig,
@@ -62,14 +62,14 @@ impl Registry {
     }
 
     /// The registered transfer `id` (possibly closed: being unregistered).
-    pub fn get(&self, id: &str) -> Option<Arc<Transfer>> {
+    pub(super) fn get(&self, id: &str) -> Option<Arc<Transfer>> {
         self.map.lock().get(id).cloned()
     }
 
     /// Starts unregistering `id`: from now on it grants no new requests
     /// (they get 404, whatever the config dir holds). The caller waits for
     /// [`Transfer::drained`] and then calls [`Registry::remove`].
-    pub fn begin_unregister(&self, id: &str) -> Option<Arc<Transfer>> {
+    pub(super) fn begin_unregister(&self, id: &str) -> Option<Arc<Transfer>> {
         let t = self.map.lock().get(id).cloned()?;
         t.mark_closed();
         Some(t)
@@ -77,7 +77,7 @@ impl Registry {
 
     /// Removes `id` if it still names `t` (it may have been registered anew
     /// meanwhile).
-    pub fn remove(&self, id: &str, t: &Arc<Transfer>) {
+    pub(super) fn remove(&self, id: &str, t: &Arc<Transfer>) {
         let mut map = self.map.lock();
         if map.get(id).is_some_and(|cur| Arc::ptr_eq(cur, t)) {
             map.remove(id);
@@ -85,18 +85,18 @@ impl Registry {
     }
 
     /// Every registered transfer (also those being unregistered).
-    pub fn all(&self) -> Vec<Arc<Transfer>> {
+    pub(super) fn all(&self) -> Vec<Arc<Transfer>> {
         self.map.lock().values().cloned().collect()
     }
 
     /// Registered transfers that are not being unregistered.
-    pub fn active_count(&self) -> usize {
+    pub(super) fn active_count(&self) -> usize {
         self.map.lock().values().filter(|t| !t.is_closed()).count()
     }
 
     /// Unregisters every transfer idle for longer than its idle timeout
     /// and returns them (still to be retired: see [`Transfer::retire`]).
-    pub fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
+    pub(super) fn expire_idle(&self, now: Instant) -> Vec<Arc<Transfer>> {
         let mut expired = Vec::new();
         self.map.lock().retain(|_, t| {
             if t.close_if_idle(now) {

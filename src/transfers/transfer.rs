@@ -17,7 +17,7 @@ use crate::stats::TransferStats;
 /// What every transfer of the server gets, whatever its config says: the
 /// server's command-line settings for transfers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Longest wait for a reply to an NBD command before its request fails
     /// and the connection is discarded (`--nbd-timeout`; `None`: no limit).
     pub nbd_timeout: Option<Duration>,
@@ -38,7 +38,7 @@ impl Default for Settings {
 /// Requests use a transfer through a [`Lease`]. Once the transfer is closed
 /// (unregistered, or idle for longer than its `idle_timeout`) it grants no
 /// more leases, so the id is unknown to new requests.
-pub struct Transfer {
+pub(crate) struct Transfer {
     id: String,
     config: TransferConfig,
     /// The storage: how it is opened, the NBD pool, what is unflushed.
@@ -59,7 +59,7 @@ struct Activity {
 }
 
 impl Transfer {
-    pub fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
+    pub(crate) fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
         let pool = nbd::Pool::new(settings.nbd_timeout);
         Transfer {
             storage: Storage::new(&id, config.backend.clone(), pool),
@@ -76,25 +76,25 @@ impl Transfer {
     }
 
     /// This transfer's counters.
-    pub fn stats(&self) -> &Arc<TransferStats> {
+    pub(crate) fn stats(&self) -> &Arc<TransferStats> {
         &self.stats
     }
 
     /// The storage: open it, flush it, what it can do.
-    pub fn storage(&self) -> &Arc<Storage> {
+    pub(crate) fn storage(&self) -> &Arc<Storage> {
         &self.storage
     }
 
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
-    pub fn config(&self) -> &TransferConfig {
+    pub(crate) fn config(&self) -> &TransferConfig {
         &self.config
     }
 
     /// Starts a request on this transfer; `None` once it is closed.
-    pub fn lease(self: &Arc<Self>) -> Option<Lease> {
+    pub(crate) fn lease(self: &Arc<Self>) -> Option<Lease> {
         let mut a = self.activity.lock();
         if a.closed {
             return None;
@@ -109,7 +109,7 @@ impl Transfer {
 
     /// Counts as activity (restarts the idle timeout) without being a
     /// request; false once the transfer is closed.
-    pub fn touch(&self) -> bool {
+    pub(crate) fn touch(&self) -> bool {
         let mut a = self.activity.lock();
         if a.closed {
             return false;
@@ -119,23 +119,23 @@ impl Transfer {
     }
 
     /// Requests holding a lease right now.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.activity.lock().in_flight
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.activity.lock().closed
     }
 
     /// Refuses new leases from now on. Requests in flight go on; see
     /// [`Transfer::drained`] and [`Transfer::close_connections`].
-    pub fn mark_closed(&self) {
+    pub(crate) fn mark_closed(&self) {
         self.activity.lock().closed = true;
     }
 
     /// Closes the transfer if no request is in flight and none has started
     /// or ended for `idle_timeout` before `now`. True when this call closed it.
-    pub fn close_if_idle(&self, now: Instant) -> bool {
+    pub(crate) fn close_if_idle(&self, now: Instant) -> bool {
         let mut a = self.activity.lock();
         if a.closed || a.in_flight > 0 {
             return false;
@@ -149,7 +149,7 @@ impl Transfer {
 
     /// How long the transfer has been without a request (zero while one is
     /// in flight).
-    pub fn idle_for(&self, now: Instant) -> Duration {
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
         let a = self.activity.lock();
         if a.in_flight > 0 {
             Duration::ZERO
@@ -159,7 +159,7 @@ impl Transfer {
     }
 
     /// Waits until no request holds a lease.
-    pub async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
             let mut notified = std::pin::pin!(notified);
@@ -175,7 +175,7 @@ impl Transfer {
 
     /// Closes the pooled NBD connections, and every connection still lent
     /// out as soon as it comes back. Blocking (NBD disconnects).
-    pub fn close_connections(&self) {
+    pub(crate) fn close_connections(&self) {
         self.storage.close();
     }
 
@@ -184,7 +184,7 @@ impl Transfer {
     /// its connections are closed. Call it once no request is in flight, or
     /// requests still running may write after the flush. `when` completes
     /// the log lines ("at shutdown"). Blocking.
-    pub fn retire(self: &Arc<Self>, when: &str) {
+    pub(crate) fn retire(self: &Arc<Self>, when: &str) {
         match self.storage.flush_if_written() {
             Ok(true) => log::info!("flushed image_id={} {when}", self.id),
             Ok(false) => {}
@@ -198,18 +198,18 @@ impl Transfer {
 /// counts as busy (never idle, and unregistering waits for it). Dropping it
 /// ends the request's use, whatever way the request ended, and counts the
 /// request as served if [`Lease::served`] was called, else as failed.
-pub struct Lease {
+pub(crate) struct Lease {
     transfer: Arc<Transfer>,
     served: bool,
 }
 
 impl Lease {
-    pub fn transfer(&self) -> &Arc<Transfer> {
+    pub(crate) fn transfer(&self) -> &Arc<Transfer> {
         &self.transfer
     }
 
     /// Marks the request as served (completed successfully).
-    pub fn served(&mut self) {
+    pub(crate) fn served(&mut self) {
         self.served = true;
     }
 }
