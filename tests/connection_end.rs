@@ -89,7 +89,7 @@ fn get_clients_that_never_read_are_disconnected_with_everything_they_held() {
             "wave {wave}: {unix} unnamed Unix sockets, {unix_before} before"
         );
         assert_eq!(
-            server.log_count("GET client stopped reading image_id=a"),
+            server.logged("GET client stopped reading image_id=a", wave * CLIENTS),
             wave * CLIENTS,
             "{}",
             server.log()
@@ -161,12 +161,6 @@ fn landed(image: &std::path::Path, body: &[u8]) -> u64 {
     n
 }
 
-/// The transfer's progress while it is registered.
-fn status(server: &Server) -> serde_json::Value {
-    let r = server.control(&serde_json::json!({"action": "status", "transfer_id": "a"}));
-    r["transfer"].clone()
-}
-
 /// The index of the first log line that contains `needle`.
 fn log_line(log: &str, needle: &str) -> usize {
     log.lines()
@@ -214,7 +208,7 @@ fn cut_mid_upload<S: std::io::Write>(
     stream.write_all(&body[..3 * MIB as usize]).unwrap();
     stream.flush().unwrap();
     poll_until(Duration::from_secs(30), "a first write to land", || {
-        (status(server)["bytes_written"].as_u64() > Some(0)).then_some(())
+        (server.counter("a", "bytes_written") > 0).then_some(())
     });
     cut(stream);
     if full {
@@ -225,6 +219,15 @@ fn cut_mid_upload<S: std::io::Write>(
     assert_eq!(r["status"], "ok", "{r}");
     // Whatever the export had received lands before it exits.
     nbd.stop();
+    // The last line read below (the log comes in order).
+    server.logged(
+        if full {
+            "PUT start image_id=a content_length=0 "
+        } else {
+            "PUT end image_id=a "
+        },
+        1,
+    );
     let log = server.log();
     let logged = put_end_bytes(&log);
     let landed = landed(image, &body);
