@@ -23,16 +23,18 @@ const NBD_POOL: usize = 4;
 
 /// The server's fds once it holds no client connection (waits for that at
 /// most `timeout`), but for unnamed Unix sockets (NBD connections among
-/// them, which the transfer's pool keeps a few of): their count.
+/// them, which the transfer's pool keeps a few of): their count. A bare
+/// `socket` is one accepted after [`fd_kinds`] read the socket tables: a
+/// client too, until the next look tells.
 fn quiet_fds(pid: u32, timeout: Duration) -> (BTreeMap<String, usize>, usize) {
     poll_until(
         timeout,
         "the server to close every client connection",
         || {
             let mut fds = fd_kinds(pid);
-            let clients = fds
-                .keys()
-                .any(|kind| kind.starts_with("tcp ") && kind.as_str() != "tcp LISTEN");
+            let clients = fds.keys().any(|kind| {
+                (kind.starts_with("tcp ") && kind.as_str() != "tcp LISTEN") || kind == "socket"
+            });
             let unix = fds.remove("unix").unwrap_or(0);
             (!clients).then_some((fds, unix))
         },
