@@ -240,10 +240,15 @@ fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
 /// - `bytes_written`: request-body bytes stored by PUT and PATCH with Range
 ///   (all-zero chunks stored sparsely count too)
 /// - `bytes_zeroed`: bytes zeroed by PATCH `{"op":"zero"}`
+/// - `bytes_direct`: PUT body bytes read straight from the connection,
+///   around actix's payload decoder (a `PUT end` log line's `direct_bytes=`
+///   is one request's share)
 /// - `requests_served` / `requests_failed`: requests on this transfer that
 ///   ended, successfully or not (an error reply, including 503 too many
 ///   requests, or a GET body cut short by a backend error or the client
 ///   going away); `requests_in_flight`: those running now
+/// - `nbd_timeouts`: requests that failed because an NBD command timed out
+///   (`--nbd-timeout`; one per request, like its `NBD timeout` log line)
 /// - `idle_seconds`: whole seconds since the last request started or ended
 ///   (0 while one is running)
 /// - `idle_timeout_seconds`: after how many idle seconds it is dropped
@@ -259,9 +264,11 @@ pub(crate) fn transfer_status(t: &Transfer, source: &str, now: Instant) -> Value
         "bytes_read": s.bytes_read,
         "bytes_written": s.bytes_written,
         "bytes_zeroed": s.bytes_zeroed,
+        "bytes_direct": s.bytes_direct,
         "requests_served": s.requests_served,
         "requests_failed": s.requests_failed,
         "requests_in_flight": t.in_flight(),
+        "nbd_timeouts": s.nbd_timeouts,
         "idle_seconds": t.idle_for(now).as_secs(),
         "idle_timeout_seconds": t.config().idle_timeout.as_secs(),
         "started_at": s.started_at,

@@ -95,7 +95,7 @@ fn queued_get(server: &Server, id: &str, n: usize) -> Client {
     c
 }
 
-/// The proof of issue 22: 200 keep-alive clients across 20 transfers, ranged
+/// Waiting instead of refusing, at scale: 200 keep-alive clients across 20 transfers, ranged
 /// GETs and PUTs at once, 16 request slots: nothing is refused, nothing
 /// fails, every byte read back equals the model, and no request waited for
 /// its slot longer than --queue-timeout. (On a server that refuses the 17th

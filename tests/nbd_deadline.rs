@@ -103,6 +103,15 @@ fn poll_pooled(server: &Server, nbd: &QemuNbd, ends: usize) -> usize {
     socket_fds(nbd.pid()).saturating_sub(1)
 }
 
+/// Transfer `id`'s `nbd_timeouts`, once it is at least `n`.
+#[track_caller]
+fn nbd_timeouts(server: &Server, id: &str, n: u64) -> u64 {
+    poll_until(FAIL_WITHIN, "the NBD timeouts counted", || {
+        let count = server.counter(id, "nbd_timeouts");
+        (count >= n).then_some(count)
+    })
+}
+
 #[test]
 fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything() {
     let size = 64 * MIB;
@@ -186,11 +195,12 @@ fn a_stopped_qemu_nbd_fails_get_and_put_within_the_timeout_and_frees_everything(
     );
     assert!(stopped.elapsed() < FAIL_WITHIN * 2);
 
-    // One log line per failed request names the transfer.
-    poll_until(FAIL_WITHIN, "three timeout log lines", || {
-        (server.log_count("NBD timeout image_id=a") == 3).then_some(())
-    });
-    assert_eq!(server.log_count("image_id=b err="), 0, "{}", server.log());
+    // Each failed request counts once, on its own transfer only, and logs
+    // one line that names the transfer.
+    assert_eq!(nbd_timeouts(server, "a", 3), 3, "{}", server.log());
+    assert_eq!(server.logged("NBD timeout image_id=a", 3), 3);
+    assert_eq!(server.counter("b", "nbd_timeouts"), 0);
+    assert_eq!(server.counter("b", "requests_failed"), 0);
 
     // The slots of the failed GETs are free again: eight GETs stream at
     // once (--max-readers only advertises, it refuses nothing).
@@ -247,16 +257,8 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
         assert_err(&r, 504, "backend timed out");
         assert!(started.elapsed() < FAIL_WITHIN, "{path}");
     }
-    // The log reaches the test through a reader thread: wait for it.
-    poll_until(FAIL_WITHIN, "two timeout log lines", || {
-        (server.log_count("NBD timeout image_id=a") >= 2).then_some(())
-    });
-    assert_eq!(
-        server.log_count("NBD timeout image_id=a"),
-        2,
-        "{}",
-        server.log()
-    );
+    assert_eq!(nbd_timeouts(server, "a", 2), 2, "{}", server.log());
+    assert_eq!(server.logged("NBD timeout image_id=a", 2), 2);
     drop(stop);
     let r = server.request("POST", "/images/a/flush", &[], b"");
     assert_json_ok(&r, r#"{"ok":true}"#);

@@ -150,10 +150,13 @@ fn beside_plain_http() {
     assert_eq!(env.server.scheme, "http");
     serve_both(&env, &data, || env.server.client());
     let sock = env.server.unix_socket.clone().expect("socket on");
-    assert!(env.server.log().contains(&format!(
-        "HTTP unix socket listening on {} (plain HTTP)",
-        sock.display()
-    )));
+    env.server.logged(
+        &format!(
+            "HTTP unix socket listening on {} (plain HTTP)",
+            sock.display()
+        ),
+        1,
+    );
     stop_removes_socket(env);
 }
 
@@ -348,5 +351,5 @@ fn a_live_socket_is_refused_and_a_stale_one_replaced() {
         .unix_client()
         .request("OPTIONS", "/images/*", &[], b"");
     assert_eq!(r.status, 200);
-    assert!(server.log().contains("replacing stale HTTP unix socket"));
+    server.logged("replacing stale HTTP unix socket", 1);
 }

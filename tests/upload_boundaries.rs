@@ -9,15 +9,18 @@
 //! clients that stall, vanish or half-close mid-body, and bodies that must
 //! not go direct (chunked, small).
 //!
-//! [`assert_direct`] checks the `direct_bytes=` of each `PUT end` log line:
-//! how much of the body was read straight from the stream.
+//! [`Up::assert_direct`] checks how much of each body was read straight
+//! from the stream: the growth of the transfer's `bytes_direct` (the control
+//! socket's `status`) across it.
 
 pub mod common;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::tls::{make_cert, tls_args, tls_connect};
@@ -25,12 +28,11 @@ use common::*;
 
 const LARGE: usize = 8 * MIB as usize;
 const SMALL: usize = 64 * 1024;
-const WAIT: Duration = Duration::from_secs(30);
 /// The server's NBD write chunk.
 const WRITE_CHUNK: usize = 512 * 1024;
 
-/// Whether [`assert_direct`] checks `direct_bytes=` (a server without direct
-/// reads logs no such field).
+/// Whether [`Up::assert_direct`] checks `bytes_direct` (a server without
+/// direct reads never moves it).
 const CHECK_DIRECT: bool = true;
 
 // ------------------------------------------------------------- environment
@@ -55,6 +57,9 @@ struct Up {
     cert: Option<PathBuf>,
     path: PathBuf,
     want: Vec<u8>,
+    /// Per transfer id: the PUTs [`Up::assert_direct`] has checked so far,
+    /// and the transfer's `bytes_direct` after them.
+    checked: Mutex<BTreeMap<String, (usize, u64)>>,
 }
 
 impl Up {
@@ -84,6 +89,7 @@ impl Up {
             cert: tls.map(|(cert, _)| cert),
             path,
             want,
+            checked: Mutex::default(),
         }
     }
 
@@ -271,7 +277,7 @@ fn fd_count(pid: u32) -> usize {
 
 // ---------------------------------------------------------- direct reads
 
-/// What a PUT's `direct_bytes=` must be.
+/// How much of a PUT's body must have been read directly.
 #[derive(Clone, Copy, Debug)]
 enum Direct {
     /// A large body of this length: all of it read directly but for what
@@ -283,44 +289,53 @@ enum Direct {
     Any,
 }
 
-/// The `direct_bytes=` of every `PUT end` line for transfer `id`, in order.
-fn direct_bytes(server_log: &str, id: &str) -> Vec<u64> {
-    let needle = format!("PUT end image_id={id} ");
-    server_log
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("direct_bytes="))
-                .unwrap_or_else(|| panic!("no direct_bytes= in {l:?}"))
-                .parse()
-                .unwrap_or_else(|e| panic!("bad direct_bytes= in {l:?}: {e}"))
-        })
-        .collect()
+impl Direct {
+    /// The bytes it allows, least and most.
+    fn bounds(self) -> (u64, u64) {
+        match self {
+            Direct::Large(len) => ((len as u64).saturating_sub(MIB), len as u64),
+            Direct::Zero => (0, 0),
+            Direct::Any => (0, u64::MAX),
+        }
+    }
 }
 
-/// The server logged exactly one `PUT end` line for transfer `id` per entry
-/// of `want`, and (with [`CHECK_DIRECT`]) each line's `direct_bytes=` is as
-/// that entry says.
-#[track_caller]
-fn assert_direct(server: &Server, id: &str, want: &[Direct]) {
-    let needle = format!("PUT end image_id={id} ");
-    poll_until(WAIT, "the PUT end lines", || {
-        (server.log_count(&needle) >= want.len()).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(server.log_count(&needle), want.len(), "{}", server.log());
-    if !CHECK_DIRECT {
-        return;
-    }
-    let got = direct_bytes(&server.log(), id);
-    for (i, (m, w)) in got.iter().zip(want).enumerate() {
-        let ok = match *w {
-            Direct::Large(len) => *m as usize <= len && *m as usize + MIB as usize >= len,
-            Direct::Zero => *m == 0,
-            Direct::Any => true,
-        };
-        assert!(ok, "PUT #{i} of {id}: direct_bytes={m}, want {w:?}");
+impl Up {
+    /// The PUTs of transfer `id` that ended since the last call, one entry
+    /// each in order: the server logged exactly that many more `PUT end`
+    /// lines, and (with [`CHECK_DIRECT`]) the transfer's `bytes_direct` grew
+    /// by what the entries allow together; call it after each PUT to check
+    /// each alone (pipelined or concurrent PUTs are checked together).
+    #[track_caller]
+    fn assert_direct(&self, id: &str, want: &[Direct]) {
+        let mut checked = self.checked.lock().expect("checked");
+        let (puts, direct) = checked.entry(id.to_string()).or_default();
+        let needle = format!("PUT end image_id={id} ");
+        let server = self.server();
+        server.logged(&needle, *puts + want.len());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            server.log_count(&needle),
+            *puts + want.len(),
+            "{}",
+            server.log()
+        );
+        *puts += want.len();
+        if !CHECK_DIRECT {
+            return;
+        }
+        let now = server.counter(id, "bytes_direct");
+        let grew = now - *direct;
+        *direct = now;
+        let (least, most) = want.iter().fold((0u64, 0u64), |(l, m), w| {
+            let (wl, wm) = w.bounds();
+            (l + wl, m.saturating_add(wm))
+        });
+        assert!(
+            least <= grew && grew <= most,
+            "PUTs #{}.. of {id}: {grew} bytes read directly, want {want:?}",
+            *puts - want.len()
+        );
     }
 }
 
@@ -337,7 +352,7 @@ fn one_write_full_put(up: &mut Up) {
     up.verify();
     send(&mut c, &get("img", None));
     assert_get(&c.read_response(false), &up.want);
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 /// Scenario 4: in one write, PUT 8 MiB at an odd offset, GET across its
@@ -362,7 +377,8 @@ fn pipelined(up: &mut Up) {
     up.wrote(c_at, &second);
     assert_range(&c.read_response(false), &up.want[a..a + LARGE]);
     up.verify();
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE), Direct::Any]);
+    // One counter for both PUTs: the large one is checked within their sum.
+    up.assert_direct("img", &[Direct::Large(LARGE), Direct::Any]);
 }
 
 #[test]
@@ -381,7 +397,7 @@ fn head_then_pause_then_body() {
     assert_put_ok(&c.read_response(false), LARGE);
     up.wrote(0, &data);
     up.verify();
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 /// The exact interim response to `Expect: 100-continue`.
@@ -419,7 +435,7 @@ fn expect_continue_body_after_the_100() {
     assert_put_ok(&c.read_response(false), LARGE);
     up.wrote(0, &data);
     up.verify();
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 #[test]
@@ -437,7 +453,7 @@ fn expect_continue_body_without_waiting() {
     // The connection is still in step.
     send(&mut c, &get("img", Some(0..4096)));
     assert_range(&c.read_response(false), &up.want[..4096]);
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 #[test]
@@ -455,31 +471,28 @@ fn request_in_odd_sized_writes() {
     assert_put_ok(&c.read_response(false), LARGE);
     up.wrote(0, &data);
     up.verify();
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 #[test]
 fn keep_alive_small_large_small_then_get() {
     let mut up = Up::tcp("ub-ka", &[], LARGE);
     let mut c = up.connect();
-    for (offset, len, seed) in [
-        (Some(12345), SMALL, 9),
-        (None, LARGE, 10),
-        (Some(LARGE - SMALL - 3), SMALL, 11),
+    for (offset, len, seed, direct) in [
+        (Some(12345), SMALL, 9, Direct::Zero),
+        (None, LARGE, 10, Direct::Large(LARGE)),
+        (Some(LARGE - SMALL - 3), SMALL, 11, Direct::Zero),
     ] {
         let data = pattern_bytes(len, seed);
         send(&mut c, &put("img", offset, &data));
         assert_put_ok(&c.read_response(false), len);
         up.wrote(offset.unwrap_or(0), &data);
         up.verify();
+        up.assert_direct("img", &[direct]);
     }
     send(&mut c, &get("img", None));
     assert_get(&c.read_response(false), &up.want);
-    assert_direct(
-        up.server(),
-        "img",
-        &[Direct::Zero, Direct::Large(LARGE), Direct::Zero],
-    );
+    up.assert_direct("img", &[]);
 }
 
 /// Ranged PUTs of lengths around 1 MiB (where a body starts to be long
@@ -517,7 +530,7 @@ fn bodies_around_the_direct_threshold() {
         assert_get(&c.read_response(false), &up.want);
         up.verify();
     }
-    assert_direct(up.server(), "img", &[Direct::Any; 10]);
+    up.assert_direct("img", &[Direct::Any; 10]);
 }
 
 #[test]
@@ -545,7 +558,7 @@ fn four_concurrent_ranged_puts() {
         up.wrote(i * LARGE, part);
     }
     up.verify();
-    assert_direct(up.server(), "img", &[Direct::Any; 4]);
+    up.assert_direct("img", &[Direct::Any; 4]);
 }
 
 #[test]
@@ -601,18 +614,10 @@ fn stalled_body_times_out_and_leaks_nothing() {
         );
         assert_closed(&mut c);
         assert_written_prefix(&mut up, &data, sent);
+        up.assert_direct("img", &[Direct::Any]);
         up.assert_usable(31 + i as u64);
+        up.assert_direct("img", &[Direct::Large(LARGE)]);
     }
-    assert_direct(
-        up.server(),
-        "img",
-        &[
-            Direct::Any,
-            Direct::Large(LARGE),
-            Direct::Any,
-            Direct::Large(LARGE),
-        ],
-    );
 }
 
 /// The client closes the connection 3 MiB into an 8 MiB body: the server
@@ -625,11 +630,12 @@ fn client_gone_mid_body_leaks_no_fd() {
     up.assert_usable(40);
     let pid = up.server().pid();
     let baseline = fd_count(pid);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 
     let data = pattern_bytes(LARGE, 41);
     let sent = 3 * MIB as usize;
     drop(put_partly(&up, &data, sent));
-    assert_direct(up.server(), "img", &[Direct::Large(LARGE), Direct::Any]);
+    up.assert_direct("img", &[Direct::Any]);
     assert_written_prefix(&mut up, &data, sent);
 
     up.assert_usable(42);
@@ -663,8 +669,9 @@ fn body_cut_short_by_write_shutdown() {
         .expect("count received");
     assert_closed(&mut c);
     assert_written_prefix(&mut up, &data, received);
+    up.assert_direct("img", &[Direct::Any]);
     up.assert_usable(51);
-    assert_direct(up.server(), "img", &[Direct::Any, Direct::Large(LARGE)]);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 /// The server closed the connection: nothing more comes.
@@ -717,7 +724,7 @@ fn chunked_put_without_content_length() {
     send(&mut c, &get("img", Some(1000..5000)));
     assert_range(&c.read_response(false), &up.want[1000..5000]);
     up.verify();
-    assert_direct(up.server(), "img", &[]);
+    up.assert_direct("img", &[]);
 }
 
 /// Content-Length 8 MiB with a chunked body: refused by actix-http's codec
@@ -754,7 +761,7 @@ fn chunked_put_with_content_length() {
     up.verify();
     let r = up.server().get("/images/img");
     assert_get(&r, &up.want);
-    assert_direct(up.server(), "img", &[]);
+    up.assert_direct("img", &[]);
 }
 
 // ------------------------------------------------------------ file backend
@@ -773,5 +780,5 @@ fn file_backend_full_put_in_one_write() {
         &format!(r#"{{"ok":true,"bytes_written":{LARGE},"flushed":false}}"#),
     );
     assert_same(&std::fs::read(&path).unwrap(), &data, "file");
-    assert_direct(up.server(), "f", &[Direct::Large(LARGE)]);
+    up.assert_direct("f", &[Direct::Large(LARGE)]);
 }

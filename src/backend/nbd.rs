@@ -283,13 +283,14 @@ impl Lent {
 
     /// Maps an NBD error for the request. A fatal one makes the connection
     /// unreusable; the first timeout logs the one line that names the
-    /// transfer.
+    /// transfer and counts in its `nbd_timeouts`.
     fn error(&mut self, e: nbd::Error) -> BackendError {
         if e.is_fatal() {
             self.reusable = false;
         }
         if e.is_timeout() && !self.timeout_logged {
             self.timeout_logged = true;
+            self.storage.stats().add_nbd_timeout();
             log::error!(
                 "NBD timeout image_id={} err={e}: request failed, connection discarded",
                 self.storage.id()

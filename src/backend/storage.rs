@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::{file, nbd, Handle, KnownCaps, Result, Writer};
 use crate::config::BackendConfig;
+use crate::stats::TransferStats;
 
 /// What was written and not flushed yet, as counts rather than a flag:
 /// requests run concurrently, and a flush that ends while another request's
@@ -57,15 +58,23 @@ pub(crate) struct Storage {
     backend: BackendConfig,
     pool: nbd::Pool,
     unflushed: Arc<Unflushed>,
+    /// The transfer's counters, for the NBD timeouts its requests meet.
+    stats: Arc<TransferStats>,
 }
 
 impl Storage {
-    pub(crate) fn new(id: &str, backend: BackendConfig, pool: nbd::Pool) -> Arc<Storage> {
+    pub(crate) fn new(
+        id: &str,
+        backend: BackendConfig,
+        pool: nbd::Pool,
+        stats: Arc<TransferStats>,
+    ) -> Arc<Storage> {
         Arc::new(Storage {
             id: id.to_string(),
             backend,
             pool,
             unflushed: Arc::default(),
+            stats,
         })
     }
 
@@ -80,6 +89,10 @@ impl Storage {
 
     pub(crate) fn pool(&self) -> &nbd::Pool {
         &self.pool
+    }
+
+    pub(crate) fn stats(&self) -> &TransferStats {
+        &self.stats
     }
 
     pub(crate) fn unflushed(&self) -> &Arc<Unflushed> {

@@ -216,10 +216,12 @@ struct BodyChunks<'a> {
     given: usize,
     /// Body bytes read straight from the stream.
     direct_bytes: u64,
+    /// The transfer's counters, where `direct_bytes` are added too.
+    stats: Arc<TransferStats>,
 }
 
 impl<'a> BodyChunks<'a> {
-    fn new(body: Body<'a>) -> BodyChunks<'a> {
+    fn new(body: Body<'a>, stats: Arc<TransferStats>) -> BodyChunks<'a> {
         let length = body.length;
         BodyChunks {
             payload: body.payload,
@@ -234,6 +236,7 @@ impl<'a> BodyChunks<'a> {
             direct: body.direct.map_or(Direct::Never, Direct::Possible),
             given: 0,
             direct_bytes: 0,
+            stats,
         }
     }
 
@@ -308,6 +311,7 @@ impl<'a> BodyChunks<'a> {
         let inbox = inbox.clone();
         let n = (full.len() - self.given) as u64;
         self.direct_bytes += n;
+        self.stats.add_direct(n);
         self.copied += n;
         self.finish_chunk(full);
         if self.copied < self.length {
@@ -441,7 +445,7 @@ pub(crate) async fn write<G: Send + 'static>(
         ));
     }
     let id = log.id.clone();
-    let mut body = BodyChunks::new(body);
+    let mut body = BodyChunks::new(body, lease.stats().clone());
     let held = Held {
         written: Written {
             bytes: 0,

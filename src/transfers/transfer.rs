@@ -61,8 +61,9 @@ struct Activity {
 impl Transfer {
     pub(crate) fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
         let pool = nbd::Pool::new(settings.nbd_timeout);
+        let stats = Arc::new(TransferStats::new());
         Transfer {
-            storage: Storage::new(&id, config.backend.clone(), pool),
+            storage: Storage::new(&id, config.backend.clone(), pool, stats.clone()),
             id,
             config,
             activity: Mutex::new(Activity {
@@ -71,7 +72,7 @@ impl Transfer {
                 last_active: Instant::now(),
             }),
             drained: Notify::new(),
-            stats: Arc::new(TransferStats::new()),
+            stats,
         }
     }
 

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use super::client::{Client, Response};
 use super::qemu::{pattern_bytes, raw_image, NbdOpts, QemuNbd, TempDir};
 
+/// How long [`Server::logged`] waits for the lines it wants.
+pub const LOG_WAIT: Duration = Duration::from_secs(10);
+
 /// The real server binary on an ephemeral port with its own config dir and
 /// control socket.
 pub struct Server {
@@ -157,6 +160,24 @@ impl Server {
         parse_control_reply(&self.control_raw(&line))
     }
 
+    /// The figures of transfer `id` from the control socket's `status`
+    /// (its `transfer` object; the reply must be ok).
+    #[track_caller]
+    pub fn transfer_status(&self, id: &str) -> serde_json::Value {
+        let r = self.control(&serde_json::json!({"action": "status", "transfer_id": id}));
+        assert_eq!(r["status"], "ok", "status of {id}: {r}");
+        r["transfer"].clone()
+    }
+
+    /// One counter of transfer `id`'s `status`.
+    #[track_caller]
+    pub fn counter(&self, id: &str, name: &str) -> u64 {
+        let t = self.transfer_status(id);
+        t[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name:?} in {t}"))
+    }
+
     /// Registers an nbd transfer for `nbd` over the control socket.
     pub fn register_nbd(&self, id: &str, nbd: &QemuNbd) -> serde_json::Value {
         self.control(&serde_json::json!({
@@ -187,14 +208,38 @@ impl Server {
 
     /// Waits until a log line contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_lines(needle, 1, timeout).is_some()
+    }
+
+    /// How many log lines contain `needle`, once at least `n` do. The log
+    /// reaches the test through a reader thread, so a line the server has
+    /// written may not be here yet: read a log line that is the behaviour
+    /// under test through this, never from one snapshot of [`Server::log`].
+    /// Waits up to [`LOG_WAIT`], then panics with the log.
+    #[track_caller]
+    pub fn logged(&self, needle: &str, n: usize) -> usize {
+        self.wait_lines(needle, n, LOG_WAIT).unwrap_or_else(|| {
+            panic!(
+                "fewer than {n} log lines with {needle:?} after {LOG_WAIT:?}:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// Polls the log until at least `n` lines contain `needle` (their count
+    /// then), or `timeout` passes (`None`).
+    fn wait_lines(&self, needle: &str, n: usize, timeout: Duration) -> Option<usize> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                return true;
+        loop {
+            let count = self.log_count(needle);
+            if count >= n {
+                return Some(count);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        false
     }
 
     /// Writes the transfer config `<config-dir>/<id>`.
