@@ -304,8 +304,8 @@ impl Up {
     /// The PUTs of transfer `id` that ended since the last call, one entry
     /// each in order: the server logged exactly that many more `PUT end`
     /// lines, and (with [`CHECK_DIRECT`]) the transfer's `bytes_direct` grew
-    /// by what the entries allow together; call it after each PUT to check
-    /// each alone (pipelined or concurrent PUTs are checked together).
+    /// by what the entries allow together, and each PUT's own share (its
+    /// line's `direct_bytes=`) by what its entry allows.
     #[track_caller]
     fn assert_direct(&self, id: &str, want: &[Direct]) {
         let mut checked = self.checked.lock().expect("checked");
@@ -336,6 +336,28 @@ impl Up {
             "PUTs #{}.. of {id}: {grew} bytes read directly, want {want:?}",
             *puts - want.len()
         );
+        if want.len() > 1 {
+            // Pipelined or concurrent PUTs share the counter: each one's
+            // share is in its own `PUT end` line (all logged, waited for
+            // above).
+            let log = server.log();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
+            let first = *puts - want.len();
+            for (i, (line, w)) in lines[first..].iter().zip(want).enumerate() {
+                let n: u64 = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("direct_bytes="))
+                    .unwrap_or_else(|| panic!("no direct_bytes= in {line:?}"))
+                    .parse()
+                    .unwrap_or_else(|e| panic!("bad direct_bytes= in {line:?}: {e}"));
+                let (l, m) = w.bounds();
+                assert!(
+                    l <= n && n <= m,
+                    "PUT #{} of {id}: direct_bytes={n}, want {w:?}",
+                    first + i
+                );
+            }
+        }
     }
 }
 
