@@ -190,7 +190,7 @@ impl<T: AsyncRead + AsFd + Unpin> AsyncRead for LowWaterStream<T> {
     }
 }
 
-crate::head_timeout::write_through!(LowWaterStream);
+write_through!(LowWaterStream, io);
 
 /// The chunk a connection is to write before anything else, and whether its
 /// first byte went out yet. Shared by the connection's stream and the body

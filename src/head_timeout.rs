@@ -236,50 +236,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
     }
 }
 
-/// `AsyncWrite` for a stream wrapper (`$wrapper<T>`, its stream in field
-/// `io`) that times or gates only reads: writes go straight through.
-macro_rules! write_through {
-    ($wrapper:ident) => {
-        impl<T: ::tokio::io::AsyncWrite + Unpin> ::tokio::io::AsyncWrite for $wrapper<T> {
-            fn poll_write(
-                self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-                buf: &[u8],
-            ) -> ::std::task::Poll<::std::io::Result<usize>> {
-                ::std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-            }
-
-            fn poll_write_vectored(
-                self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-                bufs: &[::std::io::IoSlice<'_>],
-            ) -> ::std::task::Poll<::std::io::Result<usize>> {
-                ::std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                self.io.is_write_vectored()
-            }
-
-            fn poll_flush(
-                self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-            ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
-            }
-
-            fn poll_shutdown(
-                self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-            ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-            }
-        }
-    };
-}
-pub(crate) use write_through;
-
-write_through!(HeadDeadline);
+write_through!(HeadDeadline, io);
 
 /// Sets its connection to [`Phase::Done`] and counts the response complete
 /// (see [`HeadClock::responses`]) when dropped, which actix does

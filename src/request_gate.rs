@@ -59,7 +59,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::head_timeout::{write_through, HeadClock};
+use crate::head_timeout::HeadClock;
 
 /// Longest head the gate frames: actix refuses a longer one itself (431,
 /// `MAX_BUFFER_SIZE`, `h1/decoder.rs:14`).
@@ -411,7 +411,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGate<T> {
     }
 }
 
-write_through!(RequestGate);
+write_through!(RequestGate, io);
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use std::task::{ready, Context, Poll};
 
 use actix_rt::net::{ActixStream, Ready};
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Bytes asked of the socket per receive.
 pub(crate) const READ_AHEAD: usize = 256 * 1024;
@@ -85,42 +85,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     }
 }
 
-/// Writes go to `$ty`'s inner stream unchanged.
-macro_rules! pass_writes {
-    ($ty:ident) => {
-        impl<T: AsyncWrite + Unpin> AsyncWrite for $ty<T> {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                data: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-            }
-
-            fn poll_write_vectored(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                self.inner.is_write_vectored()
-            }
-
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-            }
-
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-            }
-        }
-    };
-}
-
-pass_writes!(ReadAhead);
+write_through!(ReadAhead, inner);
 
 impl<T: ActixStream> ActixStream for ReadAhead<T> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
@@ -186,7 +151,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Fill<T> {
     }
 }
 
-pass_writes!(Fill);
+write_through!(Fill, inner);
 
 #[cfg(test)]
 mod tests {
