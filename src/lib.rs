@@ -38,4 +38,5 @@ mod sys;
 pub mod tls;
 mod transfers;
 mod unix_socket;
+mod validate;
 mod zeroes;
