@@ -1,12 +1,15 @@
 //! Transfer configuration: what a transfer's config says (a JSON object,
 //! from a config file or a control-socket registration), parsed and
-//! validated. Pure: no I/O, and nothing else of the crate (see
-//! `crate::transfers` for where configs come from and what they make).
+//! validated. Pure: no I/O, and nothing else of the crate but the JSON field
+//! readers of `crate::validate` (see `crate::transfers` for where configs
+//! come from and what they make).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+
+use crate::validate;
 
 /// A config file larger than this is refused (`image_server.py` reads 4 KiB).
 pub(crate) const MAX_CONFIG_BYTES: u64 = 4096;
@@ -71,56 +74,44 @@ pub struct TransferConfig {
 impl TransferConfig {
     /// Parses and validates a config file's raw JSON bytes.
     pub fn parse(raw: &[u8]) -> Result<TransferConfig, String> {
-        let value: Value = serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
-        Self::from_value(&value, Source::ConfigDir)
+        Self::from_value(&validate::parse(raw)?, Source::ConfigDir)
     }
 
     /// Validates a config given as a JSON value. Keys the server does not
     /// use (such as the `token` newer agents send) are accepted and ignored.
     pub(crate) fn from_value(value: &Value, source: Source) -> Result<TransferConfig, String> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| "config must be a JSON object".to_string())?;
-        let backend = match obj.get("backend") {
-            None | Some(Value::Null) => "nbd".to_string(),
-            Some(Value::String(s)) => s.to_ascii_lowercase(),
-            Some(_) => return Err("\"backend\" must be a string".into()),
-        };
-        let idle_timeout = match obj.get("idle_timeout_seconds") {
-            None | Some(Value::Null) => source.default_idle_timeout(),
-            Some(v) => {
-                let secs = v
-                    .as_f64()
-                    .ok_or_else(|| "\"idle_timeout_seconds\" must be a number".to_string())?;
-                if secs < 1.0 || !secs.is_finite() {
-                    DEFAULT_IDLE_TIMEOUT
-                } else {
-                    Duration::from_secs_f64(secs.min(10.0 * 365.0 * 86400.0))
-                }
-            }
+        let obj = validate::object(value, "config")?;
+        let backend = validate::optional_str(obj, "backend")?
+            .map_or_else(|| "nbd".to_string(), str::to_ascii_lowercase);
+        let idle_timeout = match validate::optional_number(obj, "idle_timeout_seconds")? {
+            None => source.default_idle_timeout(),
+            Some(secs) if secs < 1.0 || !secs.is_finite() => DEFAULT_IDLE_TIMEOUT,
+            Some(secs) => Duration::from_secs_f64(secs.min(10.0 * 365.0 * 86400.0)),
         };
         let backend = match backend.as_str() {
             "file" => {
-                let path = required_path(obj.get("file"), "file")?;
+                let path = required_path(obj, "file")?;
                 BackendConfig::File { path }
             }
             "nbd" => {
-                let socket = required_path(obj.get("socket"), "socket")?;
-                let export = match obj.get("export") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
-                    Some(_) => return Err("\"export\" must be a non-empty string".into()),
-                };
-                let export_bitmap = match obj.get("export_bitmap") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(s)) if s.is_empty() => None,
-                    Some(Value::String(s)) if !s.contains('\0') => Some(s.clone()),
-                    Some(_) => return Err("\"export_bitmap\" must be a string".into()),
-                };
+                let socket = required_path(obj, "socket")?;
+                let export = validate::optional(
+                    obj,
+                    "export",
+                    |v| v.as_str().filter(|s| !s.is_empty() && !s.contains('\0')),
+                    "\"export\" must be a non-empty string",
+                )?;
+                let export_bitmap = validate::optional(
+                    obj,
+                    "export_bitmap",
+                    |v| v.as_str().filter(|s| !s.contains('\0')),
+                    "\"export_bitmap\" must be a string",
+                )?
+                .filter(|s| !s.is_empty());
                 BackendConfig::Nbd {
                     socket,
-                    export,
-                    export_bitmap,
+                    export: export.map(str::to_string),
+                    export_bitmap: export_bitmap.map(str::to_string),
                 }
             }
             other => return Err(format!("unsupported backend {other:?}")),
@@ -134,11 +125,10 @@ impl TransferConfig {
 
 /// A path from the config: a non-blank string, absolute, normalised (no `.`
 /// or `..` components), and not under /etc, /proc, /sys or /dev.
-fn required_path(v: Option<&Value>, key: &str) -> Result<PathBuf, String> {
-    let s = match v {
-        Some(Value::String(s)) if !s.trim().is_empty() => s.trim(),
-        _ => return Err(format!("missing or invalid \"{key}\"")),
-    };
+fn required_path(obj: &validate::Object, key: &str) -> Result<PathBuf, String> {
+    let s = validate::required(obj, key, |v| {
+        v.as_str().map(str::trim).filter(|s| !s.is_empty())
+    })?;
     if s.contains('\0') {
         return Err(format!("\"{key}\" contains a NUL byte"));
     }

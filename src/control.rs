@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 use crate::config::{valid_transfer_id, BackendConfig, Source, TransferConfig};
 use crate::transfers::{Transfer, Transfers};
 use crate::unix_socket::{self, SocketFile};
+use crate::validate::{self, Object};
 
 /// Where the agent expects the control socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cloudstack/image-server.sock";
@@ -184,38 +185,37 @@ async fn reply(mut stream: UnixStream, answer: Value) {
 }
 
 async fn process(line: &[u8], state: &Arc<Transfers>, unregister_wait: Duration) -> Value {
-    let value: Value = match serde_json::from_slice(line) {
+    let value = match validate::parse(line) {
         Ok(v) => v,
-        Err(e) => return error(format!("invalid JSON: {e}")),
+        Err(e) => return error(e),
     };
-    let Some(obj) = value.as_object() else {
-        return error("request must be a JSON object");
+    let obj = match validate::object(&value, "request") {
+        Ok(obj) => obj,
+        Err(e) => return error(e),
     };
-    match obj.get("action") {
-        Some(Value::String(a)) if a == "status" => status(obj, state),
-        Some(Value::String(a)) if a == "register" => register(obj, state).await,
-        Some(Value::String(a)) if a == "unregister" => {
-            unregister(obj, state, unregister_wait).await
-        }
-        Some(Value::String(a)) => {
+    match validate::required_str(obj, "action") {
+        Ok("status") => status(obj, state),
+        Ok("register") => register(obj, state).await,
+        Ok("unregister") => unregister(obj, state, unregister_wait).await,
+        Ok(a) => {
             let shown: String = a.chars().take(64).collect();
             error(format!("unknown action: {shown:?}"))
         }
-        _ => error("missing or invalid \"action\""),
+        Err(e) => error(e),
     }
 }
 
-fn transfer_id(obj: &Map<String, Value>) -> Result<&str, Value> {
-    match obj.get("transfer_id") {
-        Some(Value::String(id)) if valid_transfer_id(id) => Ok(id),
-        Some(Value::String(_)) => Err(error("invalid transfer_id")),
-        _ => Err(error("missing or invalid \"transfer_id\"")),
+fn transfer_id(obj: &Object) -> Result<&str, Value> {
+    match validate::required_str(obj, "transfer_id") {
+        Ok(id) if valid_transfer_id(id) => Ok(id),
+        Ok(_) => Err(error("invalid transfer_id")),
+        Err(e) => Err(error(e)),
     }
 }
 
 /// `status`, for the server or (with `transfer_id`) for one transfer.
-fn status(obj: &Map<String, Value>, state: &Transfers) -> Value {
-    if matches!(obj.get("transfer_id"), None | Some(Value::Null)) {
+fn status(obj: &Object, state: &Transfers) -> Value {
+    if validate::present(obj, "transfer_id").is_none() {
         return ok(state);
     }
     let id = match transfer_id(obj) {
@@ -291,7 +291,7 @@ fn describe(config: &TransferConfig) -> String {
     }
 }
 
-async fn register(obj: &Map<String, Value>, state: &Arc<Transfers>) -> Value {
+async fn register(obj: &Object, state: &Arc<Transfers>) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id,
         Err(e) => return e,
@@ -333,7 +333,7 @@ async fn register(obj: &Map<String, Value>, state: &Arc<Transfers>) -> Value {
     }
 }
 
-async fn unregister(obj: &Map<String, Value>, state: &Arc<Transfers>, wait: Duration) -> Value {
+async fn unregister(obj: &Object, state: &Arc<Transfers>, wait: Duration) -> Value {
     let id = match transfer_id(obj) {
         Ok(id) => id.to_string(),
         Err(e) => return e,

@@ -2,7 +2,8 @@
 //! images over NBD (through the system libnbd) or from plain files.
 //!
 //! The public surface is only what is used from outside the library: by the
-//! server binary (`src/main.rs`: `server::run` and its `Settings`,
+//! server binary (`src/main.rs`: `server::run` and its `Settings`, with the
+//! parts it hands on as they are, `http::Settings` and `transfers::Settings`;
 //! `control::DEFAULT_SOCKET`, `http::limits`' queue bounds,
 //! `backend::nbd::DEFAULT_COMMAND_TIMEOUT_SECS`), by the integration tests
 //! and fuzz targets (`nbd`, `config`, `extents::merge_dirty`,
@@ -79,6 +80,7 @@ mod stats;
 #[allow(unsafe_code)]
 mod sys;
 pub mod tls;
-mod transfers;
+pub mod transfers;
 mod unix_socket;
+mod validate;
 mod zeroes;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 
-use cloudstack_image_server::control;
 use cloudstack_image_server::http::limits::{
     Queue, DEFAULT_MAX_WAITING, DEFAULT_QUEUE_TIMEOUT_SECS, MAX_REQUESTS_LIMIT, MAX_WAITING_LIMIT,
 };
 use cloudstack_image_server::server::{self, Settings, TlsFiles};
+use cloudstack_image_server::{control, http, transfers};
 
 /// imageio-compatible HTTP server for CloudStack KVM image transfers over NBD.
 ///
@@ -162,17 +162,21 @@ fn main() -> ExitCode {
         listen: cli.listen,
         port: cli.port,
         config_dir: cli.config_dir,
-        max_readers: cli.max_readers,
-        max_writers: cli.max_writers,
-        max_requests: cli.max_requests as usize,
-        queue: Queue {
-            timeout: Duration::from_secs(cli.queue_timeout),
-            max_waiting: cli.max_waiting as usize,
+        http: http::Settings {
+            max_readers: cli.max_readers,
+            max_writers: cli.max_writers,
+            max_requests: cli.max_requests as usize,
+            queue: Queue {
+                timeout: Duration::from_secs(cli.queue_timeout),
+                max_waiting: cli.max_waiting as usize,
+            },
+            body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         },
-        body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
+        transfers: transfers::Settings {
+            nbd_timeout: (cli.nbd_timeout > 0).then(|| Duration::from_secs(cli.nbd_timeout)),
+        },
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
-        nbd_timeout: (cli.nbd_timeout > 0).then(|| Duration::from_secs(cli.nbd_timeout)),
         workers: cli.workers,
         control_socket: Some(PathBuf::from(cli.control_socket))
             .filter(|p| !p.as_os_str().is_empty()),

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::control::ControlSocket;
 use crate::direct_body::{DirectIo, LowWater, LowWaterStream};
 use crate::head_timeout::{track_heads, HeadDeadline};
-use crate::http::limits::{ConnLimit, Queue};
+use crate::http::limits::ConnLimit;
 use crate::http::{self, AppState};
 use crate::request_gate::RequestGate;
 use crate::tls::{Fill, ReadAhead};
@@ -66,23 +66,15 @@ pub struct Settings {
     pub listen: String,
     pub port: u16,
     pub config_dir: PathBuf,
-    /// Advertised by OPTIONS per transfer (parallel reads for one client).
-    pub max_readers: usize,
-    /// Advertised by OPTIONS per writable transfer (parallel writes).
-    pub max_writers: usize,
-    /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
-    /// across the server; the next waits in `queue`.
-    pub max_requests: usize,
-    /// How long, and how many, requests wait for a slot.
-    pub queue: Queue,
-    /// Longest wait for the next piece of a request body.
-    pub body_timeout: Duration,
+    /// What the HTTP side takes: request slots and their queue, the body
+    /// timeout, what OPTIONS advertises.
+    pub http: http::Settings,
+    /// What every transfer gets (the NBD command timeout).
+    pub transfers: transfers::Settings,
     /// Longest wait for a complete request head.
     pub header_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_timeout: Duration,
-    /// Longest wait for a reply to an NBD command (`None`: no limit).
-    pub nbd_timeout: Option<Duration>,
     /// actix worker threads (0 = one per core).
     pub workers: usize,
     /// The control socket (`None`: no control socket).
@@ -178,27 +170,20 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
     }
     let transfers = Arc::new(Transfers::new(
         settings.config_dir.clone(),
-        transfers::Settings {
-            nbd_timeout: settings.nbd_timeout,
-        },
+        settings.transfers,
     ));
-    let mut state = AppState::new(
+    let state = AppState::new(
         transfers.clone(),
-        settings.max_readers,
-        settings.max_writers,
-        settings.max_requests,
-        settings.queue,
-        settings.body_timeout,
+        &settings.http,
+        unix.as_ref()
+            .map(|(_, file)| file.path().to_string_lossy().into_owned()),
     );
-    state.unix_socket = unix
-        .as_ref()
-        .map(|(_, file)| file.path().to_string_lossy().into_owned());
     let state = web::Data::new(state);
     let (unix_listener, unix_file) = unix.unzip();
     let workers = worker_count(settings.workers);
     let conns = Arc::new(ConnLimit::new(
         nofile,
-        RESERVED_FDS + settings.max_requests as u64,
+        RESERVED_FDS + settings.http.max_requests as u64,
         workers,
     ));
     log::info!(

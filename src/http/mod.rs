@@ -45,24 +45,39 @@ pub(crate) struct AppState {
     pub(crate) unix_socket: Option<String>,
 }
 
+/// What the HTTP side takes from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Advertised by OPTIONS per transfer (parallel reads for one client).
+    pub max_readers: usize,
+    /// Advertised by OPTIONS per writable transfer (parallel writes).
+    pub max_writers: usize,
+    /// Data requests (image GET, PUT, PATCH, checksum) in flight at once
+    /// across the server; the next waits in `queue`.
+    pub max_requests: usize,
+    /// How long, and how many, requests wait for a slot.
+    pub queue: Queue,
+    /// Longest wait for the next piece of a request body.
+    pub body_timeout: Duration,
+}
+
 impl AppState {
+    /// The state for `settings`; `unix_socket`: the HTTP Unix socket's path
+    /// as OPTIONS advertises it (`None`: off).
     pub(crate) fn new(
         transfers: Arc<Transfers>,
-        max_readers: usize,
-        max_writers: usize,
-        max_requests: usize,
-        queue: Queue,
-        body_timeout: Duration,
+        settings: &Settings,
+        unix_socket: Option<String>,
     ) -> AppState {
         AppState {
             transfers,
-            max_readers,
-            max_writers,
-            requests: RequestSlots::new("data request", max_requests, queue),
-            extents: RequestSlots::new("extents request", MAX_EXTENTS_LISTS, queue),
+            max_readers: settings.max_readers,
+            max_writers: settings.max_writers,
+            requests: RequestSlots::new("data request", settings.max_requests, settings.queue),
+            extents: RequestSlots::new("extents request", MAX_EXTENTS_LISTS, settings.queue),
             locks: ImageLocks::new(),
-            body_timeout,
-            unix_socket: None,
+            body_timeout: settings.body_timeout,
+            unix_socket,
         }
     }
 }

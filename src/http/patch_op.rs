@@ -1,9 +1,8 @@
 //! The JSON body of `PATCH /images/{id}` → one validated operation. Pure (no
 //! I/O), so it can be unit-tested, property-tested and fuzzed on its own.
 
-use serde_json::Value;
-
 use super::error::ApiError;
+use crate::validate;
 
 /// A validated JSON PATCH operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,39 +18,19 @@ pub enum PatchOp {
 /// `MAX_JSON_BODY`; serde_json's recursion limit bounds nesting). Every
 /// failure is a 400 with a JSON error.
 pub fn parse_patch_json(body: &[u8]) -> Result<PatchOp, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("body must be a JSON object"))?;
-    match obj.get("op").and_then(Value::as_str) {
-        Some("flush") => Ok(PatchOp::Flush),
-        Some("zero") => {
-            let size = match obj.get("size") {
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => 0,
-                _ => return Err(ApiError::bad_request("missing or invalid \"size\"")),
-            };
-            if size == 0 {
-                return Err(ApiError::bad_request("\"size\" must be positive"));
-            }
-            let offset = match obj.get("offset") {
-                None | Some(Value::Null) => 0,
-                Some(v) if v.is_u64() => v.as_u64().unwrap_or(0),
-                Some(v) if v.is_i64() => {
-                    return Err(ApiError::bad_request("\"offset\" must be non-negative"))
-                }
-                Some(_) => return Err(ApiError::bad_request("invalid \"offset\"")),
-            };
-            let flush = match obj.get("flush") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ApiError::bad_request("\"flush\" must be a boolean")),
-            };
+    let value = validate::parse(body).map_err(ApiError::bad_request)?;
+    let obj = validate::object(&value, "body").map_err(ApiError::bad_request)?;
+    match validate::required_str(obj, "op") {
+        Ok("flush") => Ok(PatchOp::Flush),
+        Ok("zero") => {
+            let size =
+                validate::required_positive_u64(obj, "size").map_err(ApiError::bad_request)?;
+            let offset = validate::optional_u64(obj, "offset").map_err(ApiError::bad_request)?;
+            let flush = validate::optional_bool(obj, "flush").map_err(ApiError::bad_request)?;
             Ok(PatchOp::Zero {
-                offset,
+                offset: offset.unwrap_or(0),
                 size,
-                flush,
+                flush: flush.unwrap_or(false),
             })
         }
         _ => Err(ApiError::bad_request(

@@ -31,7 +31,8 @@ use crate::config::{valid_transfer_id, Source, TransferConfig};
 use config_dir::ConfigDir;
 use registry::Registry;
 
-pub(crate) use transfer::{Lease, Settings, Transfer};
+pub use transfer::Settings;
+pub(crate) use transfer::{Lease, Transfer};
 
 /// Every transfer of the server: the registered ones and the config dir's.
 pub(crate) struct Transfers {

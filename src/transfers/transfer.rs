@@ -17,7 +17,7 @@ use crate::stats::TransferStats;
 /// What every transfer of the server gets, whatever its config says: the
 /// server's command-line settings for transfers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Settings {
+pub struct Settings {
     /// Longest wait for a reply to an NBD command before its request fails
     /// and the connection is discarded (`--nbd-timeout`; `None`: no limit).
     pub nbd_timeout: Option<Duration>,
