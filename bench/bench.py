@@ -539,7 +539,7 @@ class PythonServer(Proc):
     def control_answers(self):
         try:
             return self.control_send({"action": "status"}).get("status") == "ok"
-        except OSError:
+        except (OSError, ValueError):  # not there (yet), or no JSON answer
             return False
 
     def ready(self):
