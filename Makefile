@@ -59,8 +59,10 @@ test-clients:
 # Throughput and latency of the server against qemu-nbd's own client on the
 # same export (a few minutes; needs ~4 GiB in BENCH_TMP, default /var/tmp).
 # Results and how to read them: bench/RESULTS.md.
-# BENCH_PYTHON_SERVER=/path/to/image_server.py adds CloudStack's Python server
-# (needs python3-libnbd) on the same export in the same rounds, CPU beside ours.
+# BENCH_PYTHON_SERVER adds CloudStack's Python server (needs python3-libnbd) on
+# the same export in the same rounds, CPU beside ours: a directory is its
+# newer imageserver package (HTTP and HTTPS rows), a file its old image_server.py
+# (HTTP only).
 FLOOR := $(or $(CARGO_TARGET_DIR),target)/release/examples/bench-floor
 bench: build
 	@scripts/deps.sh wrk
@@ -73,8 +75,8 @@ bench: build
 # a slow reader per transfer. Prints requests, refused, failed, peak RSS,
 # the wait for a request slot p50/p99 and throughput (bench/RESULTS.md).
 # Loopback only, about a minute. LOAD_IDLE=10000 for the 10,000-connection
-# run; BENCH_PYTHON_SERVER=/path/to/image_server.py adds the same load
-# against CloudStack's Python server (needs python3-libnbd).
+# run; BENCH_PYTHON_SERVER (image_server.py or the imageserver package, as
+# for bench) adds the same load against CloudStack's Python server.
 load: build
 	python3 bench/load.py $(BIN)
 

@@ -32,13 +32,25 @@ The imageio rows (imageio_rows) need the virtualenv `make test-clients` keeps
 in target/imageio-venv (BENCH_IMAGEIO_VENV names another) and openssl, and are
 skipped without them; BENCH_IMAGEIO_ONLY=1 runs only them.
 
-BENCH_PYTHON_SERVER=/path/to/image_server.py adds the rows "python: ...":
-CloudStack's Python image_server.py (the server this one replaces; needs
-python3-libnbd for /usr/bin/python3) on the same tuned qemu-nbd export, in the
-same rounds, with its CPU beside ours per GiB. It reads transfers only from
-/tmp/imagetransfer, so the bench writes one config file there (a unique name,
-removed at the end). Its PUT refuses Content-Range and takes one writer, so
-it has no "PUT ×4 ranged" row.
+BENCH_PYTHON_SERVER adds CloudStack's Python server (the server this one
+replaces; needs python3-libnbd for /usr/bin/python3) on the same tuned
+qemu-nbd export, in the same rounds, with its CPU per GiB beside ours and
+the ratio per transfer. It names either form:
+- the newer `imageserver` package (a directory: the package, or the one
+  holding it, as apache/cloudstack's scripts/vm/hypervisor/kvm/ does): rows
+  "python: ..." over HTTP and "python https: ..." over HTTPS (a second
+  process with --tls-enabled and the HTTPS rows' certificate), GET ×1, 4
+  ranged GETs, curl -T and 4 ranged PUTs each. Started as the agent starts
+  it (`python3 -m imageserver --listen 127.0.0.1 --port P`, the directory on
+  PYTHONPATH), with a control socket of the bench's own (--control-socket)
+  where the transfer is registered, as the agent does, with one JSON line
+  (at its fixed /var/run/cloudstack/image-server.sock if it takes no
+  --control-socket, refused if another server answers there).
+- the old script image_server.py (a file): rows "python: ..." over HTTP
+  only (it has no TLS) and no "PUT ×4 ranged" (its PUT refuses
+  Content-Range and takes one writer). It reads transfers only from
+  /tmp/imagetransfer, so the bench writes one config file there (a unique
+  name, removed at the end).
 """
 
 import datetime
@@ -445,47 +457,136 @@ class Floor(Proc):
 
 
 class PythonServer(Proc):
-    """CloudStack's image_server.py (BENCH_PYTHON_SERVER) on a free loopback
-    port. It reads transfer configs only from /tmp/imagetransfer: `add_nbd`
-    writes one there under a unique name, and `stop` removes it."""
+    """CloudStack's Python server (BENCH_PYTHON_SERVER) on a free loopback
+    port, in one of its two forms:
+
+    - the old script image_server.py (a file): it reads transfer configs
+      only from /tmp/imagetransfer, so `add_nbd` writes one there under a
+      unique name and `stop` removes it; plain HTTP only.
+    - the newer package imageserver (a directory: the package or the one
+      holding it), started as the agent starts it, `python3 -m imageserver
+      --listen ADDR --port P [--tls-enabled --tls-cert-file F --tls-key-file
+      F]` with the directory on PYTHONPATH; `add_nbd` registers the transfer
+      on its Unix control socket (one JSON line), at a path of the bench's
+      own when the package takes --control-socket, else at its fixed
+      CONTROL_SOCKET, refused if another server answers there.
+
+    `tls` is make_cert's flags (the package only)."""
 
     CFG_DIR = "/tmp/imagetransfer"
+    CONTROL_SOCKET = "/var/run/cloudstack/image-server.sock"
     PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else "python3"
 
-    def __init__(self, script, logfile):
+    def __init__(self, path, logfile, tls=()):
         run([self.PYTHON, "-c", "import nbd"])  # python3-libnbd, or a clear failure
+        path = os.path.abspath(path)
+        self.package = os.path.isdir(path)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        super().__init__([self.PYTHON, script, "--listen", "127.0.0.1", "--port", str(self.port)],
-                         stdout=subprocess.DEVNULL, stderr=open(logfile, "w"))
+        listen = ["--listen", "127.0.0.1", "--port", str(self.port)]
         self.files = []
-        self.made_dir = not os.path.isdir(self.CFG_DIR)
-        os.makedirs(self.CFG_DIR, exist_ok=True)
+        self.made_dir = False
+        self.control = None
+        if self.package:
+            self.what = "imageserver package"
+            if os.path.basename(path) == "imageserver" and not os.path.isdir(os.path.join(path, "imageserver")):
+                path = os.path.dirname(path)
+            if not os.path.isfile(os.path.join(path, "imageserver", "__main__.py")):
+                raise RuntimeError(f"{path}: no imageserver/__main__.py (BENCH_PYTHON_SERVER names the "
+                                   "imageserver package, the directory holding it, or image_server.py)")
+            env = dict(os.environ, PYTHONPATH=path)
+            usage = run([self.PYTHON, "-m", "imageserver", "--help"], cwd=path, env=env).stdout
+            if tls and "--tls-enabled" not in usage:
+                raise RuntimeError(f"{path}/imageserver takes no --tls-enabled: no HTTPS rows with it")
+            if "--control-socket" in usage:
+                self.control = os.path.join(os.path.dirname(logfile), f"imageserver-{self.port}.sock")
+                listen += ["--control-socket", self.control]
+            else:
+                self.control = self.CONTROL_SOCKET
+                if self.control_answers():
+                    raise RuntimeError(f"another image server holds {self.control} (this imageserver "
+                                       "takes no --control-socket): stop it to bench the package")
+            cmd, kw = [self.PYTHON, "-m", "imageserver", *listen, *tls], {"cwd": path, "env": env}
+        else:
+            self.what = "image_server.py"
+            if tls:
+                raise RuntimeError("image_server.py serves plain HTTP only: no HTTPS rows with it")
+            cmd, kw = [self.PYTHON, path, *listen], {}
+            self.made_dir = not os.path.isdir(self.CFG_DIR)
+            os.makedirs(self.CFG_DIR, exist_ok=True)
+        self.scheme = "https" if tls else "http"
+        self.path = path
+        super().__init__(cmd, stdout=subprocess.DEVNULL, stderr=open(logfile, "w"), **kw)
         deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or self.p.poll() is not None:
-                    raise RuntimeError(f"{script} did not start; see {logfile}")
-                time.sleep(0.05)
+        while not self.ready():
+            if time.time() > deadline or self.p.poll() is not None:
+                raise RuntimeError(f"{path} did not start; see {logfile}")
+            time.sleep(0.05)
+
+    def control_send(self, msg):
+        """One request on the control socket: its JSON answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(self.control)
+            s.sendall((json.dumps(msg) + "\n").encode())
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        return json.loads(data)
+
+    def control_answers(self):
+        try:
+            return self.control_send({"action": "status"}).get("status") == "ok"
+        except (OSError, ValueError):  # not there (yet), or no JSON answer
+            return False
+
+    def ready(self):
+        if self.package and not self.control_answers():
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def versions(self):
+        """Which server, Python and libnbd (for the results)."""
+        py = run([self.PYTHON, "-c", "import platform, nbd; "
+                  "print(platform.python_version(), nbd.NBD().get_version())"]).stdout.split()
+        return f"{self.what} ({self.path}), Python {py[0]}, libnbd {py[1]} (python3-libnbd)"
 
     def add_nbd(self, nbd):
-        """The transfer id of a new config for `nbd`."""
-        tid = f"csis-bench-{os.getpid()}-{len(self.files)}"
+        """The transfer id of a new transfer of `nbd`."""
+        tid = f"csis-bench-{os.getpid()}-{self.port}-{len(self.files)}"
+        cfg = {"backend": "nbd", "socket": nbd.sock}
+        if self.package:
+            # No idle expiry during the bench (the package's default is 600 s).
+            answer = self.control_send({"action": "register", "transfer_id": tid,
+                                        "config": dict(cfg, idle_timeout_seconds=86400)})
+            if answer.get("status") != "ok":
+                raise RuntimeError(f"imageserver refused the transfer: {answer}")
+            self.files.append(tid)
+            return tid
         path = os.path.join(self.CFG_DIR, tid)
         with open(path, "w") as f:
-            json.dump({"backend": "nbd", "socket": nbd.sock}, f)
+            json.dump(cfg, f)
         self.files.append(path)
         return tid
 
     def url(self, tid):
-        return f"http://127.0.0.1:{self.port}/images/{tid}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/images/{tid}"
 
     def stop(self):
         super().stop()
+        if self.package:
+            # The server leaves its control socket behind.
+            try:
+                os.unlink(self.control)
+            except FileNotFoundError:
+                pass
+            return
         for path in self.files:
             try:
                 os.unlink(path)
@@ -500,8 +601,11 @@ class PythonServer(Proc):
 
 UNTUNED = " (qemu-nbd untuned)"
 PYTHON = "python: "
-# The transfers image_server.py is benched on (its PUT takes no Content-Range).
-PYTHON_ROWS = ("curl GET (1 stream)", "curl GET ×4 ranged", "curl -T PUT")
+PYTHON_HTTPS = "python https: "
+# The transfers the Python server is benched on; image_server.py (the old
+# script) has no RANGED_PUT: its PUT takes no Content-Range.
+RANGED_PUT = "PUT ×4 ranged (imageio workers)"
+PYTHON_ROWS = ("curl GET (1 stream)", "curl GET ×4 ranged", "curl -T PUT", RANGED_PUT)
 
 
 def reference(name):
@@ -622,12 +726,20 @@ def bench(binary, floor_binary, tmp, procs):
         if floor_binary:
             floor_tls = Floor(floor_binary, nbd, tls)
             procs.append(floor_tls)
-    python = None
+    # CloudStack's Python server on the same export (BENCH_PYTHON_SERVER);
+    # the imageserver package over HTTPS too, with the same certificate.
+    pythons = {}
     if os.environ.get("BENCH_PYTHON_SERVER"):
         python = PythonServer(os.environ["BENCH_PYTHON_SERVER"], os.path.join(tmp, "python.log"))
         procs.append(python)
-        purl = python.url(python.add_nbd(nbd))
-        run(curl_get(purl, "0-4095"))  # it serves the export
+        pythons[PYTHON] = python
+        if server_tls and python.package:
+            python_tls = PythonServer(os.environ["BENCH_PYTHON_SERVER"], os.path.join(tmp, "python-https.log"), tls)
+            procs.append(python_tls)
+            pythons[PYTHON_HTTPS] = python_tls
+        purls = {prefix: p.url(p.add_nbd(nbd)) for prefix, p in pythons.items()}
+        for purl in purls.values():
+            run(curl_get(purl, "0-4095"))  # it serves the export
 
     log("warming the page cache")
     run(["nbdcopy", "--no-extents", nbd.uri, "null:"])
@@ -677,12 +789,15 @@ def bench(binary, floor_binary, tmp, procs):
             FLOOR_HTTPS + "curl -T PUT": (DATA_SIZE, call(curl_put(ftls))),
             FLOOR_HTTPS + "PUT ×4 ranged": (DATA_SIZE, lambda: parallel([], put_ranges(ftls, data, 4))),
         })
-    if python:
+    for prefix, python in pythons.items():
+        purl = purls[prefix]
         tests.update({
-            PYTHON + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(purl))),
-            PYTHON + "curl GET ×4 ranged": (IMAGE_SIZE, lambda: parallel(par_cmds(purl))),
-            PYTHON + "curl -T PUT": (DATA_SIZE, call(curl_put(purl))),
+            prefix + "curl GET (1 stream)": (IMAGE_SIZE, call(curl_get(purl))),
+            prefix + "curl GET ×4 ranged": (IMAGE_SIZE, lambda u=purl: parallel(par_cmds(u))),
+            prefix + "curl -T PUT": (DATA_SIZE, call(curl_put(purl))),
         })
+        if python.package:
+            tests[prefix + RANGED_PUT] = (DATA_SIZE, lambda u=purl: parallel([], put_ranges(u, data, 4)))
     ratios = {k: [] for k in tests}
     faults = {k: [] for k in tests}
     cpus = {k: [] for k in tests}  # [server, qemu-nbd, client] CPU s per round
@@ -695,7 +810,8 @@ def bench(binary, floor_binary, tmp, procs):
             pid = (floor_tls.pid if name.startswith(FLOOR_HTTPS)
                    else floor.pid if name.startswith("floor")
                    else server_tls.pid if name.startswith(HTTPS)
-                   else python.pid if name.startswith(PYTHON) else server.pid)
+                   else pythons[PYTHON_HTTPS].pid if name.startswith(PYTHON_HTTPS)
+                   else pythons[PYTHON].pid if name.startswith(PYTHON) else server.pid)
             nbd_pid = nbd_untuned.pid if name.endswith(UNTUNED) else nbd.pid
             if name == "curl GET ×4 ranged":
                 with RssPoller(server.pid) as poll:
@@ -752,6 +868,8 @@ def bench(binary, floor_binary, tmp, procs):
     print(f"- cores: {cores}; load average before/after: {load0[0]:.2f} / {load1[0]:.2f}")
     print(f"- qemu-nbd: {run(['qemu-nbd', '--version']).stdout.splitlines()[0]}; "
           f"{run(['nbdcopy', '--version']).stdout.splitlines()[0]}")
+    if pythons:
+        print(f"- python: {pythons[PYTHON].versions()}")
     print(f"- best of {ROUNDS} interleaved rounds; bench took {elapsed:.0f} s")
     print()
     print("| transfer | bytes | best s | MiB/s | server CPU s | qemu-nbd CPU s | client CPU s "
@@ -766,7 +884,7 @@ def bench(binary, floor_binary, tmp, procs):
     print_cpu_per_gib(tests, cpus)
     if server_tls:
         print_tls(tests, cpus, costs, suites)
-    print_python_ratios(tests, cpus)
+    print_python_ratios(tests, cpus, pythons)
     print()
     print("| extents | count | best ms | median ms | server CPU ms per call |")
     print("|---|---:|---:|---:|---:|")
@@ -946,22 +1064,46 @@ def cpu_stats(tests, cpus):
     return med, per_gib, ratio
 
 
-def print_python_ratios(tests, cpus):
-    """Our server's CPU per GiB against image_server.py's on each transfer
-    both served (BENCH_PYTHON_SERVER), or how to get them."""
-    if PYTHON + PYTHON_ROWS[0] not in tests:
+def print_python_ratios(tests, cpus, pythons):
+    """Our server's CPU per GiB against the Python server's (BENCH_PYTHON_SERVER)
+    on each transfer both served, over HTTP and over HTTPS, or how to get
+    them: a table, then one line per transfer (the median of per-round
+    ratios)."""
+    if not pythons:
         log("python rows skipped: BENCH_PYTHON_SERVER unset")
-        print("\n- python rows: set BENCH_PYTHON_SERVER=/path/to/image_server.py "
-              "(CloudStack's; needs python3-libnbd) to bench it in the same rounds")
+        print("\n- python rows: set BENCH_PYTHON_SERVER to CloudStack's imageserver package "
+              "(HTTP and HTTPS) or its old image_server.py (HTTP; both need python3-libnbd) "
+              "to bench it in the same rounds")
         return
     med, per_gib, ratio = cpu_stats(tests, cpus)
+    pairs = (("", PYTHON), (HTTPS, PYTHON_HTTPS))
+
+    def cells(name, ours, python):
+        if python + name not in tests or ours + name not in tests:
+            return " | | "
+        return (f" {med(per_gib(ours + name, 0)):.3f} | {med(per_gib(python + name, 0)):.3f} "
+                f"| {ratio(ours + name, python + name):.2f} ")
+
     print()
+    print("| server CPU s per GiB, median of rounds | ours http | python http | ours ÷ python http "
+          "| ours https | python https | ours ÷ python https |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in PYTHON_ROWS:
-        print(f"- server ÷ python CPU per GiB, {name}: {ratio(name, PYTHON + name):.2f} "
-              f"({med(per_gib(name, 0)):.3f} s against {med(per_gib(PYTHON + name, 0)):.3f} s; "
-              f"target < 1)")
-    print("- python: PUT ×4 ranged not run: image_server.py's PUT refuses Content-Range "
-          "and it takes one writer at a time")
+        if PYTHON + name in tests:
+            print(f"| {name} |{cells(name, '', PYTHON)}|{cells(name, HTTPS, PYTHON_HTTPS)}|")
+    print()
+    for ours, python in pairs:
+        for name in PYTHON_ROWS:
+            if python + name not in tests or ours + name not in tests:
+                continue
+            print(f"- {ours}server ÷ {python.rstrip(': ')} CPU per GiB, {name}: "
+                  f"{ratio(ours + name, python + name):.2f} ({med(per_gib(ours + name, 0)):.3f} s "
+                  f"against {med(per_gib(python + name, 0)):.3f} s; target < 1)")
+    if not pythons[PYTHON].package:
+        print("- python: PUT ×4 ranged not run: image_server.py's PUT refuses Content-Range "
+              "and it takes one writer at a time; no HTTPS rows: it serves plain HTTP only")
+    elif PYTHON_HTTPS not in pythons:
+        print("- python https rows not run: BENCH_TLS=0 or no openssl")
 
 
 def suite_of(negotiated_name):

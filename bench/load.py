@@ -20,9 +20,9 @@ server's peak RSS (VmHWM) and RSS at the end, and the wait for a request
 slot p50/p99/max (from the server's start lines, `slot_wait_ms`), and the
 time to the response head p50/p99 as the clients saw it.
 
-BENCH_PYTHON_SERVER=/path/to/image_server.py runs the same load against
-CloudStack's Python server afterwards (needs python3-libnbd; it reads its
-configs from /tmp/imagetransfer, as bench/bench.py's PythonServer does).
+BENCH_PYTHON_SERVER runs the same load against CloudStack's Python server
+afterwards (needs python3-libnbd): its old image_server.py or its newer
+imageserver package, as bench/bench.py's PythonServer starts either.
 Loopback only; every loop is bounded by LOAD_ROUNDS and socket timeouts
 (60 s). Temporary files in BENCH_TMP (/var/tmp): LOAD_TRANSFERS x
 5 x LOAD_REGION (4 MiB) of images.
@@ -384,7 +384,7 @@ def main():
                                   os.path.join(tmp, "python.log"))
             procs.append(python)
             pids = [python.add_nbd(n) for n in nbds]
-            run_load("image_server.py", "127.0.0.1", python.port, pids, python.pid,
+            run_load(python.what, "127.0.0.1", python.port, pids, python.pid,
                      f"OPTIONS /images/{pids[0]}")
     finally:
         for p in reversed(procs):
