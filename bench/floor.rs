@@ -25,14 +25,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloudstack_image_server::backend::nbd::{PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST};
+use cloudstack_image_server::backend::nbd_export::{
+    PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST,
+};
 use cloudstack_image_server::nbd::{ConnectOptions, Connection};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::ServerConfig;
 
 /// Bytes moved per step: read from one side, then written to the other.
-/// The NBD request sizes are the server's own (`backend::nbd`), imported.
+/// The NBD request sizes are the server's own (`backend::nbd_export`), imported.
 const BUFFER: usize = 2 * 1024 * 1024;
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;

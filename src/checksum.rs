@@ -25,7 +25,7 @@ use blake2::{Blake2b, Blake2s256};
 use digest::{Digest, Output};
 use serde::Serialize;
 
-use crate::backend::{BackendError, Handle};
+use crate::backend::{BackendError, Opened};
 use crate::extents::Extent;
 use crate::zeroes::{is_zero, ZEROES};
 
@@ -348,7 +348,7 @@ enum Job {
 /// Reads the data blocks of `handle` and hashes every block on a second
 /// thread, in order.
 fn run<D: Digest + Send>(
-    handle: &mut Handle,
+    handle: &mut Opened,
     extents: &[Extent],
     size: u64,
     block_size: usize,
@@ -427,7 +427,7 @@ where
 /// The checksum of the whole image behind `handle`. Blocking; memory:
 /// [`MAX_BUFFERED`] bytes of buffers, and the image's zero extents. On
 /// error the handle is marked not reusable.
-pub(crate) fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
+pub(crate) fn compute(handle: &mut Opened, params: &Params) -> Result<Checksum, BackendError> {
     let result = (|| {
         let size = handle.size();
         let extents = handle.reads_as_zero_extents()?;

@@ -1,12 +1,12 @@
 //! Backends: where a transfer's bytes live. A transfer
-//! ([`crate::transfers::Transfer`]) opens a [`Handle`] that the operations
+//! ([`crate::transfers::Transfer`]) opens a [`Opened`] that the operations
 //! read, write, zero and flush through, whatever the storage kind.
 //!
 //! Everything here blocks: call it from a blocking thread, never from an
 //! async worker.
 
 pub(crate) mod file;
-pub mod nbd;
+pub mod nbd_export;
 mod storage;
 
 pub(crate) use storage::{Storage, Unflushed};
@@ -73,7 +73,7 @@ impl Caps {
     };
 
     /// The most an NBD export offers; its own flags may take away writes,
-    /// zero and flush (see [`Handle::caps`]).
+    /// zero and flush (see [`Opened::caps`]).
     pub(crate) const NBD_MOST: Caps = Caps {
         read_only: false,
         can_zero: true,
@@ -112,7 +112,7 @@ impl KnownCaps {
 /// A backend opened for a write request (see [`Storage::open_writer`]).
 pub(crate) enum Writer {
     /// Writes at offsets into the image (NBD).
-    At(nbd::NbdHandle),
+    At(nbd_export::NbdHandle),
     /// A new image written from its start, replacing the old one only once
     /// complete (the file backend).
     Replace(file::FileUpload),
@@ -138,40 +138,40 @@ impl Writer {
 }
 
 /// An open backend, used by one request at a time.
-pub(crate) enum Handle {
-    Nbd(nbd::NbdHandle),
+pub(crate) enum Opened {
+    Nbd(nbd_export::NbdHandle),
     File(file::FileHandle),
 }
 
-impl Handle {
+impl Opened {
     /// Image size in bytes.
     pub(crate) fn size(&self) -> u64 {
         match self {
-            Handle::Nbd(h) => h.size(),
-            Handle::File(h) => h.size(),
+            Opened::Nbd(h) => h.size(),
+            Opened::File(h) => h.size(),
         }
     }
 
     pub(crate) fn caps(&self) -> Result<Caps> {
         match self {
-            Handle::Nbd(h) => h.caps(),
-            Handle::File(_) => Ok(Caps::FILE),
+            Opened::Nbd(h) => h.caps(),
+            Opened::File(_) => Ok(Caps::FILE),
         }
     }
 
     /// Fills `buf` from `offset`.
     pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self {
-            Handle::Nbd(h) => h.read_at(buf, offset),
-            Handle::File(h) => h.read_at(buf, offset),
+            Opened::Nbd(h) => h.read_at(buf, offset),
+            Opened::File(h) => h.read_at(buf, offset),
         }
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub(crate) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
-            Handle::Nbd(h) => h.zero(offset, len),
-            Handle::File(_) => Err(BackendError::Io(
+            Opened::Nbd(h) => h.zero(offset, len),
+            Opened::File(_) => Err(BackendError::Io(
                 "zero is not supported by the file backend".into(),
             )),
         }
@@ -179,16 +179,16 @@ impl Handle {
 
     pub(crate) fn flush(&mut self) -> Result<()> {
         match self {
-            Handle::Nbd(h) => h.flush(),
-            Handle::File(h) => h.flush(),
+            Opened::Nbd(h) => h.flush(),
+            Opened::File(h) => h.flush(),
         }
     }
 
     /// Allocation extents covering the whole image (`zero` = hole or zero).
     pub(crate) fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
-            Handle::Nbd(h) => h.allocation_extents(),
-            Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
+            Opened::Nbd(h) => h.allocation_extents(),
+            Opened::File(h) => Ok(crate::extents::whole(h.size(), false)),
         }
     }
 
@@ -196,8 +196,8 @@ impl Handle {
     /// such knowledge for files: one data extent).
     pub(crate) fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
-            Handle::Nbd(h) => h.reads_as_zero_extents(),
-            Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
+            Opened::Nbd(h) => h.reads_as_zero_extents(),
+            Opened::File(h) => Ok(crate::extents::whole(h.size(), false)),
         }
     }
 
@@ -205,14 +205,14 @@ impl Handle {
     /// when no bitmap is configured or the server did not offer it.
     pub(crate) fn dirty_extents(&mut self) -> Result<Option<Vec<crate::extents::DirtyExtent>>> {
         match self {
-            Handle::Nbd(h) => h.dirty_extents(),
-            Handle::File(_) => Ok(None),
+            Opened::Nbd(h) => h.dirty_extents(),
+            Opened::File(_) => Ok(None),
         }
     }
 
     /// Marks the handle as not reusable (an error left it in an unknown state).
     pub(crate) fn discard(&mut self) {
-        if let Handle::Nbd(h) = self {
+        if let Opened::Nbd(h) = self {
             h.discard();
         }
     }

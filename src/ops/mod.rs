@@ -34,8 +34,8 @@ use actix_web::rt::task::spawn_blocking;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::backend::nbd::NbdQueue;
-use crate::backend::{BackendError, Handle, Writer};
+use crate::backend::nbd_export::NbdQueue;
+use crate::backend::{BackendError, Opened, Writer};
 use crate::nbd::Retired;
 use crate::transfers::Transfer;
 
@@ -101,8 +101,8 @@ where
 
 /// Opens the transfer's storage for one request, once it is the request's
 /// turn (only a not-multi-conn NBD export makes requests of a transfer take
-/// turns; see `crate::backend::nbd`).
-pub(crate) async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
+/// turns; see `crate::backend::nbd_export`).
+pub(crate) async fn open(t: &Arc<Transfer>) -> Result<Opened, OpError> {
     let turn = t.storage().turn().await;
     let s = t.storage().clone();
     blocking(move || s.open_in_turn(turn).map_err(OpError::from)).await
@@ -139,7 +139,7 @@ async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
 /// ones. The backend reads a chunk as several NBD requests (see
-/// `backend::nbd::PIPELINE_REQUEST`) and writes it as one.
+/// `backend::nbd_export::PIPELINE_REQUEST`) and writes it as one.
 pub(crate) const CHUNK: usize = 512 * 1024;
 /// NBD requests a GET or PUT keeps in flight on the NBD connection it holds
 /// (2 MiB of reads, 4 MiB of writes): hides qemu-nbd's per-request latency
@@ -190,19 +190,19 @@ impl Drop for OpLog {
 
 /// A buffer lent out as `Bytes` (by a GET to actix, by a PUT to libnbd);
 /// dropped, it goes back to its transfer for reuse.
-struct Lent {
+struct LentBuffer {
     buf: Vec<u8>,
     len: usize,
     home: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
-impl AsRef<[u8]> for Lent {
+impl AsRef<[u8]> for LentBuffer {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-impl Drop for Lent {
+impl Drop for LentBuffer {
     fn drop(&mut self) {
         self.home.lock().push(std::mem::take(&mut self.buf));
     }
@@ -238,7 +238,7 @@ impl Buffers {
     }
 
     fn lend(&self, buf: Vec<u8>, len: usize) -> Bytes {
-        Bytes::from_owner(Lent {
+        Bytes::from_owner(LentBuffer {
             buf,
             len,
             home: self.free.clone(),

@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
-use crate::backend::nbd::NbdHandle;
-use crate::backend::{BackendError, Handle};
+use crate::backend::nbd_export::NbdHandle;
+use crate::backend::{BackendError, Opened};
 use crate::direct_body::Abort;
 use crate::nbd::Retired;
 use crate::transfers::{Lease, Transfer};
@@ -111,7 +111,7 @@ impl<G> Stream for ReadBody<G> {
 /// lease, once the reads it had in flight have retired. Must be called on
 /// the worker's runtime.
 pub(crate) fn read_stream<G: Send + 'static>(
-    handle: Handle,
+    handle: Opened,
     start: u64,
     len: u64,
     log: OpLog,
@@ -131,10 +131,10 @@ pub(crate) fn read_stream<G: Send + 'static>(
     let transfer = lease.transfer().clone();
     let held: Held<G> = Arc::new(Mutex::new(Some((lease, guard))));
     match handle {
-        Handle::Nbd(h) => {
+        Opened::Nbd(h) => {
             actix_web::rt::spawn(read_nbd(h, start, len, out, held.clone()));
         }
-        handle @ Handle::File(_) => read_in_thread(handle, start, len, out, held.clone()),
+        handle @ Opened::File(_) => read_in_thread(handle, start, len, out, held.clone()),
     }
     ReadBody {
         rx,
@@ -275,7 +275,7 @@ async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held:
 
 /// Reads a file on a blocking thread, sending the chunks in order.
 fn read_in_thread<G: Send + 'static>(
-    mut handle: Handle,
+    mut handle: Opened,
     start: u64,
     len: u64,
     out: Sender,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileUpload;
-use crate::backend::nbd::{NbdHandle, NbdQueue};
+use crate::backend::nbd_export::{NbdHandle, NbdQueue};
 use crate::backend::{BackendError, Writer};
 use crate::direct_body::Inbox;
 use crate::nbd::Retired;

@@ -216,7 +216,7 @@ impl Drop for Connecting<'_> {
 }
 
 /// What a request's connection carries besides the connection itself.
-struct Lent {
+struct Loan {
     storage: Arc<Storage>,
     /// Cleared by a fatal error (or `discard`): the connection is closed
     /// when the request ends instead of going back to the pool.
@@ -236,9 +236,9 @@ struct Lent {
     turn: Turn,
 }
 
-impl Lent {
-    fn new(storage: Arc<Storage>, turn: Turn) -> Lent {
-        Lent {
+impl Loan {
+    fn new(storage: Arc<Storage>, turn: Turn) -> Loan {
+        Loan {
             storage,
             reusable: true,
             timeout_logged: false,
@@ -250,8 +250,8 @@ impl Lent {
 
     /// Moves what the request holds to a new owner (the queue a handle
     /// becomes), leaving nothing to count or give back here.
-    fn take(&mut self) -> Lent {
-        Lent {
+    fn take(&mut self) -> Loan {
+        Loan {
             storage: self.storage.clone(),
             reusable: self.reusable,
             timeout_logged: self.timeout_logged,
@@ -276,7 +276,7 @@ impl Lent {
         self.flush_covers
     }
 
-    /// The flush started by [`Lent::start_flush`] succeeded.
+    /// The flush started by [`Loan::start_flush`] succeeded.
     fn flushed(&self) {
         self.storage.unflushed().flushed(self.flush_covers);
     }
@@ -308,7 +308,7 @@ impl Lent {
     }
 }
 
-impl Drop for Lent {
+impl Drop for Loan {
     fn drop(&mut self) {
         // The request is over: every write of it has completed or failed
         // (an error discards the connection with what is in flight).
@@ -318,7 +318,7 @@ impl Drop for Lent {
 
 /// One NBD connection lent to one request, for blocking calls.
 pub(crate) struct NbdHandle {
-    lent: Lent,
+    lent: Loan,
     conn: Option<Connection>,
     bitmap_context: Option<String>,
 }
@@ -375,7 +375,7 @@ impl NbdHandle {
         Ok(NbdHandle {
             // On a multi-conn export the turn goes back at once, so that
             // requests that queued for it before that was known go ahead.
-            lent: Lent::new(storage, if multi_conn { None } else { turn }),
+            lent: Loan::new(storage, if multi_conn { None } else { turn }),
             conn: Some(conn),
             bitmap_context,
         })
@@ -580,7 +580,7 @@ impl Drop for NbdHandle {
 /// retired from the async worker (see [`nbd::Pipeline`]). Goes back to the
 /// pool only when no command is in flight.
 pub(crate) struct NbdQueue {
-    lent: Lent,
+    lent: Loan,
     pipe: Option<Pipeline>,
 }
 
