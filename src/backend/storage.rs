@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{file, nbd_export, KnownCaps, Opened, Result, Writer};
+use super::{file, nbd_export, BackendError, KnownCaps, Opened, Result, Writer};
 use crate::config::BackendConfig;
 use crate::stats::TransferStats;
 
@@ -115,8 +115,9 @@ impl Storage {
     }
 
     /// Opens the storage without waiting for a turn: for the blocking paths
-    /// that run once no request is in flight. Blocking.
-    pub(crate) fn open(self: &Arc<Self>) -> Result<Opened> {
+    /// that run once no request is in flight. Blocking; call it inside the
+    /// runtime that drives the connection.
+    fn open(self: &Arc<Self>) -> Result<Opened> {
         let turn = match self.backend {
             BackendConfig::Nbd { .. } => self.pool.try_turn(),
             BackendConfig::File { .. } => None,
@@ -125,7 +126,9 @@ impl Storage {
     }
 
     /// Opens the storage (an NBD connection, from the pool when one is idle,
-    /// or the file) in the request's `turn`. Blocking.
+    /// or the file) in the request's `turn`. Blocking: call it on the
+    /// blocking pool of the async worker that then drives the connection
+    /// (see [`nbd_export::ExportConn::open`]).
     pub(crate) fn open_in_turn(self: &Arc<Self>, turn: nbd_export::Turn) -> Result<Opened> {
         self.open_as(turn, Opened::Nbd, |path, unflushed| {
             file::FileHandle::open(path, unflushed).map(Opened::File)
@@ -147,7 +150,7 @@ impl Storage {
     fn open_as<T>(
         self: &Arc<Self>,
         turn: nbd_export::Turn,
-        nbd: fn(nbd_export::NbdHandle) -> T,
+        nbd: fn(nbd_export::ExportConn) -> T,
         file: fn(&Path, Arc<Unflushed>) -> Result<T>,
     ) -> Result<T> {
         match &self.backend {
@@ -155,7 +158,7 @@ impl Storage {
                 socket,
                 export,
                 export_bitmap,
-            } => nbd_export::NbdHandle::open(
+            } => nbd_export::ExportConn::open(
                 self.clone(),
                 socket,
                 export.as_deref(),
@@ -168,12 +171,18 @@ impl Storage {
     }
 
     /// Flushes if anything was written since the last flush (when the
-    /// transfer is retired, e.g. at shutdown): true when it did. Blocking.
+    /// transfer is retired, e.g. at shutdown): true when it did. Blocking:
+    /// the flush runs on a runtime of its own on the calling thread (not
+    /// an async worker's).
     pub(crate) fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
         if !self.is_unflushed() {
             return Ok(false);
         }
-        self.open()?.flush()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Io(format!("no runtime to flush on: {e}")))?;
+        rt.block_on(async { self.open()?.flush().await })?;
         Ok(true)
     }
 

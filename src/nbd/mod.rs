@@ -24,7 +24,7 @@ mod pipeline;
 
 pub use connection::{ConnectOptions, Connection};
 pub use error::{Error, Result};
-pub use pipeline::{Pipeline, Retired};
+pub use pipeline::{Home, Pipeline, Retired};
 
 use libnbd_sys as sys;
 

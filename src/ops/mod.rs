@@ -11,11 +11,13 @@
 //! thread hand-off sits in the data path, and a buffer filled from one socket
 //! is still in this core's cache when it is copied to the other. A GET reads
 //! in a task of its own on the worker, so qemu-nbd keeps being served while
-//! the client socket is full. File transfers, whose reads and writes may
-//! block, run on the blocking pool.
+//! the client socket is full. Every NBD command (read, write, zero, flush,
+//! block status, a checksum's reads) goes through the connection's
+//! pipeline (`backend::nbd_export::ExportConn`); the blocking pool only
+//! opens the storage (connect) and does file I/O, which may block.
 //!
 //! One file per job: `read` (the GET stream), `write` (a request body into
-//! the backend), `simple` (zero, extents, checksum and flush: one blocking
+//! the backend), `simple` (zero, extents, checksum and flush: one backend
 //! call each). What they share is here: the error, the log line, opening
 //! the storage, the buffer pool and the sizes.
 
@@ -34,7 +36,7 @@ use actix_web::rt::task::spawn_blocking;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::backend::nbd_export::NbdQueue;
+use crate::backend::nbd_export::ExportConn;
 use crate::backend::{BackendError, Opened, Writer};
 use crate::nbd::Retired;
 use crate::transfers::Transfer;
@@ -125,15 +127,8 @@ pub(crate) async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
 /// ends the wait: nothing more can retire then. A request that stops early
 /// calls it before it gives back what it holds, so that nothing it started
 /// outlives it.
-async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
-    while queue.queued() > 0 {
-        let before = queue.queued();
-        match std::future::poll_fn(|cx| queue.poll_oldest(cx)).await {
-            Ok(done) => retired(done),
-            Err(_) if queue.queued() < before => {}
-            Err(_) => break,
-        }
-    }
+async fn retire_all(queue: &mut ExportConn, retired: impl FnMut(Retired)) {
+    let _ = queue.settle(retired).await;
 }
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
