@@ -250,7 +250,8 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
     warm_pool(server, &env.nbd[0], "a", &data);
 
     let stop = Stopped::new(&env.nbd[0]);
-    // Extents (block status) and flush run as blocking calls.
+    // Extents (block status) and flush: commands of their own, on the same
+    // pipeline and deadline as the data path.
     for (method, path) in [("GET", "/images/a/extents"), ("POST", "/images/a/flush")] {
         let started = Instant::now();
         let r = server.request(method, path, &[], b"");

@@ -1,5 +1,5 @@
 //! Backends: where a transfer's bytes live. A transfer
-//! ([`crate::transfers::Transfer`]) opens a [`Opened`] that the operations
+//! ([`crate::transfers::Transfer`]) opens an [`Opened`] that the operations
 //! read, write, zero and flush through, whatever the storage kind.
 //!
 //! Opening blocks (connect, open(2)): do it on the blocking pool. An NBD

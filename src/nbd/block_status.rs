@@ -1,5 +1,6 @@
-//! Block status: extents of one or more meta contexts, and the C callback
-//! libnbd reports them through.
+//! Block status: one request of extents of one or more meta contexts
+//! ([`BlockStatus`], whose commands [`super::Pipeline::block_status`]
+//! sends), and the C callback libnbd reports them through.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,7 +11,7 @@ use parking_lot::Mutex;
 
 use super::connection::Connection;
 use super::error::{Error, Result};
-use super::{MAX_BLOCK_STATUS, MAX_EXTENTS};
+use super::MAX_BLOCK_STATUS;
 
 /// One block status request in progress: the commands to send (see
 /// [`BlockStatus::next`]), and the lists their replies fill. Each command
@@ -135,24 +136,6 @@ impl BlockStatus {
     /// The lists, once [`BlockStatus::next`] said they cover the range.
     pub(super) fn finish(self) -> Vec<Vec<(u64, u32)>> {
         std::mem::take(&mut self.state.lock().extents)
-    }
-}
-
-impl Connection {
-    /// [`super::Pipeline::block_status`] as a blocking call of an idle
-    /// connection, with at most [`MAX_EXTENTS`] pairs.
-    pub fn block_status(
-        &mut self,
-        offset: u64,
-        len: u64,
-        contexts: &[&str],
-    ) -> Result<Vec<Vec<(u64, u32)>>> {
-        let mut query = BlockStatus::new(self, offset, len, contexts, MAX_EXTENTS)?;
-        while let Some((from, count)) = query.next()? {
-            let cookie = query.start(self, from, count)?;
-            self.wait_all(&[cookie])?;
-        }
-        Ok(query.finish())
     }
 }
 

@@ -504,6 +504,11 @@ impl Pipeline {
                 }
             };
             if let Err(e) = self.conn.check(rc) {
+                if self.conn.is_dead() {
+                    // The server went away: libnbd has failed the commands
+                    // in flight (ENOTCONN); retiring the oldest reports that.
+                    continue;
+                }
                 return Poll::Ready(Err(self.note(e)));
             }
             // libnbd may stop before the socket would block (e.g. after a
