@@ -1,5 +1,6 @@
-//! Commands in flight for async callers, retired oldest first from a tokio
-//! reactor.
+//! The one NBD engine: commands of every kind queued on a connection and
+//! retired oldest first from a tokio reactor, with one deadline and one
+//! rule for a dead connection.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -76,8 +77,10 @@ struct Queued {
 /// from the last retired command or from when the caller started waiting in
 /// [`Pipeline::poll_oldest`], whichever is later: time the caller spends
 /// elsewhere with commands in flight (a GET reader waiting for its HTTP
-/// client) does not count against the server. The first fatal error (the
-/// server died, a timeout) is returned by every later call.
+/// client) does not count against the server. The first fatal error (a
+/// timeout; or the server gone, reported as libnbd failed the oldest
+/// command: ENOTCONN) poisons the connection and is returned by every later
+/// call.
 pub struct Pipeline {
     // `Drop` closes the connection (nbd_close: libnbd is done with every
     // buffer) or sends it home; the fields drop after that: the
