@@ -7,7 +7,8 @@
 //! benchmark makes (`GET` of the whole image or of `Range: bytes=A-B`, `PUT`
 //! with `Content-Length`, at the offset of `Content-Range: bytes A-B/*` if
 //! given) by moving bytes between one 2 MiB buffer, libnbd
-//! (through the server's own `nbd::Connection`, requests pipelined as the
+//! (through the server's own NBD engine, `nbd::Pipeline`, on a
+//! current-thread runtime of the thread's own, requests pipelined as the
 //! server does) and the client socket. It is a measuring stick, not a
 //! server: never expose it.
 //!
@@ -25,14 +26,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloudstack_image_server::backend::nbd::{PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST};
-use cloudstack_image_server::nbd::{ConnectOptions, Connection};
+use bytes::Bytes;
+use cloudstack_image_server::backend::nbd_export::{
+    PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST,
+};
+use cloudstack_image_server::nbd::{self, ConnectOptions, Connection, Pipeline, Retired};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::ServerConfig;
 
 /// Bytes moved per step: read from one side, then written to the other.
-/// The NBD request sizes are the server's own (`backend::nbd`), imported.
+/// The NBD request sizes are the server's own (`backend::nbd_export`), imported.
 const BUFFER: usize = 2 * 1024 * 1024;
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -322,9 +326,27 @@ impl Write for Tls {
     }
 }
 
+/// Retires every command queued on `p`; returns the buffer of the read
+/// among them, if any.
+fn retire_all(rt: &tokio::runtime::Runtime, p: &mut Pipeline) -> nbd::Result<Option<Vec<u8>>> {
+    rt.block_on(async {
+        let mut read = None;
+        while p.queued() > 0 {
+            if let Retired::Read(buf, _) = std::future::poll_fn(|cx| p.poll_oldest(cx)).await? {
+                read = Some(buf);
+            }
+        }
+        Ok(read)
+    })
+}
+
 fn serve<S: Read + Write>(mut s: S, socket: &Path) -> io::Result<()> {
     let head = read_head(&mut s)?;
-    let mut conn = Connection::connect_unix(&ConnectOptions {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _runtime = rt.enter();
+    let conn = Connection::connect_unix(&ConnectOptions {
         socket,
         export: None,
         meta_contexts: &[],
@@ -332,11 +354,13 @@ fn serve<S: Read + Write>(mut s: S, socket: &Path) -> io::Result<()> {
         command_timeout: None,
     })
     .map_err(|e| other(e.to_string()))?;
+    let mut conn = Pipeline::new(conn).map_err(|e| other(e.to_string()))?;
+    let size = conn.connection().size();
     let mut buf = vec![0u8; BUFFER];
     match head.method.as_str() {
         "GET" => {
-            let (start, end) = head.range.unwrap_or((0, conn.size()));
-            if start > end || end > conn.size() {
+            let (start, end) = head.range.unwrap_or((0, size));
+            if start > end || end > size {
                 return Err(other("range outside the image"));
             }
             write!(
@@ -347,8 +371,11 @@ fn serve<S: Read + Write>(mut s: S, socket: &Path) -> io::Result<()> {
             let mut off = start;
             while off < end {
                 let n = (end - off).min(BUFFER as u64) as usize;
-                conn.pread_pipelined(&mut buf[..n], off, READ_REQUEST)
+                conn.queue_read(buf, n, off, READ_REQUEST)
                     .map_err(|e| other(e.to_string()))?;
+                buf = retire_all(&rt, &mut conn)
+                    .map_err(|e| other(e.to_string()))?
+                    .ok_or_else(|| other("the read gave no buffer back"))?;
                 s.write_all(&buf[..n])?;
                 off += n as u64;
             }
@@ -357,7 +384,7 @@ fn serve<S: Read + Write>(mut s: S, socket: &Path) -> io::Result<()> {
             let len = head.content_length;
             let start = head.put_offset;
             match start.checked_add(len) {
-                Some(end) if end <= conn.size() => {}
+                Some(end) if end <= size => {}
                 _ => return Err(other("body beyond the end of the image")),
             }
             if head.expect_continue {
@@ -371,8 +398,18 @@ fn serve<S: Read + Write>(mut s: S, socket: &Path) -> io::Result<()> {
                 buf[..k].copy_from_slice(&early[..k]);
                 early = &early[k..];
                 s.read_exact(&mut buf[k..want])?;
-                conn.pwrite_pipelined(&buf[..want], start + off, WRITE_REQUEST)
+                // The buffer goes to libnbd as `Bytes` and comes back once
+                // every command of it retired (no copy either way).
+                let mut data = Bytes::from(buf);
+                data.truncate(want);
+                conn.queue_write(data.clone(), start + off, WRITE_REQUEST)
                     .map_err(|e| other(e.to_string()))?;
+                retire_all(&rt, &mut conn).map_err(|e| other(e.to_string()))?;
+                buf = data
+                    .try_into_mut()
+                    .map_err(|_| other("the written buffer is still shared"))?
+                    .into();
+                buf.resize(BUFFER, 0);
                 off += want as u64;
             }
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;

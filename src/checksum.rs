@@ -11,21 +11,22 @@
 //! digest is that of `len` zero bytes, computed once per request for full
 //! blocks. Data blocks that turn out to be all zeroes take the same path.
 //!
-//! Reading (on the caller's blocking thread) and hashing (on a second
-//! thread) overlap, with two buffers of [`PIECE`] bytes in turn: a data
+//! Reading (NBD commands on the caller's async worker, file reads on the
+//! blocking pool) and hashing (on a blocking thread) overlap, with two buffers of [`PIECE`] bytes in turn: a data
 //! block is read and hashed piece by piece (a block digest takes its bytes
 //! in any number of updates), so a checksum holds 4 MiB of buffers whatever
 //! the block size, within a data request's budget (see `crate::ops`).
 
 use std::fmt::LowerHex;
-use std::sync::mpsc;
 
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Blake2s256};
 use digest::{Digest, Output};
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::spawn_blocking;
 
-use crate::backend::{BackendError, Handle};
+use crate::backend::{BackendError, Opened};
 use crate::extents::Extent;
 use crate::zeroes::{is_zero, ZEROES};
 
@@ -345,10 +346,12 @@ enum Job {
     Piece(Vec<u8>, usize, bool),
 }
 
-/// Reads the data blocks of `handle` and hashes every block on a second
-/// thread, in order.
-fn run<D: Digest + Send>(
-    handle: &mut Handle,
+/// Reads the data blocks of `handle` and hashes every block on a blocking
+/// thread, in order: the reads run where the backend does them (NBD on
+/// this async worker, a file on the blocking pool), the hashing (CPU-bound)
+/// never on an async worker.
+async fn run<D: Digest + Send + 'static>(
+    handle: &mut Opened,
     extents: &[Extent],
     size: u64,
     block_size: usize,
@@ -363,91 +366,96 @@ where
         size,
         block_size: block_size as u64,
     };
-    std::thread::scope(|s| {
-        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
-        let (free_tx, free) = mpsc::channel::<Vec<u8>>();
-        let hasher = s.spawn(move || {
-            let mut h = BlockHash::<D>::new(block_size);
-            for job in job_rx {
-                match job {
-                    Job::Zero(len) => h.zero(len),
-                    Job::Piece(buf, len, last) => {
-                        h.piece(&buf[..len]);
-                        if last {
-                            h.end_block();
-                        }
-                        let _ = free_tx.send(buf);
+    let (jobs, mut job_rx) = mpsc::channel::<Job>(1);
+    let (free_tx, mut free) = mpsc::unbounded_channel::<Vec<u8>>();
+    let hasher = spawn_blocking(move || {
+        let mut h = BlockHash::<D>::new(block_size);
+        while let Some(job) = job_rx.blocking_recv() {
+            match job {
+                Job::Zero(len) => h.zero(len),
+                Job::Piece(buf, len, last) => {
+                    h.piece(&buf[..len]);
+                    if last {
+                        h.end_block();
                     }
+                    let _ = free_tx.send(buf);
                 }
             }
-            h.hexdigest()
-        });
-        let mut allocated = 0;
-        let piece = PIECE.min(block_size);
-        let mut result = Ok(());
-        let send = |job: Job| jobs.send(job).is_ok();
-        'blocks: for b in blocks {
-            if b.zero {
-                if !send(Job::Zero(b.len)) {
-                    break;
-                }
-                continue;
+        }
+        h.hexdigest()
+    });
+    let mut allocated = 0;
+    let piece = PIECE.min(block_size);
+    let mut result = Ok(());
+    'blocks: for b in blocks {
+        if b.zero {
+            if jobs.send(Job::Zero(b.len)).await.is_err() {
+                break;
             }
-            let mut done = 0;
-            while done < b.len {
-                let n = piece.min(b.len - done);
-                let mut buf = match free.try_recv() {
-                    Ok(buf) => buf,
-                    Err(_) if allocated < BUFFERS => {
-                        allocated += 1;
-                        vec![0; piece]
-                    }
-                    Err(_) => match free.recv() {
-                        Ok(buf) => buf,
-                        Err(_) => break 'blocks, // the hasher is gone (panicked)
-                    },
-                };
-                if let Err(e) = handle.read_at(&mut buf[..n], b.start + done as u64) {
+            continue;
+        }
+        let mut done = 0;
+        while done < b.len {
+            let n = piece.min(b.len - done);
+            let buf = match free.try_recv() {
+                Ok(buf) => buf,
+                Err(_) if allocated < BUFFERS => {
+                    allocated += 1;
+                    vec![0; piece]
+                }
+                Err(_) => match free.recv().await {
+                    Some(buf) => buf,
+                    None => break 'blocks, // the hasher is gone (panicked)
+                },
+            };
+            let buf = match handle.read_at(buf, n, b.start + done as u64).await {
+                Ok(buf) => buf,
+                Err(e) => {
                     result = Err(e);
                     break 'blocks;
                 }
-                done += n;
-                if !send(Job::Piece(buf, n, done == b.len)) {
-                    break 'blocks;
-                }
+            };
+            done += n;
+            if jobs.send(Job::Piece(buf, n, done == b.len)).await.is_err() {
+                break 'blocks;
             }
         }
-        drop(jobs);
-        let digest = hasher.join();
-        result?;
-        digest.map_err(|_| BackendError::Io("checksum thread panicked".into()))
-    })
+    }
+    drop(jobs);
+    let digest = hasher.await;
+    result?;
+    digest.map_err(|_| BackendError::Io("checksum thread panicked".into()))
 }
 
-/// The checksum of the whole image behind `handle`. Blocking; memory:
+/// The checksum of the whole image behind `handle`. Memory:
 /// [`MAX_BUFFERED`] bytes of buffers, and the image's zero extents. On
 /// error the handle is marked not reusable.
-pub(crate) fn compute(handle: &mut Handle, params: &Params) -> Result<Checksum, BackendError> {
-    let result = (|| {
+pub(crate) async fn compute(
+    handle: &mut Opened,
+    params: &Params,
+) -> Result<Checksum, BackendError> {
+    let result = async {
         let size = handle.size();
-        let extents = handle.reads_as_zero_extents()?;
+        let extents = handle.reads_as_zero_extents().await?;
         let bs = usize::try_from(params.block_size)
             .map_err(|_| BackendError::Io("block size too large".into()))?;
+        let (h, e) = (&mut *handle, &extents);
         match params.algorithm {
-            Algorithm::Blake2b => run::<Blake2b<U32>>(handle, &extents, size, bs),
-            Algorithm::Blake2s => run::<Blake2s256>(handle, &extents, size, bs),
-            Algorithm::Md5 => run::<md5::Md5>(handle, &extents, size, bs),
-            Algorithm::Sha1 => run::<sha1::Sha1>(handle, &extents, size, bs),
-            Algorithm::Sha224 => run::<sha2::Sha224>(handle, &extents, size, bs),
-            Algorithm::Sha256 => run::<sha2::Sha256>(handle, &extents, size, bs),
-            Algorithm::Sha384 => run::<sha2::Sha384>(handle, &extents, size, bs),
-            Algorithm::Sha512 => run::<sha2::Sha512>(handle, &extents, size, bs),
-            Algorithm::Sha3_224 => run::<sha3::Sha3_224>(handle, &extents, size, bs),
-            Algorithm::Sha3_256 => run::<sha3::Sha3_256>(handle, &extents, size, bs),
-            Algorithm::Sha3_384 => run::<sha3::Sha3_384>(handle, &extents, size, bs),
-            Algorithm::Sha3_512 => run::<sha3::Sha3_512>(handle, &extents, size, bs),
+            Algorithm::Blake2b => run::<Blake2b<U32>>(h, e, size, bs).await,
+            Algorithm::Blake2s => run::<Blake2s256>(h, e, size, bs).await,
+            Algorithm::Md5 => run::<md5::Md5>(h, e, size, bs).await,
+            Algorithm::Sha1 => run::<sha1::Sha1>(h, e, size, bs).await,
+            Algorithm::Sha224 => run::<sha2::Sha224>(h, e, size, bs).await,
+            Algorithm::Sha256 => run::<sha2::Sha256>(h, e, size, bs).await,
+            Algorithm::Sha384 => run::<sha2::Sha384>(h, e, size, bs).await,
+            Algorithm::Sha512 => run::<sha2::Sha512>(h, e, size, bs).await,
+            Algorithm::Sha3_224 => run::<sha3::Sha3_224>(h, e, size, bs).await,
+            Algorithm::Sha3_256 => run::<sha3::Sha3_256>(h, e, size, bs).await,
+            Algorithm::Sha3_384 => run::<sha3::Sha3_384>(h, e, size, bs).await,
+            Algorithm::Sha3_512 => run::<sha3::Sha3_512>(h, e, size, bs).await,
         }
-    })();
+    }
+    .await;
     match result {
         Ok(checksum) => Ok(Checksum {
             algorithm: params.algorithm.name(),

@@ -5,10 +5,10 @@
 //! server binary (`src/main.rs`: `server::run` and its `Settings`, with the
 //! parts it hands on as they are, `http::Settings` and `transfers::Settings`;
 //! `control::DEFAULT_SOCKET`, `http::limits`' queue bounds,
-//! `backend::nbd::DEFAULT_COMMAND_TIMEOUT_SECS`), by the integration tests
+//! `backend::nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS`), by the integration tests
 //! and fuzz targets (`nbd`, `config`, `extents::merge_dirty`,
 //! `http::patch_op`, `http::range`) and by `bench/floor.rs` (`nbd`,
-//! `backend::nbd`'s request sizes, `tls::server_config`). Everything else is
+//! `backend::nbd_export`'s request sizes, `tls::server_config`). Everything else is
 //! `pub(crate)`, so that the compiler reports dead code; `unreachable_pub`
 //! refuses a `pub` item that the crate does not export. Add to the surface
 //! only for such a user.

@@ -87,7 +87,7 @@ struct Cli {
     /// stuck) before its request fails (504 before the response head, a
     /// truncated body after it) and the NBD connection is discarded. 0
     /// waits for ever.
-    #[arg(long, default_value_t = cloudstack_image_server::backend::nbd::DEFAULT_COMMAND_TIMEOUT_SECS)]
+    #[arg(long, default_value_t = cloudstack_image_server::backend::nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS)]
     nbd_timeout: u64,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]

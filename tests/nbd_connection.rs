@@ -3,6 +3,10 @@
 //! test starts its own qemu-nbd (or, for the failure cases, its own misbehaving
 //! Unix socket peer) and checks exact bytes, extents and errnos.
 //!
+//! The reads, writes, zeroes, flushes and block status are the blocking
+//! calls of `common::Blocking`: each runs on an `nbd::Pipeline`, the
+//! server's one NBD engine, until its commands retired.
+//!
 //! Where possible the results are cross-checked with tools that do not go
 //! through our wrapper: `nbdcopy` for the bytes of an export and `nbdinfo
 //! --map` for block status.
@@ -60,7 +64,7 @@ impl Export {
         Self::start(tag, size, opts, |_| {})
     }
 
-    fn connect(&self, contexts: &[&str]) -> Connection {
+    fn connect(&self, contexts: &[&str]) -> Blocking {
         Connection::connect_unix(&ConnectOptions {
             socket: &self.nbd.socket,
             export: self.nbd.opts.export_name.as_deref(),
@@ -69,6 +73,7 @@ impl Export {
             command_timeout: None,
         })
         .unwrap_or_else(|e| panic!("connect to {}: {e}", self.nbd.uri()))
+        .into()
     }
 
     /// Every byte of the export, read by nbdcopy (not through our wrapper).
@@ -181,7 +186,7 @@ impl Model {
 }
 
 /// Writes through the connection and records the write in the model.
-fn write(conn: &mut Connection, model: &mut Model, offset: u64, data: &[u8]) {
+fn write(conn: &mut Blocking, model: &mut Model, offset: u64, data: &[u8]) {
     conn.pwrite(data, offset)
         .unwrap_or_else(|e| panic!("pwrite {}@{offset}: {e}", data.len()));
     model.data(offset, data);
@@ -189,7 +194,7 @@ fn write(conn: &mut Connection, model: &mut Model, offset: u64, data: &[u8]) {
 
 /// Reads `len` bytes at `offset` and compares them with the model.
 #[track_caller]
-fn check_window(conn: &mut Connection, model: &Model, offset: u64, len: u64) {
+fn check_window(conn: &mut Blocking, model: &Model, offset: u64, len: u64) {
     let mut buf = vec![0xA5u8; len as usize];
     conn.pread_into(&mut buf, offset)
         .unwrap_or_else(|e| panic!("pread {len}@{offset}: {e}"));

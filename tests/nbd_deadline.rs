@@ -250,7 +250,8 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
     warm_pool(server, &env.nbd[0], "a", &data);
 
     let stop = Stopped::new(&env.nbd[0]);
-    // Extents (block status) and flush run as blocking calls.
+    // Extents (block status) and flush: commands of their own, on the same
+    // pipeline and deadline as the data path.
     for (method, path) in [("GET", "/images/a/extents"), ("POST", "/images/a/flush")] {
         let started = Instant::now();
         let r = server.request(method, path, &[], b"");
@@ -265,4 +266,40 @@ fn blocking_calls_time_out_too_and_release_the_transfer() {
     let r = server.get("/images/a");
     assert_eq!(r.status, 200);
     assert!(r.body == data);
+}
+
+/// Zero and checksum send their commands through the same pipeline as the
+/// data path: a stopped qemu-nbd fails them with the same 504 within the
+/// timeout, each counted once; the same requests work once it runs again.
+#[test]
+fn zero_and_checksum_time_out_on_the_same_deadline() {
+    let mut env = Env::new("deadline-zero-sum", &["--nbd-timeout", "2"]);
+    let (_, data) = env.raw_export("a", 64 * MIB, 4);
+    let server = &env.server;
+    warm_pool(server, &env.nbd[0], "a", &data);
+    let zero = br#"{"op":"zero","offset":0,"size":1048576}"#;
+    let json = [("Content-Type", "application/json")];
+
+    let stop = Stopped::new(&env.nbd[0]);
+    let started = Instant::now();
+    let r = server.request("PATCH", "/images/a", &json, zero);
+    assert_err(&r, 504, "backend timed out");
+    assert!(started.elapsed() < FAIL_WITHIN, "zero");
+    let started = Instant::now();
+    let r = server.request("GET", "/images/a/checksum", &[], b"");
+    assert_err(&r, 504, "backend timed out");
+    assert!(started.elapsed() < FAIL_WITHIN, "checksum");
+    assert_eq!(nbd_timeouts(server, "a", 2), 2, "{}", server.log());
+    assert_eq!(server.logged("NBD timeout image_id=a", 2), 2);
+    drop(stop);
+
+    let r = server.request("PATCH", "/images/a", &json, zero);
+    assert_json_ok(&r, r#"{"ok":true}"#);
+    let r = server.get("/images/a");
+    assert_eq!(r.status, 200);
+    let mut expected = data.clone();
+    expected[..MIB as usize].fill(0);
+    assert!(r.body == expected, "bytes after the zero");
+    let r = server.request("GET", "/images/a/checksum", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
 }

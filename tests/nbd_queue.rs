@@ -164,7 +164,7 @@ fn reads_writes_and_zeroes_retire_in_order_with_exact_bytes() {
     assert_eq!(p.queued(), 0);
 
     // Idle: the connection comes back, alive, and blocking calls see it all.
-    let mut c = p.into_connection().ok().expect("no command in flight");
+    let mut c = Blocking::from(p.into_connection().ok().expect("no command in flight"));
     assert!(!c.is_dead());
     let mut expected = data.clone();
     expected[2 * MIB as usize..][..new.len()].copy_from_slice(&new);
@@ -234,7 +234,7 @@ fn empty_and_maximal_requests() {
         matches!(done[..], [Retired::Done(GIB), Retired::Done(GIB), Retired::Done(n)] if n == GIB / 2),
         "{done:?}"
     );
-    let mut c = p.into_connection().ok().unwrap();
+    let mut c = Blocking::from(p.into_connection().ok().unwrap());
     let mut back = vec![1u8; len];
     c.pread_into(&mut back, size - len as u64).unwrap();
     assert_same(&back, &tail, "maximal write");
@@ -276,7 +276,7 @@ fn dropping_a_pipeline_with_commands_in_flight_is_clean() {
     }
     // The export serves a new connection as before; nothing was written
     // but the same bytes.
-    let mut c = ex.connect(None);
+    let mut c = Blocking::from(ex.connect(None));
     let mut back = vec![0u8; size as usize];
     c.pread_into(&mut back, 0).unwrap();
     assert_same(&back, &data, "after drops");
@@ -369,7 +369,7 @@ fn a_write_error_fails_that_command_only_and_the_connection_stays_usable() {
 
     // The connection comes back alive and keeps working, for blocking and
     // queued calls; the bad sector fails again the same way.
-    let mut c = p.into_connection().ok().expect("empty");
+    let mut c = Blocking::from(p.into_connection().ok().expect("empty"));
     assert!(!c.is_dead());
     // (Reads of the bad sector fail too once blkdebug's rule is active, and
     // qemu-nbd hangs up on a failed read: read around it.)
@@ -383,7 +383,7 @@ fn a_write_error_fails_that_command_only_and_the_connection_stays_usable() {
     let e = c.pwrite(&[1; 4096], bad).unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
     assert!(!e.is_fatal() && !c.is_dead());
-    let mut p = Pipeline::new(c).unwrap();
+    let mut p = Pipeline::new(c.into_connection()).unwrap();
     p.queue_read(vec![0; 4096], 4096, 2 * MIB, 4096).unwrap();
     let reads = drain(&rt, &mut p);
     assert_same(
@@ -507,7 +507,7 @@ fn no_reply_within_the_command_timeout_is_fatal_for_queued_and_blocking_calls() 
     let _guard = rt.enter();
     let timeout = Duration::from_secs(1);
     let mut p = Pipeline::new(ex.connect(Some(timeout))).unwrap();
-    let mut c = ex.connect(Some(timeout));
+    let mut c = Blocking::from(ex.connect(Some(timeout)));
     // Progress resets the deadline: a long pipeline of quick replies is fine.
     for i in 0..32u64 {
         p.queue_read(
@@ -545,7 +545,7 @@ fn no_reply_within_the_command_timeout_is_fatal_for_queued_and_blocking_calls() 
 
     // Once the server runs again, a new connection works.
     ex.signal("CONT");
-    let mut c = ex.connect(Some(timeout));
+    let mut c = Blocking::from(ex.connect(Some(timeout)));
     c.pread_into(&mut buf, 0).unwrap();
     assert_same(&buf, &data[..buf.len()], "after SIGCONT");
 }

@@ -17,9 +17,11 @@ fn unavailable(path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Unavailable(format!("cannot open file: {}", e.kind()))
 }
 
-/// An open image file.
+/// An open image file; its clones share it (to read and flush from a
+/// blocking thread).
+#[derive(Clone)]
 pub(crate) struct FileHandle {
-    file: File,
+    file: Arc<File>,
     size: u64,
     unflushed: Arc<Unflushed>,
     /// The uploads a flush of this handle covers: those renamed over the
@@ -37,7 +39,7 @@ impl FileHandle {
             return Err(BackendError::Unavailable("not a regular file".into()));
         }
         Ok(FileHandle {
-            file,
+            file: Arc::new(file),
             size: md.len(),
             unflushed,
             covers,
@@ -48,7 +50,7 @@ impl FileHandle {
         self.size
     }
 
-    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match offset.checked_add(buf.len() as u64) {
             Some(end) if end <= self.size => {}
             _ => return Err(BackendError::OutOfRange { size: self.size }),
@@ -63,7 +65,8 @@ impl FileHandle {
     }
 
     /// fsync: covers the uploads completed before the file was opened.
-    pub(crate) fn flush(&mut self) -> Result<()> {
+    /// Blocking.
+    pub(crate) fn flush(&self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| BackendError::Io(e.to_string()))?;

@@ -1,12 +1,13 @@
 //! Backends: where a transfer's bytes live. A transfer
-//! ([`crate::transfers::Transfer`]) opens a [`Handle`] that the operations
+//! ([`crate::transfers::Transfer`]) opens an [`Opened`] that the operations
 //! read, write, zero and flush through, whatever the storage kind.
 //!
-//! Everything here blocks: call it from a blocking thread, never from an
-//! async worker.
+//! Opening blocks (connect, open(2)): do it on the blocking pool. An NBD
+//! connection's commands then run on the async worker that opened it
+//! (`nbd_export`); file I/O runs on the blocking pool.
 
 pub(crate) mod file;
-pub mod nbd;
+pub mod nbd_export;
 mod storage;
 
 pub(crate) use storage::{Storage, Unflushed};
@@ -73,7 +74,7 @@ impl Caps {
     };
 
     /// The most an NBD export offers; its own flags may take away writes,
-    /// zero and flush (see [`Handle::caps`]).
+    /// zero and flush (see [`Opened::caps`]).
     pub(crate) const NBD_MOST: Caps = Caps {
         read_only: false,
         can_zero: true,
@@ -112,7 +113,7 @@ impl KnownCaps {
 /// A backend opened for a write request (see [`Storage::open_writer`]).
 pub(crate) enum Writer {
     /// Writes at offsets into the image (NBD).
-    At(nbd::NbdHandle),
+    At(nbd_export::ExportConn),
     /// A new image written from its start, replacing the old one only once
     /// complete (the file backend).
     Replace(file::FileUpload),
@@ -137,82 +138,112 @@ impl Writer {
     }
 }
 
-/// An open backend, used by one request at a time.
-pub(crate) enum Handle {
-    Nbd(nbd::NbdHandle),
+/// The storage opened for one request. NBD commands run on the async
+/// worker that opened it (see [`nbd_export::ExportConn`]); file I/O, which
+/// blocks, on the blocking pool.
+pub(crate) enum Opened {
+    Nbd(nbd_export::ExportConn),
     File(file::FileHandle),
 }
 
-impl Handle {
+/// Runs blocking file I/O on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| BackendError::Io("file I/O thread panicked".into()))?
+}
+
+impl Opened {
     /// Image size in bytes.
     pub(crate) fn size(&self) -> u64 {
         match self {
-            Handle::Nbd(h) => h.size(),
-            Handle::File(h) => h.size(),
+            Opened::Nbd(h) => h.size(),
+            Opened::File(h) => h.size(),
         }
     }
 
     pub(crate) fn caps(&self) -> Result<Caps> {
         match self {
-            Handle::Nbd(h) => h.caps(),
-            Handle::File(_) => Ok(Caps::FILE),
+            Opened::Nbd(h) => h.caps(),
+            Opened::File(_) => Ok(Caps::FILE),
         }
     }
 
-    /// Fills `buf` from `offset`.
-    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Reads `len` bytes at `offset` into the start of `buf`, which comes
+    /// back filled.
+    pub(crate) async fn read_at(
+        &mut self,
+        buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+    ) -> Result<Vec<u8>> {
         match self {
-            Handle::Nbd(h) => h.read_at(buf, offset),
-            Handle::File(h) => h.read_at(buf, offset),
+            Opened::Nbd(h) => h.read_at(buf, len, offset).await,
+            Opened::File(h) => {
+                let h = h.clone();
+                let mut buf = buf;
+                blocking(move || {
+                    let Some(part) = buf.get_mut(..len) else {
+                        return Err(BackendError::Io("read larger than its buffer".into()));
+                    };
+                    h.read_at(part, offset).map(|()| buf)
+                })
+                .await
+            }
         }
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
-    pub(crate) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) async fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
-            Handle::Nbd(h) => h.zero(offset, len),
-            Handle::File(_) => Err(BackendError::Io(
+            Opened::Nbd(h) => h.zero(offset, len).await,
+            Opened::File(_) => Err(BackendError::Io(
                 "zero is not supported by the file backend".into(),
             )),
         }
     }
 
-    pub(crate) fn flush(&mut self) -> Result<()> {
+    pub(crate) async fn flush(&mut self) -> Result<()> {
         match self {
-            Handle::Nbd(h) => h.flush(),
-            Handle::File(h) => h.flush(),
+            Opened::Nbd(h) => h.flush().await,
+            Opened::File(h) => {
+                let h = h.clone();
+                blocking(move || h.flush()).await
+            }
         }
     }
 
     /// Allocation extents covering the whole image (`zero` = hole or zero).
-    pub(crate) fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) async fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
-            Handle::Nbd(h) => h.allocation_extents(),
-            Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
+            Opened::Nbd(h) => h.allocation_extents().await,
+            Opened::File(h) => Ok(crate::extents::whole(h.size(), false)),
         }
     }
 
     /// Extents whose `zero` flag guarantees the range reads as zeroes (no
     /// such knowledge for files: one data extent).
-    pub(crate) fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+    pub(crate) async fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
         match self {
-            Handle::Nbd(h) => h.reads_as_zero_extents(),
-            Handle::File(h) => Ok(crate::extents::whole(h.size(), false)),
+            Opened::Nbd(h) => h.reads_as_zero_extents().await,
+            Opened::File(h) => Ok(crate::extents::whole(h.size(), false)),
         }
     }
 
     /// Allocation extents merged with the configured dirty bitmap, or `None`
     /// when no bitmap is configured or the server did not offer it.
-    pub(crate) fn dirty_extents(&mut self) -> Result<Option<Vec<crate::extents::DirtyExtent>>> {
+    pub(crate) async fn dirty_extents(
+        &mut self,
+    ) -> Result<Option<Vec<crate::extents::DirtyExtent>>> {
         match self {
-            Handle::Nbd(h) => h.dirty_extents(),
-            Handle::File(_) => Ok(None),
+            Opened::Nbd(h) => h.dirty_extents().await,
+            Opened::File(_) => Ok(None),
         }
     }
 
     /// Marks the handle as not reusable (an error left it in an unknown state).
     pub(crate) fn discard(&mut self) {
-        if let Handle::Nbd(h) = self {
+        if let Opened::Nbd(h) = self {
             h.discard();
         }
     }

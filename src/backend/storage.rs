@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{file, nbd, Handle, KnownCaps, Result, Writer};
+use super::{file, nbd_export, BackendError, KnownCaps, Opened, Result, Writer};
 use crate::config::BackendConfig;
 use crate::stats::TransferStats;
 
@@ -56,7 +56,7 @@ pub(crate) struct Storage {
     /// The transfer's id, for log lines.
     id: String,
     backend: BackendConfig,
-    pool: nbd::Pool,
+    pool: nbd_export::Pool,
     unflushed: Arc<Unflushed>,
     /// The transfer's counters, for the NBD timeouts its requests meet.
     stats: Arc<TransferStats>,
@@ -66,7 +66,7 @@ impl Storage {
     pub(crate) fn new(
         id: &str,
         backend: BackendConfig,
-        pool: nbd::Pool,
+        pool: nbd_export::Pool,
         stats: Arc<TransferStats>,
     ) -> Arc<Storage> {
         Arc::new(Storage {
@@ -87,7 +87,7 @@ impl Storage {
         KnownCaps::of(&self.backend)
     }
 
-    pub(crate) fn pool(&self) -> &nbd::Pool {
+    pub(crate) fn pool(&self) -> &nbd_export::Pool {
         &self.pool
     }
 
@@ -106,8 +106,8 @@ impl Storage {
 
     /// Waits (without blocking a thread) for a request's turn to open the
     /// storage: only a not-multi-conn NBD export makes requests take turns
-    /// (see [`nbd::Pool::turn`]). Pass it to [`Storage::open_in_turn`].
-    pub(crate) async fn turn(&self) -> nbd::Turn {
+    /// (see [`nbd_export::Pool::turn`]). Pass it to [`Storage::open_in_turn`].
+    pub(crate) async fn turn(&self) -> nbd_export::Turn {
         match self.backend {
             BackendConfig::Nbd { .. } => self.pool.turn().await,
             BackendConfig::File { .. } => None,
@@ -115,8 +115,9 @@ impl Storage {
     }
 
     /// Opens the storage without waiting for a turn: for the blocking paths
-    /// that run once no request is in flight. Blocking.
-    pub(crate) fn open(self: &Arc<Self>) -> Result<Handle> {
+    /// that run once no request is in flight. Blocking; call it inside the
+    /// runtime that drives the connection.
+    fn open(self: &Arc<Self>) -> Result<Opened> {
         let turn = match self.backend {
             BackendConfig::Nbd { .. } => self.pool.try_turn(),
             BackendConfig::File { .. } => None,
@@ -125,10 +126,12 @@ impl Storage {
     }
 
     /// Opens the storage (an NBD connection, from the pool when one is idle,
-    /// or the file) in the request's `turn`. Blocking.
-    pub(crate) fn open_in_turn(self: &Arc<Self>, turn: nbd::Turn) -> Result<Handle> {
-        self.open_as(turn, Handle::Nbd, |path, unflushed| {
-            file::FileHandle::open(path, unflushed).map(Handle::File)
+    /// or the file) in the request's `turn`. Blocking: call it on the
+    /// blocking pool of the async worker that then drives the connection
+    /// (see [`nbd_export::ExportConn::open`]).
+    pub(crate) fn open_in_turn(self: &Arc<Self>, turn: nbd_export::Turn) -> Result<Opened> {
+        self.open_as(turn, Opened::Nbd, |path, unflushed| {
+            file::FileHandle::open(path, unflushed).map(Opened::File)
         })
     }
 
@@ -136,7 +139,7 @@ impl Storage {
     /// way this backend takes writes: positioned writes into the export
     /// for NBD, a whole new file (the old one need not exist) for a file.
     /// Blocking.
-    pub(crate) fn open_writer(self: &Arc<Self>, turn: nbd::Turn) -> Result<Writer> {
+    pub(crate) fn open_writer(self: &Arc<Self>, turn: nbd_export::Turn) -> Result<Writer> {
         self.open_as(turn, Writer::At, |path, unflushed| {
             file::FileUpload::create(path, unflushed).map(Writer::Replace)
         })
@@ -146,8 +149,8 @@ impl Storage {
     /// the counts its writes and flushes keep) by `file`.
     fn open_as<T>(
         self: &Arc<Self>,
-        turn: nbd::Turn,
-        nbd: fn(nbd::NbdHandle) -> T,
+        turn: nbd_export::Turn,
+        nbd: fn(nbd_export::ExportConn) -> T,
         file: fn(&Path, Arc<Unflushed>) -> Result<T>,
     ) -> Result<T> {
         match &self.backend {
@@ -155,7 +158,7 @@ impl Storage {
                 socket,
                 export,
                 export_bitmap,
-            } => nbd::NbdHandle::open(
+            } => nbd_export::ExportConn::open(
                 self.clone(),
                 socket,
                 export.as_deref(),
@@ -168,12 +171,18 @@ impl Storage {
     }
 
     /// Flushes if anything was written since the last flush (when the
-    /// transfer is retired, e.g. at shutdown): true when it did. Blocking.
+    /// transfer is retired, e.g. at shutdown): true when it did. Blocking:
+    /// the flush runs on a runtime of its own on the calling thread (not
+    /// an async worker's).
     pub(crate) fn flush_if_written(self: &Arc<Self>) -> Result<bool> {
         if !self.is_unflushed() {
             return Ok(false);
         }
-        self.open()?.flush()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Io(format!("no runtime to flush on: {e}")))?;
+        rt.block_on(async { self.open()?.flush().await })?;
         Ok(true)
     }
 

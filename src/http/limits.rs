@@ -17,7 +17,7 @@
 //!   next one waits. Nothing else of a transfer is serialised or refused
 //!   because another request of it is in flight: ranged PUTs, PATCH
 //!   write/zero, flush and extents run concurrently (each on a connection of
-//!   its own, see `crate::backend::nbd`).
+//!   its own, see `crate::backend::nbd_export`).
 //! - Connections: [`ConnLimit`] is actix's per-worker connection limit,
 //!   chosen from the open-file limit, and logs once when it is reached.
 //!

@@ -1,5 +1,6 @@
-//! Block status: extents of one or more meta contexts, and the C callback
-//! libnbd reports them through.
+//! Block status: one request of extents of one or more meta contexts
+//! ([`BlockStatus`], whose commands [`super::Pipeline::block_status`]
+//! sends), and the C callback libnbd reports them through.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,72 +11,69 @@ use parking_lot::Mutex;
 
 use super::connection::Connection;
 use super::error::{Error, Result};
-use super::{MAX_BLOCK_STATUS, MAX_EXTENTS};
+use super::MAX_BLOCK_STATUS;
 
-impl Connection {
-    /// Block status of `offset..offset+len` for each of `contexts` (which must
-    /// have been negotiated). Returns one list per context, in the order
-    /// given: `(length, flags)` pairs as the server reports them, back to
-    /// back from `offset`, covering the range exactly. Touching pairs may
-    /// have equal flags (replies are not merged here; see `crate::extents`).
-    /// Queries in steps of up to 4 GiB and continues from wherever the
-    /// server's replies stop; each query waits at most the command timeout.
-    /// Fails with `E2BIG` once the lists hold more than [`MAX_EXTENTS`]
-    /// pairs together (memory: at most that many, 16 bytes each, plus one
-    /// reply: qemu-nbd sends at most 131,072 pairs per context a reply).
-    pub fn block_status(
-        &mut self,
-        offset: u64,
-        len: u64,
-        contexts: &[&str],
-    ) -> Result<Vec<Vec<(u64, u32)>>> {
-        self.block_status_at_most(offset, len, contexts, MAX_EXTENTS)
-    }
+/// One block status request in progress: the commands to send (see
+/// [`BlockStatus::next`]), and the lists their replies fill. Each command
+/// shares the lists with libnbd's callback (see [`BlockStatus::start`]).
+pub(super) struct BlockStatus {
+    state: Arc<Mutex<BlockStatusState>>,
+    /// The most pairs the lists may hold together.
+    max: usize,
+    /// Where the last command started.
+    last: Option<u64>,
+}
 
-    /// [`Connection::block_status`], failing with `E2BIG` once the lists
-    /// hold more than `max` pairs together.
-    pub(crate) fn block_status_at_most(
-        &mut self,
+impl BlockStatus {
+    /// A block status request of `offset..offset+len` for each of
+    /// `contexts`, which must lie inside the export and have been
+    /// negotiated (else EINVAL; the server only answers for negotiated
+    /// contexts, and one never negotiated would look like a server that
+    /// makes no progress).
+    pub(super) fn new(
+        conn: &Connection,
         offset: u64,
         len: u64,
         contexts: &[&str],
         max: usize,
-    ) -> Result<Vec<Vec<(u64, u32)>>> {
-        self.check_range(offset, len)?;
-        self.check_alive()?;
-        // The server only answers for negotiated contexts; without this a
-        // context that was never negotiated looks like a server that makes
-        // no progress.
+    ) -> Result<BlockStatus> {
+        conn.check_range(offset, len)?;
+        conn.check_alive()?;
         for ctx in contexts {
-            if !self.can_meta_context(ctx)? {
+            if !conn.can_meta_context(ctx)? {
                 return Err(Error::new(
                     libc::EINVAL,
                     format!("meta context {ctx} was not negotiated with the NBD server"),
                 ));
             }
         }
-        if contexts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let end = offset + len;
-        // Shared with libnbd, which holds one reference per query until it
-        // calls `release_state` (see `query`): whatever happens to this call,
-        // the callback never sees freed memory.
-        let state = Arc::new(Mutex::new(BlockStatusState {
-            contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
-            covered: vec![offset; contexts.len()],
-            extents: vec![Vec::new(); contexts.len()],
-            end,
-            panicked: false,
-        }));
-        loop {
-            let from = state.lock().covered.iter().copied().min().unwrap_or(end);
-            if from >= end {
-                break;
-            }
-            let count = (end - from).min(MAX_BLOCK_STATUS);
-            self.query(&state, from, count)?;
-            let s = state.lock();
+        // No context: nothing to ask (the lists are complete).
+        let end = if contexts.is_empty() {
+            offset
+        } else {
+            offset + len
+        };
+        Ok(BlockStatus {
+            state: Arc::new(Mutex::new(BlockStatusState {
+                contexts: contexts.iter().map(|c| c.as_bytes().to_vec()).collect(),
+                covered: vec![offset; contexts.len()],
+                extents: vec![Vec::new(); contexts.len()],
+                end,
+                panicked: false,
+            })),
+            max,
+            last: None,
+        })
+    }
+
+    /// The next command to send, `(from, count)`, once the replies to the
+    /// last one are recorded; `None` when the lists cover the range. Fails
+    /// when the callback panicked (EIO), the lists hold more than `max`
+    /// pairs (E2BIG), or the last command's replies did not cover more of
+    /// the least covered list (EIO).
+    pub(super) fn next(&mut self) -> Result<Option<(u64, u64)>> {
+        let s = self.state.lock();
+        if let Some(from) = self.last {
             if s.panicked {
                 return Err(Error::new(
                     libc::EIO,
@@ -83,13 +81,13 @@ impl Connection {
                 ));
             }
             let held: usize = s.extents.iter().map(Vec::len).sum();
-            if held > max {
+            if held > self.max {
                 return Err(Error::new(
                     libc::E2BIG,
-                    format!("more than {max} extents before offset {from}"),
+                    format!("more than {} extents before offset {from}", self.max),
                 ));
             }
-            let next = s.covered.iter().copied().min().unwrap_or(end);
+            let next = s.covered.iter().copied().min().unwrap_or(s.end);
             if next <= from {
                 return Err(Error::new(
                     libc::EIO,
@@ -97,27 +95,31 @@ impl Connection {
                 ));
             }
         }
-        let extents = std::mem::take(&mut state.lock().extents);
-        Ok(extents)
+        let from = s.covered.iter().copied().min().unwrap_or(s.end);
+        if from >= s.end {
+            return Ok(None);
+        }
+        self.last = Some(from);
+        Ok(Some((from, (s.end - from).min(MAX_BLOCK_STATUS))))
     }
 
-    /// One NBD BLOCK_STATUS command of `count` bytes at `from`, recorded
-    /// into `state`; waits for it.
-    fn query(&mut self, state: &Arc<Mutex<BlockStatusState>>, from: u64, count: u64) -> Result<()> {
+    /// Starts one NBD BLOCK_STATUS command of `count` bytes at `from` on
+    /// `conn`, whose replies the callback records; returns its cookie.
+    pub(super) fn start(&self, conn: &Connection, from: u64, count: u64) -> Result<u64> {
         let callback = sys::nbd_extent_callback {
             callback: Some(extent_trampoline),
-            user_data: Arc::into_raw(state.clone()) as *mut c_void,
+            user_data: Arc::into_raw(self.state.clone()) as *mut c_void,
             free: Some(release_state),
         };
         // SAFETY: valid handle. `user_data` is a reference of its own to the
         // state (Arc::into_raw), which libnbd gives back through `free`
         // exactly once when the callback can no longer be called, also when
-        // this call fails; so the callback always sees live state, even if
-        // this function returns early (timeout) and the command is freed
-        // only by nbd_close. The trampoline catches panics.
+        // this call fails; so the callback always sees live state, however
+        // long the command outlives this request (it is freed at the latest
+        // by nbd_close). The trampoline catches panics.
         let cookie = unsafe {
             sys::nbd_aio_block_status(
-                self.h(),
+                conn.h(),
                 count,
                 from,
                 callback,
@@ -126,9 +128,14 @@ impl Connection {
             )
         };
         if cookie < 0 {
-            return Err(self.last_error());
+            return Err(conn.last_error());
         }
-        self.wait_all(&[cookie as u64])
+        Ok(cookie as u64)
+    }
+
+    /// The lists, once [`BlockStatus::next`] said they cover the range.
+    pub(super) fn finish(self) -> Vec<Vec<(u64, u32)>> {
+        std::mem::take(&mut self.state.lock().extents)
     }
 }
 
@@ -177,7 +184,7 @@ impl BlockStatusState {
 
 /// libnbd's `free` for the state: drops its reference.
 unsafe extern "C" fn release_state(user_data: *mut c_void) {
-    // SAFETY: user_data came from Arc::into_raw in `query`, and libnbd calls
+    // SAFETY: user_data came from Arc::into_raw in `BlockStatus::start`, and libnbd calls
     // `free` exactly once for it.
     drop(unsafe { Arc::from_raw(user_data as *const Mutex<BlockStatusState>) });
 }
@@ -192,7 +199,7 @@ unsafe extern "C" fn extent_trampoline(
     nr_entries: usize,
     error: *mut c_int,
 ) -> c_int {
-    // SAFETY: user_data is the reference `query` gave libnbd, not released
+    // SAFETY: user_data is the reference `BlockStatus::start` gave libnbd, not released
     // before the last call of this callback (libnbd calls `free` after it).
     let state = unsafe { &*(user_data as *const Mutex<BlockStatusState>) };
     let result = catch_unwind(AssertUnwindSafe(|| {

@@ -1,5 +1,5 @@
 //! The one loop that splits a request into NBD commands: every read, write
-//! and zero (blocking or queued) starts its commands here.
+//! and zero of a [`super::Pipeline`] starts its commands here.
 
 use libnbd_sys as sys;
 

@@ -1,5 +1,5 @@
-//! The handle: connect, the export's flags, liveness, and driving libnbd's
-//! state machine with `poll(2)` for the blocking calls.
+//! The handle: connect (the handshake, driven with `poll(2)`: the one
+//! blocking wait of this module), the export's flags, liveness.
 
 use std::ffi::{c_int, CString};
 use std::path::Path;
@@ -28,14 +28,12 @@ pub struct ConnectOptions<'a> {
     pub command_timeout: Option<Duration>,
 }
 
-/// An open NBD connection with no command in flight between calls.
+/// An open NBD connection with no command in flight.
 ///
 /// It owns one `nbd_handle`, closed in `Drop`. It is `Send` (libnbd handles
 /// may be used from any thread, one at a time) but not `Sync`: every call
-/// that drives the handle takes `&mut self`. Its blocking calls (in
-/// `blocking.rs` and `block_status.rs`) return only once libnbd is done
-/// with their buffers; for commands that outlive a call, turn it into a
-/// [`super::Pipeline`].
+/// that drives the handle takes `&mut self`. Commands are sent through a
+/// [`super::Pipeline`], which owns the connection while any is in flight.
 pub struct Connection {
     handle: NonNull<sys::nbd_handle>,
     size: u64,
@@ -43,9 +41,9 @@ pub struct Connection {
     command_timeout: Option<Duration>,
     /// Set once the handshake is done (see `last_error`).
     connected: bool,
-    /// Set when a call had to return with commands still in flight on a live
-    /// handle (their buffers may be gone), or after a fatal error: from then
-    /// on nothing drives the handle's state machine again, and it counts as
+    /// Set by the pipeline at its first fatal error (e.g. no reply within
+    /// the command timeout, with commands still in flight): from then on
+    /// nothing drives the handle's state machine again, and it counts as
     /// dead.
     poisoned: bool,
 }
@@ -157,7 +155,7 @@ impl Connection {
 
     /// Fails with a fatal ENOTCONN, without calling libnbd, once the handle
     /// is dead.
-    pub(super) fn check_alive(&self) -> Result<()> {
+    pub fn check_alive(&self) -> Result<()> {
         if self.is_dead() {
             Err(Error::fatal(
                 libc::ENOTCONN,
@@ -213,7 +211,8 @@ impl Connection {
     }
 
     /// Waits up to `timeout` (`None`: without limit) for the socket to be
-    /// ready in the direction libnbd waits for, and tells libnbd. This is
+    /// ready in the direction libnbd waits for, and tells libnbd (during the
+    /// handshake). This is
     /// what nbd_poll does, except that a hang-up (POLLHUP/POLLERR) is
     /// delivered in the direction the state machine waits for. libnbd 1.14's
     /// nbd_poll always treats a hang-up as readable; in a state that only
@@ -221,7 +220,7 @@ impl Connection {
     /// at once) that fails with "external event 0 is invalid in state
     /// CONNECT.START" (EINVAL) instead of libnbd seeing and reporting the
     /// disconnect.
-    pub(super) fn poll_once(&mut self, timeout: Option<Duration>) -> Result<()> {
+    fn poll_once(&mut self, timeout: Option<Duration>) -> Result<()> {
         if self.poisoned {
             return self.check_alive();
         }
@@ -402,8 +401,9 @@ impl Drop for Connection {
         // `release_state` (block_status.rs), which drops that command's own
         // reference to its state (from Arc::into_raw, so still valid; the
         // state goes too when that was the last) and touches nothing else;
-        // the completion callbacks we pass are empty, without a `free`. Buffers of a Pipeline's commands are freed only
-        // after this (see `Pipeline`).
+        // the completion callbacks we pass are empty, without a `free`.
+        // Buffers of a Pipeline's commands are freed only after this (see
+        // `Pipeline`'s `Drop`).
         unsafe {
             if !self.poisoned
                 && sys::nbd_aio_in_flight(self.h()) == 0

@@ -1,22 +1,26 @@
 //! A safe connection to an NBD server through the system libnbd. All
 //! `unsafe` of the project that talks to libnbd lives in this module.
 //!
+//! One NBD engine: every command (read, write, zero, flush, block status)
+//! is queued on a [`Pipeline`] and retired oldest first from a tokio
+//! reactor, with one deadline (the command timeout, counted from when the
+//! caller waits) and one rule for when the connection is dead (the first
+//! fatal error poisons it; every later call returns that error). Only the
+//! handshake blocks (`poll(2)` in [`Connection::connect_unix`]).
+//!
 //! One concept a file:
-//! - [`Connection`] (`connection.rs`): the handle, connect, the export's
-//!   flags, and driving libnbd's state machine with `poll(2)`.
+//! - [`Connection`] (`connection.rs`): the handle, connect (the blocking
+//!   handshake), the export's flags and liveness.
 //! - [`Error`] (`error.rs`): errno, message, and whether the handle is dead
 //!   afterwards ([`Error::is_fatal`]).
 //! - `chunks.rs`: the one loop that splits a request into NBD commands.
-//! - `blocking.rs`: the blocking calls of an idle [`Connection`] (read,
-//!   write, zero, flush), each bounded by the command timeout.
-//! - [`Pipeline`] (`pipeline.rs`): commands queued and retired oldest first
-//!   from a tokio reactor. It owns the connection while commands are in
-//!   flight and gives it back only when none is, so a blocking call can
-//!   never retire (or wait behind) a queued command: the types forbid it.
-//! - `block_status.rs`: block status and its C callback.
+//! - [`Pipeline`] (`pipeline.rs`): the engine. It owns the connection and
+//!   every buffer of a command in flight, and gives the connection up only
+//!   when no command is (to its [`Home`], a pool, when dropped).
+//! - `block_status.rs`: a block status request (the commands it needs, the
+//!   lists their replies fill) and its C callback.
 
 mod block_status;
-mod blocking;
 mod chunks;
 mod connection;
 mod error;
@@ -24,7 +28,7 @@ mod pipeline;
 
 pub use connection::{ConnectOptions, Connection};
 pub use error::{Error, Result};
-pub use pipeline::{Pipeline, Retired};
+pub use pipeline::{Home, Pipeline, Retired};
 
 use libnbd_sys as sys;
 
@@ -48,8 +52,8 @@ const MAX_REQUEST: u64 = 32 * 1024 * 1024;
 /// The largest zero request: the NBD protocol carries 32-bit lengths.
 const MAX_ZERO: u64 = 1 << 30;
 /// The most block status pairs one call collects, all contexts together
-/// (see `Connection::block_status`): what bounds the memory of an extents
+/// (see [`Pipeline::block_status`]): what bounds the memory of an extents
 /// list (and so of a reply of `GET /images/{id}/extents`).
-pub(crate) const MAX_EXTENTS: usize = 1 << 20;
+pub const MAX_EXTENTS: usize = 1 << 20;
 /// The largest block status request (32-bit length, kept 1 MiB aligned).
 const MAX_BLOCK_STATUS: u64 = (1 << 32) - (1 << 20);

@@ -1,22 +1,31 @@
-//! Commands in flight for async callers, retired oldest first from a tokio
-//! reactor.
+//! The one NBD engine: commands of every kind queued on a connection and
+//! retired oldest first from a tokio reactor, with one deadline and one
+//! rule for a dead connection.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use libnbd_sys as sys;
+use parking_lot::Mutex;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::{Instant, Sleep};
 
+use super::block_status::BlockStatus;
 use super::connection::Connection;
 use super::error::{Error, Result};
 use super::MAX_ZERO;
+
+/// Where a [`Pipeline`] sends its connection when it is dropped with no
+/// command in flight (see [`Pipeline::set_home`]).
+pub type Home = Box<dyn FnOnce(Connection) + Send>;
 
 /// A command [`Pipeline::poll_oldest`] retired successfully.
 #[derive(Debug)]
@@ -53,30 +62,40 @@ struct Queued {
 /// [`Pipeline::queue_zero`], [`Pipeline::queue_flush`]) and retired oldest
 /// first by [`Pipeline::poll_oldest`], which never blocks.
 ///
-/// The pipeline owns the connection while commands are in flight and gives
-/// it back ([`Pipeline::into_connection`]) only when none is: the blocking
-/// calls of a [`Connection`] cannot run while queued commands exist. Each
-/// queued command owns the buffer libnbd reads into or writes from, kept
-/// until libnbd retired the command or the handle is closed, so no caller
-/// can free a buffer libnbd still uses.
+/// Every command of the server's requests goes through a pipeline: reads,
+/// writes, zeroes, flushes and block status ([`Pipeline::block_status`]).
+/// The pipeline owns the connection and gives it up only when no command is
+/// in flight: to its [`Home`] when dropped (a pool), or
+/// ([`Pipeline::into_connection`]) to the caller. Each queued command owns
+/// the buffer libnbd reads into or writes from (a block status command: a
+/// reference to its state, held by libnbd itself), kept until libnbd
+/// retired the command or the handle is closed, so no caller can free a
+/// buffer libnbd still uses.
 ///
 /// Every reply must come within the connection's command timeout
 /// ([`Connection::command_timeout`]) of the caller waiting for it, counted
 /// from the last retired command or from when the caller started waiting in
 /// [`Pipeline::poll_oldest`], whichever is later: time the caller spends
 /// elsewhere with commands in flight (a GET reader waiting for its HTTP
-/// client) does not count against the server. The first fatal error (the
-/// server died, a timeout) is returned by every later call.
+/// client) does not count against the server. The first fatal error (a
+/// timeout; or the server gone, reported as libnbd failed the oldest
+/// command: ENOTCONN) poisons the connection and is returned by every later
+/// call.
 pub struct Pipeline {
-    // Fields drop in declaration order: the registration (and the duplicate
-    // fd it owns) first, then the connection (nbd_close: libnbd is done with
-    // every buffer), and only then the queue that owns those buffers.
+    // `Drop` closes the connection (nbd_close: libnbd is done with every
+    // buffer) or sends it home; the fields drop after that: the
+    // registration (and the duplicate fd it owns), then the queue that owns
+    // the buffers.
+    /// Taken only by `Drop` (or `into_connection`, which is a drop).
+    conn: ManuallyDrop<Connection>,
     /// The reactor's registration of our own duplicate of libnbd's socket.
     /// libnbd closes its fd itself when the connection dies; this one stays
     /// open, and the same, until the registration is dropped, so the
     /// reactor never watches a number the kernel may have reused.
     reactor: AsyncFd<OwnedFd>,
-    conn: Connection,
+    /// Where the connection goes when the pipeline is dropped idle; `None`:
+    /// it is closed.
+    home: Option<Home>,
     /// Commands in flight, oldest first.
     queue: VecDeque<Queued>,
     /// The first fatal error.
@@ -125,8 +144,9 @@ impl Pipeline {
         }
         .map_err(|e| Error::os(e.into_parts().1))?;
         Ok(Pipeline {
+            conn: ManuallyDrop::new(conn),
             reactor,
-            conn,
+            home: None,
             queue: VecDeque::new(),
             failed: None,
             progress: Instant::now(),
@@ -145,16 +165,30 @@ impl Pipeline {
         self.queue.len()
     }
 
+    /// Where the connection goes when the pipeline is dropped with no
+    /// command in flight (`None`: it is closed, the default). A connection
+    /// whose pipeline failed fatally goes there dead: `home` decides.
+    pub fn set_home(&mut self, home: Option<Home>) {
+        self.home = home;
+    }
+
     /// Ends the registration and gives the connection back, once no
     /// command is in flight; else the pipeline is returned unchanged. A
     /// connection whose pipeline failed fatally comes back dead.
-    pub fn into_connection(self) -> std::result::Result<Connection, Box<Pipeline>> {
+    pub fn into_connection(mut self) -> std::result::Result<Connection, Box<Pipeline>> {
         if !self.queue.is_empty() {
             return Err(Box::new(self));
         }
-        let Pipeline { reactor, conn, .. } = self;
-        drop(reactor);
-        Ok(conn)
+        let slot = Arc::new(Mutex::new(None));
+        let home = slot.clone();
+        self.home = Some(Box::new(move |c| *home.lock() = Some(c)));
+        drop(self);
+        // Filled by `Drop` (the queue was empty), so never `None`.
+        let conn = slot.lock().take();
+        match conn {
+            Some(conn) => Ok(conn),
+            None => unreachable!("an idle pipeline sends its connection home"),
+        }
     }
 
     /// The sticky fatal error, if any.
@@ -323,6 +357,60 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Queues one NBD BLOCK_STATUS command of `count` bytes at `from` for
+    /// `query`, which records the reply (see [`Pipeline::block_status`]).
+    fn queue_block_status(&mut self, query: &BlockStatus, from: u64, count: u64) -> Result<()> {
+        self.usable()?;
+        if let Err(e) = self.conn.check_alive() {
+            return Err(self.note(e));
+        }
+        match query.start(&self.conn, from, count) {
+            Ok(cookie) => {
+                self.queue.push_back(Queued {
+                    cookie,
+                    owned: Owned::Nothing,
+                });
+                Ok(())
+            }
+            Err(e) => Err(self.note(e)),
+        }
+    }
+
+    /// Block status of `offset..offset+len` for each of `contexts` (which
+    /// must have been negotiated): one list per context, in the order given,
+    /// of `(length, flags)` pairs as the server reports them, back to back
+    /// from `offset`, covering the range exactly. Touching pairs may have
+    /// equal flags (replies are not merged here; see `crate::extents`).
+    /// Queries in steps of up to 4 GiB, one at a time, and continues from
+    /// wherever the server's replies stop; each reply is due within the
+    /// command timeout, like any command's. Fails with `E2BIG` once the
+    /// lists hold more than `max` pairs together (memory: at most that
+    /// many, 16 bytes each, plus one reply: qemu-nbd sends at most 131,072
+    /// pairs per context a reply). Call it with no command queued. Dropped
+    /// before it returns, its command stays queued (and its state alive)
+    /// until retired.
+    pub async fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        contexts: &[&str],
+        max: usize,
+    ) -> Result<Vec<Vec<(u64, u32)>>> {
+        self.usable()?;
+        if !self.queue.is_empty() {
+            return Err(Error::new(
+                libc::EINVAL,
+                "block status is asked with other NBD commands queued",
+            ));
+        }
+        let mut query = BlockStatus::new(&self.conn, offset, len, contexts, max)?;
+        while let Some((from, count)) = query.next()? {
+            self.queue_block_status(&query, from, count)?;
+            poll_fn(|cx| self.poll_oldest(cx)).await?;
+        }
+        Ok(query.finish())
+    }
+
     /// Retires the oldest queued command once it has completed, driving
     /// libnbd's non-blocking state machine whenever its socket is ready;
     /// never blocks. The last command of a read gives back the filled
@@ -419,6 +507,11 @@ impl Pipeline {
                 }
             };
             if let Err(e) = self.conn.check(rc) {
+                if self.conn.is_dead() {
+                    // The server went away: libnbd has failed the commands
+                    // in flight (ENOTCONN); retiring the oldest reports that.
+                    continue;
+                }
                 return Poll::Ready(Err(self.note(e)));
             }
             // libnbd may stop before the socket would block (e.g. after a
@@ -452,6 +545,23 @@ impl Pipeline {
             sleep.as_mut().reset(due);
         }
         Ok(())
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // SAFETY: `conn` is taken exactly once: here, where the pipeline
+        // ends (`Drop` runs once, and `into_connection` drops the pipeline
+        // too). Nothing reads it afterwards: the fields' own drops that
+        // follow do not touch a `ManuallyDrop`.
+        let conn = unsafe { ManuallyDrop::take(&mut self.conn) };
+        match self.home.take() {
+            // Idle: libnbd holds no buffer of ours.
+            Some(home) if self.queue.is_empty() => home(conn),
+            // nbd_close, before the queue (a field, dropped after this)
+            // frees the buffers of the commands still in flight.
+            _ => drop(conn),
+        }
     }
 }
 

@@ -11,11 +11,13 @@
 //! thread hand-off sits in the data path, and a buffer filled from one socket
 //! is still in this core's cache when it is copied to the other. A GET reads
 //! in a task of its own on the worker, so qemu-nbd keeps being served while
-//! the client socket is full. File transfers, whose reads and writes may
-//! block, run on the blocking pool.
+//! the client socket is full. Every NBD command (read, write, zero, flush,
+//! block status, a checksum's reads) goes through the connection's
+//! pipeline (`backend::nbd_export::ExportConn`); the blocking pool only
+//! opens the storage (connect) and does file I/O, which may block.
 //!
 //! One file per job: `read` (the GET stream), `write` (a request body into
-//! the backend), `simple` (zero, extents, checksum and flush: one blocking
+//! the backend), `simple` (zero, extents, checksum and flush: one backend
 //! call each). What they share is here: the error, the log line, opening
 //! the storage, the buffer pool and the sizes.
 
@@ -34,8 +36,8 @@ use actix_web::rt::task::spawn_blocking;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::backend::nbd::NbdQueue;
-use crate::backend::{BackendError, Handle, Writer};
+use crate::backend::nbd_export::ExportConn;
+use crate::backend::{BackendError, Opened, Writer};
 use crate::nbd::Retired;
 use crate::transfers::Transfer;
 
@@ -101,8 +103,8 @@ where
 
 /// Opens the transfer's storage for one request, once it is the request's
 /// turn (only a not-multi-conn NBD export makes requests of a transfer take
-/// turns; see `crate::backend::nbd`).
-pub(crate) async fn open(t: &Arc<Transfer>) -> Result<Handle, OpError> {
+/// turns; see `crate::backend::nbd_export`).
+pub(crate) async fn open(t: &Arc<Transfer>) -> Result<Opened, OpError> {
     let turn = t.storage().turn().await;
     let s = t.storage().clone();
     blocking(move || s.open_in_turn(turn).map_err(OpError::from)).await
@@ -125,21 +127,14 @@ pub(crate) async fn open_writer(t: &Arc<Transfer>) -> Result<Writer, OpError> {
 /// ends the wait: nothing more can retire then. A request that stops early
 /// calls it before it gives back what it holds, so that nothing it started
 /// outlives it.
-async fn retire_all(queue: &mut NbdQueue, mut retired: impl FnMut(Retired)) {
-    while queue.queued() > 0 {
-        let before = queue.queued();
-        match std::future::poll_fn(|cx| queue.poll_oldest(cx)).await {
-            Ok(done) => retired(done),
-            Err(_) if queue.queued() < before => {}
-            Err(_) => break,
-        }
-    }
+async fn retire_all(queue: &mut ExportConn, retired: impl FnMut(Retired)) {
+    let _ = queue.settle(retired).await;
 }
 
 /// Bytes per buffer of a transfer, and per body piece handed to actix: each
 /// piece is one socket write, and 512 KiB writes cost less CPU than 64 KiB
 /// ones. The backend reads a chunk as several NBD requests (see
-/// `backend::nbd::PIPELINE_REQUEST`) and writes it as one.
+/// `backend::nbd_export::PIPELINE_REQUEST`) and writes it as one.
 pub(crate) const CHUNK: usize = 512 * 1024;
 /// NBD requests a GET or PUT keeps in flight on the NBD connection it holds
 /// (2 MiB of reads, 4 MiB of writes): hides qemu-nbd's per-request latency
@@ -190,19 +185,19 @@ impl Drop for OpLog {
 
 /// A buffer lent out as `Bytes` (by a GET to actix, by a PUT to libnbd);
 /// dropped, it goes back to its transfer for reuse.
-struct Lent {
+struct LentBuffer {
     buf: Vec<u8>,
     len: usize,
     home: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
-impl AsRef<[u8]> for Lent {
+impl AsRef<[u8]> for LentBuffer {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-impl Drop for Lent {
+impl Drop for LentBuffer {
     fn drop(&mut self) {
         self.home.lock().push(std::mem::take(&mut self.buf));
     }
@@ -238,7 +233,7 @@ impl Buffers {
     }
 
     fn lend(&self, buf: Vec<u8>, len: usize) -> Bytes {
-        Bytes::from_owner(Lent {
+        Bytes::from_owner(LentBuffer {
             buf,
             len,
             home: self.free.clone(),

@@ -16,8 +16,9 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
-use crate::backend::nbd::NbdHandle;
-use crate::backend::{BackendError, Handle};
+use crate::backend::file::FileHandle;
+use crate::backend::nbd_export::ExportConn;
+use crate::backend::{BackendError, Opened};
 use crate::direct_body::Abort;
 use crate::nbd::Retired;
 use crate::transfers::{Lease, Transfer};
@@ -111,7 +112,7 @@ impl<G> Stream for ReadBody<G> {
 /// lease, once the reads it had in flight have retired. Must be called on
 /// the worker's runtime.
 pub(crate) fn read_stream<G: Send + 'static>(
-    handle: Handle,
+    handle: Opened,
     start: u64,
     len: u64,
     log: OpLog,
@@ -131,10 +132,10 @@ pub(crate) fn read_stream<G: Send + 'static>(
     let transfer = lease.transfer().clone();
     let held: Held<G> = Arc::new(Mutex::new(Some((lease, guard))));
     match handle {
-        Handle::Nbd(h) => {
+        Opened::Nbd(h) => {
             actix_web::rt::spawn(read_nbd(h, start, len, out, held.clone()));
         }
-        handle @ Handle::File(_) => read_in_thread(handle, start, len, out, held.clone()),
+        Opened::File(h) => read_in_thread(h, start, len, out, held.clone()),
     }
     ReadBody {
         rx,
@@ -219,16 +220,7 @@ fn release<G>(held: &Held<G>) {
 /// Reads an NBD export with up to `WINDOW` requests in flight, sending the
 /// chunks in order. Stops when the body is dropped or stalls, once the
 /// reads in flight have retired.
-async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held: Held<G>) {
-    let mut handle = match handle.into_queue() {
-        Ok(q) => q,
-        Err(e) => {
-            if !out.fail(start, e).await {
-                release(&held);
-            }
-            return;
-        }
-    };
+async fn read_nbd<G>(mut handle: ExportConn, start: u64, len: u64, out: Sender, held: Held<G>) {
     let size = CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)).max(1);
     let buffers = Buffers::new(size);
     let end = start + len;
@@ -275,7 +267,7 @@ async fn read_nbd<G>(handle: NbdHandle, start: u64, len: u64, out: Sender, held:
 
 /// Reads a file on a blocking thread, sending the chunks in order.
 fn read_in_thread<G: Send + 'static>(
-    mut handle: Handle,
+    handle: FileHandle,
     start: u64,
     len: u64,
     out: Sender,
@@ -290,7 +282,6 @@ fn read_in_thread<G: Send + 'static>(
             let n = (end - off).min(buffers.size as u64) as usize;
             let mut buf = buffers.get();
             if let Err(e) = handle.read_at(&mut buf[..n], off) {
-                handle.discard();
                 if !rt.block_on(out.fail(off, e)) {
                     release(&held);
                 }

@@ -1,11 +1,12 @@
-//! The operations that are one blocking call on the transfer's storage:
-//! zero, extents, checksum and flush.
+//! The operations that are one call on the transfer's storage: zero,
+//! extents, checksum and flush. Each waits for every NBD command it started
+//! before it returns, also when it fails.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{blocking, open, OpError, OpLog};
+use super::{open, OpError, OpLog};
 use crate::checksum;
 use crate::extents::{self, DirtyExtent, Extent};
 use crate::transfers::Transfer;
@@ -21,24 +22,22 @@ pub(crate) async fn zero(
     log: &mut OpLog,
 ) -> Result<u64, OpError> {
     let mut h = open(t).await?;
-    let zeroed = blocking(move || {
-        let image_size = h.size();
-        if h.caps()?.read_only {
-            return Err(OpError::ReadOnly);
-        }
-        if offset >= image_size {
-            return Err(OpError::OffsetPastEnd);
-        }
-        let n = size.min(image_size - offset);
-        let r = h
-            .zero(offset, n)
-            .and_then(|_| if flush { h.flush() } else { Ok(()) });
-        r.map(|_| n).map_err(|e| {
-            log::error!("PATCH zero error err={e}");
-            OpError::from(e)
-        })
-    })
-    .await?;
+    let image_size = h.size();
+    if h.caps()?.read_only {
+        return Err(OpError::ReadOnly);
+    }
+    if offset >= image_size {
+        return Err(OpError::OffsetPastEnd);
+    }
+    let n = size.min(image_size - offset);
+    let mut r = h.zero(offset, n).await;
+    if r.is_ok() && flush {
+        r = h.flush().await;
+    }
+    let zeroed = r.map(|_| n).map_err(|e| {
+        log::error!("PATCH zero error err={e}");
+        OpError::from(e)
+    })?;
     log.bytes = zeroed;
     t.stats().add_zeroed(zeroed);
     Ok(zeroed)
@@ -57,23 +56,19 @@ pub(crate) enum ExtentList {
 /// or the export does not offer it).
 pub(crate) async fn extents(t: &Arc<Transfer>, dirty: bool) -> Result<ExtentList, OpError> {
     let mut h = open(t).await?;
-    let id = t.id().to_string();
-    blocking(move || {
-        let list = (|| {
-            if !dirty {
-                return Ok(ExtentList::Allocation(h.allocation_extents()?));
-            }
-            Ok(ExtentList::Dirty(match h.dirty_extents()? {
-                Some(list) => list,
-                None => extents::all_dirty(&h.allocation_extents()?),
-            }))
-        })();
-        list.map_err(|e: crate::backend::BackendError| {
-            log::error!("EXTENTS error image_id={id} err={e}");
-            OpError::from(e)
-        })
+    let list = async {
+        if !dirty {
+            return Ok(ExtentList::Allocation(h.allocation_extents().await?));
+        }
+        Ok(ExtentList::Dirty(match h.dirty_extents().await? {
+            Some(list) => list,
+            None => extents::all_dirty(&h.allocation_extents().await?),
+        }))
+    };
+    list.await.map_err(|e: crate::backend::BackendError| {
+        log::error!("EXTENTS error image_id={} err={e}", t.id());
+        OpError::from(e)
     })
-    .await
 }
 
 /// The checksum of the whole image (see [`checksum()`]).
@@ -84,14 +79,10 @@ pub(crate) async fn checksum(
 ) -> Result<checksum::Checksum, OpError> {
     let mut h = open(t).await?;
     let size = h.size();
-    let id = t.id().to_string();
-    let sum = blocking(move || {
-        checksum::compute(&mut h, &params).map_err(|e| {
-            log::error!("CHECKSUM error image_id={id} err={e}");
-            OpError::from(e)
-        })
-    })
-    .await?;
+    let sum = checksum::compute(&mut h, &params).await.map_err(|e| {
+        log::error!("CHECKSUM error image_id={} err={e}", t.id());
+        OpError::from(e)
+    })?;
     log.bytes = size;
     Ok(sum)
 }
@@ -99,11 +90,8 @@ pub(crate) async fn checksum(
 /// Flushes what was written to the transfer's storage (fsync for a file).
 pub(crate) async fn flush(t: &Arc<Transfer>) -> Result<(), OpError> {
     let mut h = open(t).await?;
-    blocking(move || {
-        h.flush().map_err(|e| {
-            log::error!("FLUSH error err={e}");
-            OpError::from(e)
-        })
+    h.flush().await.map_err(|e| {
+        log::error!("FLUSH error err={e}");
+        OpError::from(e)
     })
-    .await
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileUpload;
-use crate::backend::nbd::{NbdHandle, NbdQueue};
+use crate::backend::nbd_export::ExportConn;
 use crate::backend::{BackendError, Writer};
 use crate::direct_body::Inbox;
 use crate::nbd::Retired;
@@ -101,13 +101,13 @@ impl<G> Drop for Held<G> {
 /// retire, counting what landed, before anything is given back. Nothing
 /// blocks the event loop.
 struct Inflight<G: Send + 'static> {
-    queue: Option<NbdQueue>,
+    queue: Option<ExportConn>,
     held: Option<Held<G>>,
 }
 
 impl<G: Send + 'static> Inflight<G> {
     /// The queue and the count (present until the end).
-    fn parts(&mut self) -> (&mut NbdQueue, &mut Written) {
+    fn parts(&mut self) -> (&mut ExportConn, &mut Written) {
         match (&mut self.queue, &mut self.held) {
             (Some(q), Some(h)) => (q, &mut h.written),
             _ => unreachable!("an Inflight is whole until it ends"),
@@ -486,19 +486,16 @@ pub(crate) async fn write<G: Send + 'static>(
 /// Gives `held` back once nothing is (`None`: lost with a writer thread).
 async fn write_nbd<G: Send + 'static>(
     body: &mut BodyChunks<'_>,
-    handle: NbdHandle,
+    handle: ExportConn,
     offset: u64,
     flush: bool,
     held: Held<G>,
 ) -> (Result<(), Failure>, Option<Held<G>>) {
-    let queue = match handle
-        .caps()
-        .and_then(|caps| Ok((caps, handle.into_queue()?)))
-    {
-        Ok(q) => q,
+    let caps = match handle.caps() {
+        Ok(caps) => caps,
         Err(e) => return (Err(Failure::Backend(e)), Some(held)),
     };
-    let (caps, queue) = queue;
+    let queue = handle;
     let mut inflight = Inflight {
         queue: Some(queue),
         held: Some(held),
@@ -514,7 +511,7 @@ async fn write_nbd<G: Send + 'static>(
 
 async fn pump_nbd(
     body: &mut BodyChunks<'_>,
-    handle: &mut NbdQueue,
+    handle: &mut ExportConn,
     mut offset: u64,
     zero_ok: bool,
     flush: bool,

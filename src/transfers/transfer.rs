@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::backend::{nbd, Storage};
+use crate::backend::{nbd_export, Storage};
 use crate::config::TransferConfig;
 use crate::stats::TransferStats;
 
@@ -26,7 +26,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
-            nbd_timeout: Some(Duration::from_secs(nbd::DEFAULT_COMMAND_TIMEOUT_SECS)),
+            nbd_timeout: Some(Duration::from_secs(
+                nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS,
+            )),
         }
     }
 }
@@ -60,7 +62,7 @@ struct Activity {
 
 impl Transfer {
     pub(crate) fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
-        let pool = nbd::Pool::new(settings.nbd_timeout);
+        let pool = nbd_export::Pool::new(settings.nbd_timeout);
         let stats = Arc::new(TransferStats::new());
         Transfer {
             storage: Storage::new(&id, config.backend.clone(), pool, stats.clone()),

@@ -17,6 +17,7 @@
 //! unused import or private item inside a module is still reported.
 
 pub mod asserts;
+pub mod blocking;
 pub mod client;
 pub mod qemu;
 pub mod server;
@@ -24,6 +25,7 @@ pub mod storm;
 pub mod tls;
 
 pub use asserts::*;
+pub use blocking::*;
 pub use client::*;
 pub use qemu::*;
 pub use server::*;

@@ -27,12 +27,13 @@
 //!   connection at a time, so a flush follows every completed write of the
 //!   export and covers it (qemu flushes the whole image for any client).
 //!   A turn is given back when its request ends, fails or its client goes
-//!   away (it lives in the [`NbdHandle`]); no request waits for a turn while
+//!   away (it lives in the [`ExportConn`]); no request waits for a turn while
 //!   holding one, so turns cannot deadlock.
 //!
 //! Until the first connection tells, a transfer is treated as not
 //! multi-conn; a request that then learns it is gives its turn back at once.
 
+use std::future::poll_fn;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -215,12 +216,10 @@ impl Drop for Connecting<'_> {
     }
 }
 
-/// What a request's connection carries besides the connection itself.
-struct Lent {
+/// What a request holds with its connection besides the connection: the
+/// storage it counts its writes and flushes in, and its turn.
+struct Loan {
     storage: Arc<Storage>,
-    /// Cleared by a fatal error (or `discard`): the connection is closed
-    /// when the request ends instead of going back to the pool.
-    reusable: bool,
     /// A timeout was logged already (one line per request).
     timeout_logged: bool,
     /// Wrote or zeroed since the last flush of this request: the storage's
@@ -231,36 +230,12 @@ struct Lent {
     /// [`super::Unflushed::flush_starts`]).
     flush_covers: u64,
     /// The turn of a not-multi-conn export, given back after the connection
-    /// is closed (the owner's `Drop` closes or pools the connection; fields
-    /// drop after it). Only held, never read.
-    turn: Turn,
+    /// is closed or pooled ([`ExportConn`]'s pipeline drops before its
+    /// loan). Only held, never read.
+    _turn: Turn,
 }
 
-impl Lent {
-    fn new(storage: Arc<Storage>, turn: Turn) -> Lent {
-        Lent {
-            storage,
-            reusable: true,
-            timeout_logged: false,
-            wrote: false,
-            flush_covers: 0,
-            turn,
-        }
-    }
-
-    /// Moves what the request holds to a new owner (the queue a handle
-    /// becomes), leaving nothing to count or give back here.
-    fn take(&mut self) -> Lent {
-        Lent {
-            storage: self.storage.clone(),
-            reusable: self.reusable,
-            timeout_logged: self.timeout_logged,
-            wrote: std::mem::take(&mut self.wrote),
-            flush_covers: self.flush_covers,
-            turn: self.turn.take(),
-        }
-    }
-
+impl Loan {
     /// Counts this request's writes as completed: call once none is in
     /// flight.
     fn writes_done(&mut self) {
@@ -276,18 +251,16 @@ impl Lent {
         self.flush_covers
     }
 
-    /// The flush started by [`Lent::start_flush`] succeeded.
+    /// The flush started by [`Loan::start_flush`] succeeded.
     fn flushed(&self) {
         self.storage.unflushed().flushed(self.flush_covers);
     }
 
-    /// Maps an NBD error for the request. A fatal one makes the connection
-    /// unreusable; the first timeout logs the one line that names the
-    /// transfer and counts in its `nbd_timeouts`.
+    /// Maps an NBD error for the request (a fatal one has left the
+    /// connection dead: it is closed, not pooled). The first timeout logs
+    /// the one line that names the transfer and counts in its
+    /// `nbd_timeouts`.
     fn error(&mut self, e: nbd::Error) -> BackendError {
-        if e.is_fatal() {
-            self.reusable = false;
-        }
         if e.is_timeout() && !self.timeout_logged {
             self.timeout_logged = true;
             self.storage.stats().add_nbd_timeout();
@@ -298,17 +271,9 @@ impl Lent {
         }
         io_err(e)
     }
-
-    /// Returns an idle connection to the pool when it can serve another
-    /// request; else it is closed here.
-    fn give_back(&self, conn: Connection) {
-        if self.reusable && !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
-            self.storage.pool().put(conn);
-        }
-    }
 }
 
-impl Drop for Lent {
+impl Drop for Loan {
     fn drop(&mut self) {
         // The request is over: every write of it has completed or failed
         // (an error discards the connection with what is in flight).
@@ -316,24 +281,48 @@ impl Drop for Lent {
     }
 }
 
-/// One NBD connection lent to one request, for blocking calls.
-pub(crate) struct NbdHandle {
-    lent: Lent,
-    conn: Option<Connection>,
+/// Where a request's connection goes when its pipeline is dropped idle:
+/// back to the pool when it can serve another request; else it is closed.
+fn home(storage: Arc<Storage>) -> nbd::Home {
+    Box::new(move |conn: Connection| {
+        if !conn.is_dead() && conn.can_multi_conn().unwrap_or(false) {
+            storage.pool().put(conn);
+        }
+    })
+}
+
+/// NBD commands a request keeps in flight when it makes a range read as
+/// zeroes with writes of zeroes (1 MiB each).
+const ZERO_WRITES: usize = 8;
+
+/// One NBD connection lent to one request. Every command of the request
+/// (read, write, zero, flush, block status) is queued on the connection's
+/// [`nbd::Pipeline`] and retired on the async worker that opened it, with
+/// the pipeline's one deadline and one rule for a dead connection. Dropped,
+/// the connection goes back to the pool if no command is in flight and it
+/// can serve another request (else it is closed), then the request's turn.
+pub(crate) struct ExportConn {
+    // Fields drop in declaration order: the pipeline (its connection
+    // pooled or closed) before the loan (the turn). Boxed: it is large,
+    // and the request moves its connection around.
+    pipe: Box<Pipeline>,
+    loan: Loan,
     bitmap_context: Option<String>,
 }
 
-impl NbdHandle {
+impl ExportConn {
     /// Opens a connection: a pooled one, or a new one. `turn` is the
     /// request's turn (see [`Pool::turn`]); kept while the connection turns
-    /// out not to be multi-conn.
+    /// out not to be multi-conn. Blocking (connect); the pipeline is
+    /// registered with the calling thread's tokio runtime (from a blocking
+    /// task: the runtime that spawned it), whose tasks must drive it.
     pub(crate) fn open(
         storage: Arc<Storage>,
         socket: &Path,
         export: Option<&str>,
         export_bitmap: Option<&str>,
         turn: Turn,
-    ) -> Result<NbdHandle> {
+    ) -> Result<ExportConn> {
         let bitmap_context =
             export_bitmap.map(|b| format!("{}{b}", nbd::CONTEXT_DIRTY_BITMAP_PREFIX));
         let pool = storage.pool();
@@ -372,48 +361,40 @@ impl NbdHandle {
         drop(connecting);
         let multi_conn = conn.can_multi_conn().unwrap_or(false);
         pool.multi_conn.store(multi_conn, Ordering::Release);
-        Ok(NbdHandle {
-            // On a multi-conn export the turn goes back at once, so that
-            // requests that queued for it before that was known go ahead.
-            lent: Lent::new(storage, if multi_conn { None } else { turn }),
-            conn: Some(conn),
+        // On a multi-conn export the turn goes back at once, so that
+        // requests that queued for it before that was known go ahead.
+        let turn = if multi_conn { None } else { turn };
+        let mut pipe = Box::new(Pipeline::new(conn).map_err(io_err)?);
+        pipe.set_home(Some(home(storage.clone())));
+        Ok(ExportConn {
+            pipe,
+            loan: Loan {
+                storage,
+                timeout_logged: false,
+                wrote: false,
+                flush_covers: 0,
+                _turn: turn,
+            },
             bitmap_context,
         })
     }
 
-    /// Turns the handle into a queue of commands driven from the calling
-    /// thread's tokio reactor (call it on the async worker that polls).
-    pub(crate) fn into_queue(mut self) -> Result<NbdQueue> {
-        let conn = self.conn.take().expect("connection present until drop");
-        let lent = self.lent.take();
-        let mut queue = NbdQueue { lent, pipe: None };
-        match Pipeline::new(conn) {
-            Ok(p) => queue.pipe = Some(p),
-            Err(e) => return Err(queue.lent.error(e)),
-        }
-        Ok(queue)
+    fn conn(&self) -> &Connection {
+        self.pipe.connection()
     }
 
-    fn conn(&mut self) -> &mut Connection {
-        self.conn.as_mut().expect("connection present until drop")
-    }
-
-    fn conn_ref(&self) -> &Connection {
-        self.conn.as_ref().expect("connection present until drop")
-    }
-
-    /// Runs `f` on the connection; a fatal error makes it unreusable.
-    fn with<T>(&mut self, f: impl FnOnce(&mut Connection) -> nbd::Result<T>) -> Result<T> {
-        let r = f(self.conn());
-        r.map_err(|e| self.lent.error(e))
+    /// Runs `f` on the pipeline, mapping its error for the request.
+    fn with<T>(&mut self, f: impl FnOnce(&mut Pipeline) -> nbd::Result<T>) -> Result<T> {
+        let r = f(&mut self.pipe);
+        r.map_err(|e| self.loan.error(e))
     }
 
     pub(crate) fn size(&self) -> u64 {
-        self.conn_ref().size()
+        self.conn().size()
     }
 
     pub(crate) fn caps(&self) -> Result<Caps> {
-        let c = self.conn_ref();
+        let c = self.conn();
         Ok(Caps {
             read_only: c.is_read_only().map_err(io_err)?,
             can_zero: c.can_zero().map_err(io_err)?,
@@ -430,189 +411,9 @@ impl NbdHandle {
         }
     }
 
-    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        if buf.len() > PIPELINE_REQUEST {
-            self.with(|c| c.pread_pipelined(buf, offset, PIPELINE_REQUEST))
-        } else {
-            self.with(|c| c.pread_into(buf, offset))
-        }
-    }
-
-    pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        self.lent.wrote = true;
-        if buf.len() > PIPELINE_REQUEST {
-            self.with(|c| c.pwrite_pipelined(buf, offset, PIPELINE_REQUEST))
-        } else {
-            self.with(|c| c.pwrite(buf, offset))
-        }
-    }
-
-    pub(crate) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
-        self.lent.wrote = true;
-        let can_zero = self.conn_ref().can_zero().unwrap_or(false);
-        for r in zero_requests(can_zero, offset, len) {
-            match r {
-                ZeroRequest::Zero { offset, len } => self.with(|c| c.zero(offset, len))?,
-                ZeroRequest::Write(zeroes, at) => self.write_at(zeroes, at)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Flushes: covers the writes of this request and every write of the
-    /// transfer that completed before (see the module documentation).
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        self.lent.start_flush();
-        self.with(|c| c.flush())?;
-        self.lent.flushed();
-        Ok(())
-    }
-
-    fn allocation_available(&self) -> bool {
-        self.conn_ref()
-            .can_meta_context(nbd::CONTEXT_BASE_ALLOCATION)
-            .unwrap_or(false)
-    }
-
-    pub(crate) fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
-        let size = self.size();
-        if size == 0 {
-            return Ok(Vec::new());
-        }
-        if !self.allocation_available() {
-            return Ok(extents::whole(size, false));
-        }
-        let depth = self
-            .conn_ref()
-            .can_meta_context(nbd::CONTEXT_ALLOCATION_DEPTH)
-            .unwrap_or(false);
-        if depth {
-            let lists = self.with(|c| {
-                c.block_status(
-                    0,
-                    size,
-                    &[nbd::CONTEXT_BASE_ALLOCATION, nbd::CONTEXT_ALLOCATION_DEPTH],
-                )
-            })?;
-            return Ok(extents::from_allocation(&lists[0], Some(&lists[1]), size));
-        }
-        let lists = self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION]))?;
-        Ok(extents::from_allocation(&lists[0], None, size))
-    }
-
-    /// Extents whose `zero` flag means the range reads as zeroes (see
-    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`,
-    /// or when the image has more than [`CHECKSUM_MAX_EXTENTS`] (a checksum
-    /// then reads every block: slower, the same result, bounded memory).
-    pub(crate) fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
-        let size = self.size();
-        if size == 0 {
-            return Ok(Vec::new());
-        }
-        if !self.allocation_available() {
-            return Ok(extents::whole(size, false));
-        }
-        let lists = match self.conn().block_status_at_most(
-            0,
-            size,
-            &[nbd::CONTEXT_BASE_ALLOCATION],
-            CHECKSUM_MAX_EXTENTS,
-        ) {
-            // Too fragmented to hold its extents: every block is read.
-            Err(e) if e.errno() == libc::E2BIG => {
-                log::info!(
-                    "image_id={}: {e}; checksum reads every block",
-                    self.lent.storage.id()
-                );
-                return Ok(extents::whole(size, false));
-            }
-            r => r.map_err(|e| self.lent.error(e))?,
-        };
-        Ok(extents::reads_as_zero(&lists[0], size))
-    }
-
-    pub(crate) fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
-        let Some(ctx) = self.bitmap_context.clone() else {
-            return Ok(None);
-        };
-        if !self.conn_ref().can_meta_context(&ctx).unwrap_or(false) {
-            log::warn!(
-                "dirty bitmap context {ctx:?} not negotiated image_id={}",
-                self.lent.storage.id()
-            );
-            return Ok(None);
-        }
-        let size = self.size();
-        if size == 0 {
-            return Ok(Some(Vec::new()));
-        }
-        if !self.allocation_available() {
-            let mut lists = self.with(|c| c.block_status(0, size, &[ctx.as_str()]))?;
-            return Ok(Some(extents::merge_dirty(
-                &extents::whole(size, false),
-                &lists.remove(0),
-                size,
-            )));
-        }
-        let lists =
-            self.with(|c| c.block_status(0, size, &[nbd::CONTEXT_BASE_ALLOCATION, ctx.as_str()]))?;
-        let alloc = extents::from_allocation(&lists[0], None, size);
-        Ok(Some(extents::merge_dirty(&alloc, &lists[1], size)))
-    }
-
-    pub(crate) fn discard(&mut self) {
-        self.lent.reusable = false;
-    }
-}
-
-impl Drop for NbdHandle {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.lent.give_back(conn);
-        }
-    }
-}
-
-/// One NBD connection lent to one request, with commands queued on it and
-/// retired from the async worker (see [`nbd::Pipeline`]). Goes back to the
-/// pool only when no command is in flight.
-pub(crate) struct NbdQueue {
-    lent: Lent,
-    pipe: Option<Pipeline>,
-}
-
-impl NbdQueue {
-    fn pipe(&mut self) -> &mut Pipeline {
-        self.pipe.as_mut().expect("pipeline present until drop")
-    }
-
-    fn conn_ref(&self) -> &Connection {
-        self.pipe
-            .as_ref()
-            .expect("pipeline present until drop")
-            .connection()
-    }
-
-    /// Runs `f` on the pipeline; a fatal error makes it unreusable.
-    fn with<T>(&mut self, f: impl FnOnce(&mut Pipeline) -> nbd::Result<T>) -> Result<T> {
-        let r = f(self.pipe());
-        r.map_err(|e| self.lent.error(e))
-    }
-
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.conn_ref().size();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(BackendError::OutOfRange { size }),
-        }
-    }
-
     /// Commands started and not yet retired by `poll_oldest`.
     pub(crate) fn queued(&self) -> usize {
-        self.pipe.as_ref().map_or(0, |p| p.queued())
+        self.pipe.queued()
     }
 
     /// Starts reading `len` bytes at `offset` into the start of `buf`,
@@ -627,31 +428,33 @@ impl NbdQueue {
     /// disjoint ranges.
     pub(crate) fn start_write(&mut self, data: Bytes, offset: u64) -> Result<()> {
         self.check(offset, data.len() as u64)?;
-        self.lent.wrote = true;
+        self.loan.wrote = true;
         self.with(|p| p.queue_write(data, offset, WRITE_REQUEST))
+    }
+
+    /// Starts one of the requests that make a range read as zeroes.
+    fn start_zero_request(&mut self, r: ZeroRequest) -> Result<()> {
+        match r {
+            ZeroRequest::Zero { offset, len } => self.with(|p| p.queue_zero(offset, len)),
+            ZeroRequest::Write(zeroes, at) => {
+                self.with(|p| p.queue_write(Bytes::from_static(zeroes), at, WRITE_REQUEST))
+            }
+        }
     }
 
     /// Starts making `len` bytes at `offset` read as zeroes: WRITE_ZEROES
     /// when the server can, else writes of zeroes.
     pub(crate) fn start_zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        self.lent.wrote = true;
-        let can_zero = self.conn_ref().can_zero().unwrap_or(false);
-        for r in zero_requests(can_zero, offset, len) {
-            match r {
-                ZeroRequest::Zero { offset, len } => self.with(|p| p.queue_zero(offset, len))?,
-                ZeroRequest::Write(zeroes, at) => {
-                    self.with(|p| p.queue_write(Bytes::from_static(zeroes), at, WRITE_REQUEST))?
-                }
-            }
-        }
-        Ok(())
+        self.loan.wrote = true;
+        let can_zero = self.conn().can_zero().unwrap_or(false);
+        zero_requests(can_zero, offset, len).try_for_each(|r| self.start_zero_request(r))
     }
 
     /// Starts a flush; start it only once the writes it must cover have
-    /// retired. Once it retired, call [`NbdQueue::flushed`].
+    /// retired. Once it retired, call [`ExportConn::flushed`].
     pub(crate) fn start_flush(&mut self) -> Result<()> {
-        self.lent.start_flush();
+        self.loan.start_flush();
         self.with(|p| p.queue_flush())
     }
 
@@ -659,30 +462,216 @@ impl NbdQueue {
     /// [`nbd::Pipeline::poll_oldest`]): the last request of a read gives
     /// back its buffer, a write or zero the bytes it covered.
     pub(crate) fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<Result<nbd::Retired>> {
-        match self.pipe().poll_oldest(cx) {
+        match self.pipe.poll_oldest(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.lent.error(e))),
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.loan.error(e))),
         }
     }
 
     /// Marks the storage flushed up to what the flush started by
-    /// [`NbdQueue::start_flush`] covers (it retired).
+    /// [`ExportConn::start_flush`] covers (it retired).
     pub(crate) fn flushed(&self) {
-        self.lent.flushed();
+        self.loan.flushed();
     }
 
+    /// The connection is closed when the request ends, not pooled: an
+    /// error left it in an unknown state.
     pub(crate) fn discard(&mut self) {
-        self.lent.reusable = false;
+        self.pipe.set_home(None);
     }
-}
 
-impl Drop for NbdQueue {
-    fn drop(&mut self) {
-        // With commands in flight the pipeline (and its connection) is
-        // closed here; an idle one may serve another request.
-        if let Some(Ok(conn)) = self.pipe.take().map(Pipeline::into_connection) {
-            self.lent.give_back(conn);
+    /// Waits until no command is in flight, handing each that retires to
+    /// `retired`; returns the first error. A fatal error (the connection
+    /// died or timed out) ends the wait: nothing more can retire then. A
+    /// request that stops early calls it before it gives back what it
+    /// holds, so that nothing it started outlives it.
+    pub(crate) async fn settle(&mut self, mut retired: impl FnMut(nbd::Retired)) -> Result<()> {
+        let mut first = Ok(());
+        while self.queued() > 0 {
+            let before = self.queued();
+            match poll_fn(|cx| self.poll_oldest(cx)).await {
+                Ok(done) => retired(done),
+                Err(e) => {
+                    let stuck = self.queued() >= before;
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                    if stuck {
+                        break;
+                    }
+                }
+            }
         }
+        first
+    }
+
+    /// Retires commands until at most `most` are in flight; on an error,
+    /// waits for all of them (see [`ExportConn::settle`]) and returns it.
+    async fn retire_to(&mut self, most: usize) -> Result<()> {
+        while self.queued() > most {
+            if let Err(e) = poll_fn(|cx| self.poll_oldest(cx)).await {
+                let _ = self.settle(|_| ()).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `r`; on an error, waits for what is in flight and returns it.
+    async fn start_or_settle(&mut self, r: Result<()>) -> Result<()> {
+        if r.is_err() {
+            let _ = self.settle(|_| ()).await;
+        }
+        r
+    }
+
+    /// Reads `len` bytes at `offset` into the start of `buf`, which comes
+    /// back filled.
+    pub(crate) async fn read_at(
+        &mut self,
+        buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+    ) -> Result<Vec<u8>> {
+        let started = self.start_read(buf, len, offset);
+        self.start_or_settle(started).await?;
+        loop {
+            match poll_fn(|cx| self.poll_oldest(cx)).await {
+                Ok(nbd::Retired::Read(buf, _)) => return Ok(buf),
+                // An earlier part of the read.
+                Ok(nbd::Retired::Done(_)) => {}
+                Err(e) => {
+                    let _ = self.settle(|_| ()).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes: WRITE_ZEROES when the
+    /// server can, else writes of zeroes, [`ZERO_WRITES`] at a time.
+    pub(crate) async fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        self.loan.wrote = true;
+        let can_zero = self.conn().can_zero().unwrap_or(false);
+        for r in zero_requests(can_zero, offset, len) {
+            let started = self.start_zero_request(r);
+            self.start_or_settle(started).await?;
+            self.retire_to(ZERO_WRITES - 1).await?;
+        }
+        self.retire_to(0).await
+    }
+
+    /// Flushes: covers the writes of this request and every write of the
+    /// transfer that completed before (see the module documentation).
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        self.retire_to(0).await?;
+        let started = self.start_flush();
+        self.start_or_settle(started).await?;
+        self.retire_to(0).await?;
+        self.flushed();
+        Ok(())
+    }
+
+    /// Block status of the whole image for `contexts`, at most `max` pairs.
+    async fn block_status(
+        &mut self,
+        contexts: &[&str],
+        max: usize,
+    ) -> nbd::Result<Vec<Vec<(u64, u32)>>> {
+        let size = self.size();
+        self.pipe.block_status(0, size, contexts, max).await
+    }
+
+    fn allocation_available(&self) -> bool {
+        self.conn()
+            .can_meta_context(nbd::CONTEXT_BASE_ALLOCATION)
+            .unwrap_or(false)
+    }
+
+    pub(crate) async fn allocation_extents(&mut self) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.allocation_available() {
+            return Ok(extents::whole(size, false));
+        }
+        let depth = self
+            .conn()
+            .can_meta_context(nbd::CONTEXT_ALLOCATION_DEPTH)
+            .unwrap_or(false);
+        if depth {
+            let contexts = [nbd::CONTEXT_BASE_ALLOCATION, nbd::CONTEXT_ALLOCATION_DEPTH];
+            let lists = self.block_status(&contexts, nbd::MAX_EXTENTS).await;
+            let lists = lists.map_err(|e| self.loan.error(e))?;
+            return Ok(extents::from_allocation(&lists[0], Some(&lists[1]), size));
+        }
+        let lists = self
+            .block_status(&[nbd::CONTEXT_BASE_ALLOCATION], nbd::MAX_EXTENTS)
+            .await;
+        let lists = lists.map_err(|e| self.loan.error(e))?;
+        Ok(extents::from_allocation(&lists[0], None, size))
+    }
+
+    /// Extents whose `zero` flag means the range reads as zeroes (see
+    /// [`extents::reads_as_zero`]); one data extent without `base:allocation`,
+    /// or when the image has more than [`CHECKSUM_MAX_EXTENTS`] (a checksum
+    /// then reads every block: slower, the same result, bounded memory).
+    pub(crate) async fn reads_as_zero_extents(&mut self) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.allocation_available() {
+            return Ok(extents::whole(size, false));
+        }
+        let lists = match self
+            .block_status(&[nbd::CONTEXT_BASE_ALLOCATION], CHECKSUM_MAX_EXTENTS)
+            .await
+        {
+            // Too fragmented to hold its extents: every block is read.
+            Err(e) if e.errno() == libc::E2BIG => {
+                log::info!(
+                    "image_id={}: {e}; checksum reads every block",
+                    self.loan.storage.id()
+                );
+                return Ok(extents::whole(size, false));
+            }
+            r => r.map_err(|e| self.loan.error(e))?,
+        };
+        Ok(extents::reads_as_zero(&lists[0], size))
+    }
+
+    pub(crate) async fn dirty_extents(&mut self) -> Result<Option<Vec<DirtyExtent>>> {
+        let Some(ctx) = self.bitmap_context.clone() else {
+            return Ok(None);
+        };
+        if !self.conn().can_meta_context(&ctx).unwrap_or(false) {
+            log::warn!(
+                "dirty bitmap context {ctx:?} not negotiated image_id={}",
+                self.loan.storage.id()
+            );
+            return Ok(None);
+        }
+        let size = self.size();
+        if size == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        if !self.allocation_available() {
+            let lists = self.block_status(&[ctx.as_str()], nbd::MAX_EXTENTS).await;
+            let mut lists = lists.map_err(|e| self.loan.error(e))?;
+            return Ok(Some(extents::merge_dirty(
+                &extents::whole(size, false),
+                &lists.remove(0),
+                size,
+            )));
+        }
+        let contexts = [nbd::CONTEXT_BASE_ALLOCATION, ctx.as_str()];
+        let lists = self.block_status(&contexts, nbd::MAX_EXTENTS).await;
+        let lists = lists.map_err(|e| self.loan.error(e))?;
+        let alloc = extents::from_allocation(&lists[0], None, size);
+        Ok(Some(extents::merge_dirty(&alloc, &lists[1], size)))
     }
 }
 
