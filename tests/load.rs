@@ -226,6 +226,8 @@ fn waiters_are_served_first_come_first_served_and_metadata_never_waits() {
     let r = second.read_response(false);
     assert_eq!(r.status, 206);
     assert!(r.body == c[..4096]);
+    // Both lines may still be on their way to the test's log reader.
+    s.logged("GET start image_id=c ", 1);
     let log = s.log();
     let at = |needle: &str| {
         log.find(needle)
