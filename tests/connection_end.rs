@@ -91,7 +91,7 @@ fn get_clients_that_never_read_are_disconnected_with_everything_they_held() {
             "wave {wave}: {unix} unnamed Unix sockets, {unix_before} before"
         );
         assert_eq!(
-            stalled_gets_closed(&server, wave * CLIENTS),
+            server.stalled_gets_closed("a", 2, wave * CLIENTS, LOG_WAIT),
             wave * CLIENTS,
             "{}",
             server.log()
@@ -115,31 +115,6 @@ fn get_clients_that_never_read_are_disconnected_with_everything_they_held() {
         assert_eq!((r.status, r.body.as_slice()), (206, &b"data"[..]));
     }
     assert!(client_connections(pid).is_empty());
-}
-
-/// How many stalled GETs' connections the server closed, once it logged
-/// `want` of them or [`LOG_WAIT`] passed. Their readers log each one; with
-/// `--direct-io off` (`CSIS_TEST_DIRECT_IO=off`) actix's write of the body
-/// may wait for the client first, and then the stream's write deadline
-/// (the same `--body-timeout`) closes the connection with a line of its
-/// own.
-fn stalled_gets_closed(server: &Server, want: usize) -> usize {
-    let reader = "GET client stopped reading image_id=a";
-    if direct_io() {
-        return server.logged(reader, want);
-    }
-    eprintln!(
-        "CSIS_TEST_DIRECT_IO=off: a stalled GET is closed by its reader or by the write deadline"
-    );
-    let count = || {
-        server.log_count(reader)
-            + server.log_count("closing a connection: the client took no data for 2 s")
-    };
-    let deadline = std::time::Instant::now() + LOG_WAIT;
-    while count() < want && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    count()
 }
 
 /// Bytes of the upload in the cut-off tests, and how fast the export takes

@@ -135,7 +135,8 @@ impl WriteDeadline {
     }
 }
 
-/// A connection's stream that writes its [`Outbox`] when flushed.
+/// A connection's stream: writes its [`Outbox`] when flushed, and reads
+/// the rest of a long request body into the chunks of its [`Inbox`].
 pub(crate) struct DirectIo<T> {
     io: T,
     outbox: Outbox,

@@ -65,9 +65,9 @@ impl Written {
 }
 
 /// A write request's own parts besides its body, held until no write of it
-/// is in flight: the count of what it wrote, its log line, guard (request slot, full-PUT
-/// lock) and lease. Dropped, it ends them in that order (as a handler's
-/// locals end): the log line says what landed before the next full PUT
+/// is in flight: the count of what it wrote, its log line, guard (request
+/// slot, full-PUT lock) and lease. Dropped, it ends them in that order (as
+/// a handler's locals end): the log line says what landed before the next full PUT
 /// may start, and before the lease ends (which an unregister waits for);
 /// the request counts as failed unless its lease was marked served.
 struct WriteRequest<G> {

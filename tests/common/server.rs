@@ -242,6 +242,30 @@ impl Server {
         })
     }
 
+    /// How many GETs of transfer `id` whose client stopped reading the
+    /// server disconnected, once it logged `n` of them or `timeout` passed.
+    /// Their readers log each one (`GET client stopped reading`); with
+    /// `--direct-io off` ([`direct_io`]) actix's own write of the body may
+    /// wait for the client first, and then the stream's write deadline (the
+    /// same `--body-timeout`, `secs`) closes the connection with a line of
+    /// its own, counted too.
+    pub fn stalled_gets_closed(&self, id: &str, secs: u64, n: usize, timeout: Duration) -> usize {
+        let reader = format!("GET client stopped reading image_id={id}");
+        if direct_io() {
+            return self.wait_lines(&reader, n, timeout).unwrap_or(0);
+        }
+        eprintln!(
+            "CSIS_TEST_DIRECT_IO=off: a stalled GET is closed by its reader or the write deadline"
+        );
+        let deadline = format!("closing a connection: the client took no data for {secs} s");
+        let count = || self.log_count(&reader) + self.log_count(&deadline);
+        let end = Instant::now() + timeout;
+        while count() < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        count()
+    }
+
     /// Polls the log until at least `n` lines contain `needle` (their count
     /// then), or `timeout` passes (`None`).
     fn wait_lines(&self, needle: &str, n: usize, timeout: Duration) -> Option<usize> {
