@@ -6,7 +6,7 @@ BIN := $(or $(CARGO_TARGET_DIR),target)/release/cloudstack-image-server
 DEMO_DIR ?= /tmp/cloudstack-image-server-demo
 PORT ?= 54322
 
-.PHONY: all deps build run demo test test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench load
+.PHONY: all deps build run demo test test-no-direct test-clients fuzz sanitize soak lint fmt clean package package-tools test-package bench load
 
 all: build
 
@@ -29,6 +29,17 @@ test: deps
 		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --locked --workspace --no-fail-fast; \
+	fi
+
+# The same tests against servers started with `--direct-io off`
+# (CSIS_TEST_DIRECT_IO=off, read by tests/common/server.rs): every body
+# through actix-http's own buffers, the fall-back an operator can switch to.
+test-no-direct: deps
+	$(CARGO) build --locked --all-targets
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		CSIS_TEST_DIRECT_IO=off $(CARGO) nextest run --locked --workspace --no-fail-fast; \
+	else \
+		CSIS_TEST_DIRECT_IO=off $(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
 
 # Every fuzz target for FUZZ_SECS seconds each (cargo-fuzz, libFuzzer).

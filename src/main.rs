@@ -125,6 +125,22 @@ struct Cli {
     /// and is used only with --tls-enabled.
     #[arg(long, requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Move GET and PUT bodies around actix-http's buffers: a GET's chunks
+    /// go from the buffer the image was read into straight to the socket,
+    /// and the rest of a PUT body of 1 MiB or more is read from the socket
+    /// straight into the buffer its write is sent from (the `bytes_direct`
+    /// of the control socket's status). `off` sends and takes every body
+    /// through actix-http's own buffers, with a copy each way and more CPU
+    /// per byte; for when an actix-http change is suspected.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    direct_io: Switch,
+}
+
+/// A feature on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 /// HTTPS files when TLS is on; `--tls-enabled` without them is a usage error.
@@ -182,6 +198,7 @@ fn main() -> ExitCode {
             .filter(|p| !p.as_os_str().is_empty()),
         tls,
         unix_socket: Some(PathBuf::from(cli.unix_socket)).filter(|p| !p.as_os_str().is_empty()),
+        direct_io: cli.direct_io == Switch::On,
     };
     match actix_web::rt::System::new().block_on(server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,6 +83,9 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// The same API, plain HTTP, on this Unix socket too (`None`: TCP only).
     pub unix_socket: Option<PathBuf>,
+    /// GET and PUT bodies moved around actix-http's buffers (see
+    /// `direct_body`); off: through them, as actix-http alone does.
+    pub direct_io: bool,
 }
 
 /// Closes transfers idle for longer than their idle timeout, forever.
@@ -239,7 +242,7 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
 /// every request head must be bounded (see `head_timeout`), so each stream
 /// is wrapped in a [`HeadDeadline`] first, that in a [`RequestGate`] (one
 /// request at a time, see `request_gate`), and that in a [`DirectIo`] for
-/// GET bodies written without actix-http's copy (see `direct_body`).
+/// bodies moved without actix-http's copies (see `direct_body`).
 fn http_server(
     settings: &Settings,
     tls: Option<rustls::ServerConfig>,
@@ -253,8 +256,12 @@ fn http_server(
     if settings.workers > 0 {
         builder = builder.workers(settings.workers);
     }
+    if !settings.direct_io {
+        log::info!("--direct-io off: request and response bodies go through actix-http's buffers");
+    }
     let conn = ConnSettings {
         header_timeout: settings.header_timeout,
+        direct_io: settings.direct_io,
         shutdown: builder.graceful_shutdown_signal(),
         state,
         conns,
@@ -363,6 +370,9 @@ type Stream<T> = DirectIo<RequestGate<HeadDeadline<T>>>;
 #[derive(Clone)]
 struct ConnSettings {
     header_timeout: Duration,
+    /// Whether the handlers get the connection's `Outbox` and `Inbox`
+    /// (`--direct-io`).
+    direct_io: bool,
     shutdown: GracefulShutdownSignal,
     state: web::Data<AppState>,
     /// Counts the connections, to log when the limit is reached.
@@ -426,12 +436,17 @@ impl ConnSettings {
             service = service.local_addr(local);
         }
         let conns = self.conns.clone();
+        let direct_io = self.direct_io;
         service
             .on_connect_ext(move |io: &Stream<T>, data| {
                 data.insert(conns.opened());
                 data.insert(io.get_ref().get_ref().clock());
-                data.insert(io.outbox());
-                data.insert(io.inbox());
+                // Without them the handlers send and take bodies through
+                // actix's buffers.
+                if direct_io {
+                    data.insert(io.outbox());
+                    data.insert(io.inbox());
+                }
                 data.insert(io.abort());
             })
             .finish(track_heads(app))

@@ -1173,7 +1173,7 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     assert_eq!(r.body, &data[data.len() - 4..]);
 }
 
-/// GET bodies are written around actix-http's write buffer (src/direct_body.rs):
+/// GET bodies are written around actix-http's write buffer (src/direct_body/outbox.rs):
 /// requests sent before the previous response was read (their heads wait
 /// in the server's read buffer while a multi-chunk body is still going
 /// out) get their responses whole and in order, framed by Content-Length.

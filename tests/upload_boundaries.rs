@@ -1,6 +1,6 @@
 //! Where a PUT body meets the connection (the direct read: a large
 //! Content-Length body is read straight from the stream into the NBD write
-//! buffers, around actix-http's payload decoder; src/direct_body.rs). Every test writes seeded random bytes and
+//! buffers, around actix-http's payload decoder; src/direct_body/inbox.rs). Every test writes seeded random bytes and
 //! then checks the image byte for byte, so a byte misplaced, lost,
 //! duplicated or leaked into the next request shows: where the head ends and
 //! the body begins (in one read or not), `Expect: 100-continue`, reads that
@@ -31,9 +31,17 @@ const SMALL: usize = 64 * 1024;
 /// The server's NBD write chunk.
 const WRITE_CHUNK: usize = 512 * 1024;
 
-/// Whether [`Up::assert_direct`] checks `bytes_direct` (a server without
-/// direct reads never moves it).
-const CHECK_DIRECT: bool = true;
+/// What [`Up::assert_direct`] wants of each PUT: `want` against a server
+/// that reads bodies directly, nothing read directly against one started
+/// with `--direct-io off` (`CSIS_TEST_DIRECT_IO=off`, `make
+/// test-no-direct`), whatever the PUT.
+fn expected(want: &[Direct]) -> Vec<Direct> {
+    if direct_io() {
+        return want.to_vec();
+    }
+    eprintln!("CSIS_TEST_DIRECT_IO=off: every PUT must read nothing directly, not {want:?}");
+    vec![Direct::Zero; want.len()]
+}
 
 // ------------------------------------------------------------- environment
 
@@ -303,7 +311,7 @@ impl Direct {
 impl Up {
     /// The PUTs of transfer `id` that ended since the last call, one entry
     /// each in order: the server logged exactly that many more `PUT end`
-    /// lines, and (with [`CHECK_DIRECT`]) the transfer's `bytes_direct` grew
+    /// lines, and (as [`expected`] says) the transfer's `bytes_direct` grew
     /// by what the entries allow together, and each PUT's own share (its
     /// line's `direct_bytes=`) by what its entry allows.
     #[track_caller]
@@ -321,9 +329,7 @@ impl Up {
             server.log()
         );
         *puts += want.len();
-        if !CHECK_DIRECT {
-            return;
-        }
+        let want = &expected(want)[..];
         let now = server.counter(id, "bytes_direct");
         let grew = now - *direct;
         *direct = now;
@@ -406,6 +412,34 @@ fn pipelined(up: &mut Up) {
 #[test]
 fn one_write_head_and_whole_body() {
     one_write_full_put(&mut Up::tcp("ub-one", &[], LARGE));
+}
+
+/// `--direct-io off`: a large PUT and a GET on one connection go through
+/// actix-http's own buffers, every byte in place; the transfer's
+/// `bytes_direct` stays 0 and the PUT's line says `direct_bytes=0`.
+#[test]
+fn direct_io_off_moves_every_body_through_actix() {
+    let mut up = Up::tcp("ub-off", &["--direct-io", "off"], LARGE);
+    up.server().logged(
+        "--direct-io off: request and response bodies go through actix-http's buffers",
+        1,
+    );
+    let data = pattern_bytes(LARGE, 9);
+    let mut c = up.connect();
+    send(&mut c, &put("img", None, &data));
+    assert_put_ok(&c.read_response(false), LARGE);
+    up.wrote(0, &data);
+    up.verify();
+    send(&mut c, &get("img", None));
+    assert_get(&c.read_response(false), &up.want);
+    let needle = "PUT end image_id=img ";
+    up.server().logged(needle, 1);
+    let log = up.server().log();
+    let line = log.lines().find(|l| l.contains(needle)).unwrap();
+    assert!(line.ends_with(" direct_bytes=0"), "{line}");
+    assert_eq!(up.server().counter("img", "bytes_direct"), 0);
+    assert_eq!(up.server().counter("img", "bytes_written"), LARGE as u64);
+    assert_eq!(up.server().counter("img", "bytes_read"), LARGE as u64);
 }
 
 #[test]

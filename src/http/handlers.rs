@@ -22,7 +22,7 @@ use super::routes::{route, Op, Route};
 use super::AppState;
 use crate::backend::{Caps, KnownCaps};
 use crate::checksum;
-use crate::direct_body::{Abort, DirectBody, Inbox, Outbox};
+use crate::direct_body::{Abort, BodyReader, DirectBody, Inbox, Outbox};
 use crate::head_timeout::HeadClock;
 use crate::ops::{self, OpLog};
 use crate::transfers::Lease;
@@ -460,12 +460,7 @@ fn parse_flush_param(req: &HttpRequest) -> Result<bool, ApiError> {
     ))
 }
 
-async fn put(
-    req: &HttpRequest,
-    mut payload: Payload,
-    state: &web::Data<AppState>,
-    t: Lease,
-) -> Res {
+async fn put(req: &HttpRequest, payload: Payload, state: &web::Data<AppState>, t: Lease) -> Res {
     if req.headers().contains_key(header::RANGE) {
         return Err(ApiError::bad_request(
             "Range header not supported for PUT; use Content-Range or PATCH",
@@ -511,12 +506,7 @@ async fn put(
             return Err(ApiError::range_not_satisfiable(size));
         }
     }
-    let body = ops::Body {
-        payload: &mut payload,
-        length,
-        timeout: state.body_timeout,
-        direct: direct_inbox(req),
-    };
+    let body = BodyReader::new(payload, length, state.body_timeout, direct_inbox(req));
     let written = ops::write(body, writer, start, flush, log, t, (slot, lock)).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
@@ -603,7 +593,7 @@ async fn read_small_body(
 
 async fn patch_range(
     req: &HttpRequest,
-    mut payload: Payload,
+    payload: Payload,
     state: &web::Data<AppState>,
     t: Lease,
     slot: RequestSlot,
@@ -631,12 +621,7 @@ async fn patch_range(
             b - a + 1
         )));
     }
-    let body = ops::Body {
-        payload: &mut payload,
-        length,
-        timeout: state.body_timeout,
-        direct: direct_inbox(req),
-    };
+    let body = BodyReader::new(payload, length, state.body_timeout, direct_inbox(req));
     let written = ops::write(body, writer, a, false, log, t, slot).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }

@@ -27,7 +27,7 @@ mod write;
 
 pub(crate) use read::{read_stream, Stalled};
 pub(crate) use simple::{checksum, extents, flush, zero, ExtentList};
-pub(crate) use write::{write, Body};
+pub(crate) use write::write;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 
 use crate::backend::nbd_export::ExportConn;
 use crate::backend::{BackendError, Opened, Writer};
+use crate::direct_body::{BodyError, ChunkBuffers};
 use crate::nbd::Retired;
 use crate::transfers::Transfer;
 
@@ -60,6 +61,15 @@ pub(crate) enum OpError {
     NotSupported(&'static str),
     /// A blocking task of the operation panicked.
     Internal,
+}
+
+impl From<BodyError> for OpError {
+    fn from(e: BodyError) -> OpError {
+        match e {
+            BodyError::Timeout { received } => OpError::BodyTimeout { received },
+            BodyError::Ended { received } => OpError::BodyEnded { received },
+        }
+    }
 }
 
 impl From<BackendError> for OpError {
@@ -224,19 +234,25 @@ impl Buffers {
         self.free.lock().pop().unwrap_or_else(|| vec![0; self.size])
     }
 
-    /// An empty buffer with room for `size` bytes.
-    fn get_empty(&self) -> Vec<u8> {
-        let mut v = self.free.lock().pop().unwrap_or_default();
-        v.clear();
-        v.reserve_exact(self.size);
-        v
-    }
-
     fn lend(&self, buf: Vec<u8>, len: usize) -> Bytes {
         Bytes::from_owner(LentBuffer {
             buf,
             len,
             home: self.free.clone(),
         })
+    }
+}
+
+/// A write's body is read into the request's buffers.
+impl ChunkBuffers for Buffers {
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn empty(&self) -> Vec<u8> {
+        let mut v = self.free.lock().pop().unwrap_or_default();
+        v.clear();
+        v.reserve_exact(self.size);
+        v
     }
 }

@@ -33,6 +33,19 @@ pub struct Server {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// Whether the servers the tests start move bodies around actix-http's
+/// buffers: `CSIS_TEST_DIRECT_IO=off` (`make test-no-direct`) starts every
+/// one with `--direct-io off` (unless a test passes its own), so that the
+/// whole suite runs through actix's ordinary buffers too.
+pub fn direct_io() -> bool {
+    match std::env::var("CSIS_TEST_DIRECT_IO") {
+        Ok(v) if v == "off" => false,
+        Ok(v) if v == "on" || v.is_empty() => true,
+        Ok(v) => panic!("CSIS_TEST_DIRECT_IO={v:?}: on or off"),
+        Err(_) => true,
+    }
+}
+
 pub fn server_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cloudstack-image-server"))
 }
@@ -51,9 +64,9 @@ pub fn failed_start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
 
 impl Server {
     /// Starts the server with `--config-dir config_dir --port 0
-    /// --control-socket config_dir/.control.sock --unix-socket ''` plus
-    /// `extra` (which may name another `--control-socket`, or a
-    /// `--unix-socket`).
+    /// --control-socket config_dir/.control.sock --unix-socket ''` (and
+    /// `--direct-io off` if [`direct_io`] says so) plus `extra` (which may
+    /// name another `--control-socket`, or a `--unix-socket`).
     pub fn start(config_dir: &Path, extra: &[&str]) -> Server {
         Self::start_with_env(config_dir, extra, &[])
     }
@@ -86,6 +99,9 @@ impl Server {
                 None
             }
         };
+        if !direct_io() && !extra.contains(&"--direct-io") {
+            cmd.args(["--direct-io", "off"]);
+        }
         cmd.args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -224,6 +240,30 @@ impl Server {
                 self.log()
             )
         })
+    }
+
+    /// How many GETs of transfer `id` whose client stopped reading the
+    /// server disconnected, once it logged `n` of them or `timeout` passed.
+    /// Their readers log each one (`GET client stopped reading`); with
+    /// `--direct-io off` ([`direct_io`]) actix's own write of the body may
+    /// wait for the client first, and then the stream's write deadline (the
+    /// same `--body-timeout`, `secs`) closes the connection with a line of
+    /// its own, counted too.
+    pub fn stalled_gets_closed(&self, id: &str, secs: u64, n: usize, timeout: Duration) -> usize {
+        let reader = format!("GET client stopped reading image_id={id}");
+        if direct_io() {
+            return self.wait_lines(&reader, n, timeout).unwrap_or(0);
+        }
+        eprintln!(
+            "CSIS_TEST_DIRECT_IO=off: a stalled GET is closed by its reader or the write deadline"
+        );
+        let deadline = format!("closing a connection: the client took no data for {secs} s");
+        let count = || self.log_count(&reader) + self.log_count(&deadline);
+        let end = Instant::now() + timeout;
+        while count() < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        count()
     }
 
     /// Polls the log until at least `n` lines contain `needle` (their count

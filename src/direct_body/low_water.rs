@@ -1,0 +1,152 @@
+//! The receive low-water mark of a plain TCP connection (`SO_RCVLOWAT`):
+//! a direct read of a request body (see `inbox`) that would block waits
+//! for up to [`LOW_WATER`] bytes, so the worker wakes once per that many
+//! body bytes instead of once per segment or two; actix's own reads want
+//! 1 byte, the kernel's default.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// The most a direct read waits for (`SO_RCVLOWAT`): the worker wakes once
+/// per this many body bytes instead of once per segment or two.
+pub(super) const LOW_WATER: usize = 256 * 1024;
+
+/// The receive low-water mark a connection's direct reads want while they
+/// wait (`SO_RCVLOWAT`): shared by its [`DirectIo`](super::DirectIo), which says what it
+/// wants before each read, and the [`LowWaterStream`] at the bottom of the
+/// stream, which sets it on the socket when a read would block. One worker
+/// thread.
+#[derive(Clone)]
+pub(crate) struct LowWater(Rc<Cell<usize>>);
+
+impl Default for LowWater {
+    /// The kernel's default mark: 1.
+    fn default() -> Self {
+        LowWater(Rc::new(Cell::new(1)))
+    }
+}
+
+impl LowWater {
+    /// The mark to set if the next read would block (at least 1).
+    pub(super) fn want(&self, bytes: usize) {
+        self.0.set(bytes.max(1));
+    }
+}
+
+/// A TCP stream whose receive low-water mark follows its connection's
+/// [`LowWater`]. The mark matters only while a reader waits (a
+/// non-blocking receive returns what is queued whatever the mark), so it is
+/// set when a read would block, and only when it changes: a direct read
+/// that waits then wakes once per up to [`LOW_WATER`] bytes; actix's reads
+/// want 1 again. A socket that refuses the mark keeps the kernel's default.
+pub(crate) struct LowWaterStream<T> {
+    io: T,
+    mark: LowWater,
+    /// The mark the socket has.
+    set: usize,
+    refused: bool,
+}
+
+impl<T> LowWaterStream<T> {
+    pub(crate) fn new(io: T, mark: LowWater) -> Self {
+        LowWaterStream {
+            io,
+            mark,
+            set: 1,
+            refused: false,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsFd + Unpin> AsyncRead for LowWaterStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let want = this.mark.0.get();
+        if r.is_pending() && want != this.set && !this.refused {
+            // Lowering it signals the bytes already queued (tcp(7)); raising
+            // it after data arrived below it was signalled already: either
+            // way the waker registered above is woken when it should be.
+            match crate::sys::set_recv_lowat(this.io.as_fd(), want) {
+                Ok(()) => this.set = want,
+                Err(e) => {
+                    log::debug!("SO_RCVLOWAT: {e}");
+                    this.refused = true;
+                }
+            }
+        }
+        r
+    }
+}
+
+write_through!(LowWaterStream, io);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// would block, and only then; the reader is woken once it is reached.
+    #[tokio::test]
+    async fn low_water_is_set_on_the_socket_when_a_read_waits() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (sock, _) = l.accept().await.unwrap();
+        let mark = LowWater::default();
+        let mut s = LowWaterStream::new(sock, mark.clone());
+        let kernel = |s: &LowWaterStream<tokio::net::TcpStream>| {
+            crate::sys::recv_lowat(s.io.as_fd()).unwrap()
+        };
+        let mut buf = [0u8; 64];
+        let mut poll_once = |s: &mut LowWaterStream<tokio::net::TcpStream>| {
+            let mut rb = ReadBuf::new(&mut buf);
+            let r = futures_util::FutureExt::now_or_never(poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut *s).poll_read(cx, &mut rb))
+            }))
+            .unwrap();
+            match r {
+                Poll::Pending => (true, 0),
+                Poll::Ready(r) => {
+                    r.unwrap();
+                    (false, rb.filled().len())
+                }
+            }
+        };
+        mark.want(8192);
+        assert_eq!(kernel(&s), 1, "not set before a read waits");
+        assert_eq!(poll_once(&mut s), (true, 0));
+        assert_eq!(kernel(&s), 8192);
+        // Bytes queued below the mark wake no one; reaching it does.
+        client.write_all(&[7u8; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll_once(&mut s), (true, 0));
+        client.write_all(&[7u8; 8092]).await.unwrap();
+        let mut got = 0;
+        for _ in 0..500 {
+            got += poll_once(&mut s).1;
+            if got == 8192 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, 8192);
+        assert_eq!(kernel(&s), 8192);
+        mark.want(1);
+        assert_eq!(poll_once(&mut s), (true, 0));
+        assert_eq!(kernel(&s), 1);
+    }
+}
