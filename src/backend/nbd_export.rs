@@ -49,6 +49,10 @@ use crate::extents::{self, DirtyExtent, Extent};
 use crate::nbd::{self, ConnectOptions, Connection, Pipeline};
 use crate::zeroes::ZEROES;
 
+/// What a command of an [`ExportConn`] gave back when it retired: ops reads
+/// it through the backend, not from `nbd` below it.
+pub(crate) use crate::nbd::Retired;
+
 /// Idle connections kept per transfer.
 /// The most block status pairs a checksum holds for its zero extents:
 /// 1 MiB of pairs and 1.5 MiB of extents (plus one reply of the server:

@@ -36,10 +36,9 @@ use actix_web::rt::task::spawn_blocking;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::backend::nbd_export::ExportConn;
+use crate::backend::nbd_export::{ExportConn, Retired};
 use crate::backend::{BackendError, Opened, Writer};
 use crate::direct_body::{BodyError, ChunkBuffers};
-use crate::nbd::Retired;
 use crate::transfers::Transfer;
 
 /// Why an operation failed. The HTTP layer turns each into its response

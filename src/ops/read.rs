@@ -17,10 +17,9 @@ use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileHandle;
-use crate::backend::nbd_export::ExportConn;
+use crate::backend::nbd_export::{ExportConn, Retired};
 use crate::backend::{BackendError, Opened};
 use crate::direct_body::Abort;
-use crate::nbd::Retired;
 use crate::transfers::{Lease, Transfer};
 
 /// The body of a GET: chunks from its reader, plus whatever must live as

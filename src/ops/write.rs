@@ -13,10 +13,9 @@ use tokio::sync::mpsc;
 
 use super::{retire_all, Buffers, OpError, OpLog, CHUNK, DEPTH, WINDOW};
 use crate::backend::file::FileUpload;
-use crate::backend::nbd_export::ExportConn;
+use crate::backend::nbd_export::{ExportConn, Retired};
 use crate::backend::{BackendError, Writer};
 use crate::direct_body::BodyReader;
-use crate::nbd::Retired;
 use crate::stats::TransferStats;
 use crate::transfers::Lease;
 use crate::zeroes::is_zero;
