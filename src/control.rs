@@ -296,7 +296,7 @@ async fn register(obj: &Object, state: &Arc<Transfers>) -> Value {
         Ok(id) => id,
         Err(e) => return e,
     };
-    let Some(raw) = obj.get("config") else {
+    let Some(raw) = validate::present(obj, "config") else {
         return error("missing \"config\"");
     };
     // The same validation as config files: absolute, normalised paths,

@@ -181,6 +181,10 @@ fn register_validates_like_config_files_and_logs_refusals() {
             r#"missing "config""#,
         ),
         (
+            json!({"action": "register", "transfer_id": "bad8", "config": null}),
+            r#"missing "config""#,
+        ),
+        (
             json!({"action": "register", "transfer_id": "a/b", "config": {"socket": "/s"}}),
             "invalid transfer_id",
         ),
