@@ -3,7 +3,7 @@
 //!
 //! The public surface is only what is used from outside the library: by the
 //! server binary (`src/main.rs`: `server::run` and its `Settings`, with the
-//! parts it hands on as they are, `http::Settings` and `transfers::Settings`;
+//! parts it hands on as they are, `http::HttpSettings` and `transfers::TransferSettings`;
 //! `control::DEFAULT_SOCKET`, `http::limits`' queue bounds,
 //! `backend::nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS`), by the integration tests
 //! and fuzz targets (`nbd`, `config`, `extents::merge_dirty`,

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
         listen: cli.listen,
         port: cli.port,
         config_dir: cli.config_dir,
-        http: http::Settings {
+        http: http::HttpSettings {
             max_readers: cli.max_readers,
             max_writers: cli.max_writers,
             max_requests: cli.max_requests as usize,
@@ -188,7 +188,7 @@ fn main() -> ExitCode {
             },
             body_timeout: Duration::from_secs(cli.body_timeout.max(1)),
         },
-        transfers: transfers::Settings {
+        transfers: transfers::TransferSettings {
             nbd_timeout: (cli.nbd_timeout > 0).then(|| Duration::from_secs(cli.nbd_timeout)),
         },
         header_timeout: Duration::from_secs(cli.header_timeout.max(1)),

@@ -68,9 +68,9 @@ pub struct Settings {
     pub config_dir: PathBuf,
     /// What the HTTP side takes: request slots and their queue, the body
     /// timeout, what OPTIONS advertises.
-    pub http: http::Settings,
+    pub http: http::HttpSettings,
     /// What every transfer gets (the NBD command timeout).
-    pub transfers: transfers::Settings,
+    pub transfers: transfers::TransferSettings,
     /// Longest wait for a complete request head.
     pub header_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM.
@@ -389,7 +389,8 @@ impl ConnSettings {
         let io = HeadDeadline::new(io, self.header_timeout, idle);
         let clock = io.clock();
         Ok((
-            DirectIo::new(RequestGate::new(io, clock)).with_write_timeout(self.state.body_timeout),
+            DirectIo::new(RequestGate::new(io, clock))
+                .with_write_timeout(self.state.settings.body_timeout),
             Protocol::Http1,
             peer,
         ))

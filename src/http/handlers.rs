@@ -201,8 +201,8 @@ fn options_reply(state: &AppState, caps: Caps) -> HttpResponse {
     let body = json!({
         "unix_socket": state.unix_socket,
         "features": features,
-        "max_readers": state.max_readers,
-        "max_writers": if writable { state.max_writers } else { 0 },
+        "max_readers": state.settings.max_readers,
+        "max_writers": if writable { state.settings.max_writers } else { 0 },
     });
     HttpResponse::Ok()
         .insert_header(("Access-Control-Allow-Methods", methods.join(", ")))
@@ -268,7 +268,7 @@ async fn get_image(req: &HttpRequest, state: &web::Data<AppState>, t: Lease) -> 
     // out) before it is a JSON error, not a truncated body. A client that
     // takes no data for the body timeout loses its connection.
     let stalled = ops::Stalled {
-        timeout: state.body_timeout,
+        timeout: state.settings.body_timeout,
         connection: req.conn_data::<Abort>().cloned(),
     };
     let mut body = ops::read_stream(handle, start, len, log, t, slot, stalled);
@@ -506,7 +506,12 @@ async fn put(req: &HttpRequest, payload: Payload, state: &web::Data<AppState>, t
             return Err(ApiError::range_not_satisfiable(size));
         }
     }
-    let body = BodyReader::new(payload, length, state.body_timeout, direct_inbox(req));
+    let body = BodyReader::new(
+        payload,
+        length,
+        state.settings.body_timeout,
+        direct_inbox(req),
+    );
     let written = ops::write(body, writer, start, flush, log, t, (slot, lock)).await?;
     Ok(json_ok(
         &json!({"ok": true, "bytes_written": written, "flushed": flush}),
@@ -571,7 +576,7 @@ async fn read_small_body(
 ) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::with_capacity(length);
     while body.len() < length {
-        match tokio::time::timeout(state.body_timeout, payload.next()).await {
+        match tokio::time::timeout(state.settings.body_timeout, payload.next()).await {
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
@@ -621,7 +626,12 @@ async fn patch_range(
             b - a + 1
         )));
     }
-    let body = BodyReader::new(payload, length, state.body_timeout, direct_inbox(req));
+    let body = BodyReader::new(
+        payload,
+        length,
+        state.settings.body_timeout,
+        direct_inbox(req),
+    );
     let written = ops::write(body, writer, a, false, log, t, slot).await?;
     Ok(json_ok(&json!({"ok": true, "bytes_written": written})))
 }

@@ -26,12 +26,9 @@ pub(crate) const DEFAULT_ALLOWED_METHODS: &str = "GET, PUT, OPTIONS";
 pub(crate) struct AppState {
     /// What a transfer id names (shared with the control socket).
     pub(crate) transfers: Arc<Transfers>,
-    /// What OPTIONS advertises per transfer: reads one client may run in
-    /// parallel on it.
-    pub(crate) max_readers: usize,
-    /// What OPTIONS advertises per writable transfer: writes one client may
-    /// run in parallel on it.
-    pub(crate) max_writers: usize,
+    /// The flags it was made from, as given (what OPTIONS advertises, the
+    /// body timeout).
+    pub(crate) settings: HttpSettings,
     /// The server-wide bound on data requests in flight, and their queue.
     pub(crate) requests: RequestSlots,
     /// The server-wide bound on extents lists being built (never behind
@@ -39,15 +36,13 @@ pub(crate) struct AppState {
     pub(crate) extents: RequestSlots,
     /// Full-image PUTs of one image run one at a time.
     pub(crate) locks: ImageLocks,
-    /// Longest wait for the next piece of a request body.
-    pub(crate) body_timeout: Duration,
     /// The HTTP Unix socket's path, as OPTIONS advertises it (`None`: off).
     pub(crate) unix_socket: Option<String>,
 }
 
 /// What the HTTP side takes from the command line.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub struct HttpSettings {
     /// Advertised by OPTIONS per transfer (parallel reads for one client).
     pub max_readers: usize,
     /// Advertised by OPTIONS per writable transfer (parallel writes).
@@ -66,17 +61,15 @@ impl AppState {
     /// as OPTIONS advertises it (`None`: off).
     pub(crate) fn new(
         transfers: Arc<Transfers>,
-        settings: &Settings,
+        settings: &HttpSettings,
         unix_socket: Option<String>,
     ) -> AppState {
         AppState {
             transfers,
-            max_readers: settings.max_readers,
-            max_writers: settings.max_writers,
+            settings: *settings,
             requests: RequestSlots::new("data request", settings.max_requests, settings.queue),
             extents: RequestSlots::new("extents request", MAX_EXTENTS_LISTS, settings.queue),
             locks: ImageLocks::new(),
-            body_timeout: settings.body_timeout,
             unix_socket,
         }
     }

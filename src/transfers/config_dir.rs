@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{Settings, Transfer};
+use super::{Transfer, TransferSettings};
 use crate::config::{valid_transfer_id, TransferConfig, MAX_CONFIG_BYTES};
 
 /// What identifies one version of a config file.
@@ -38,11 +38,11 @@ pub(super) struct ConfigDir {
     dir: PathBuf,
     cache: Mutex<HashMap<String, (Stamp, Arc<Transfer>)>>,
     /// What every transfer loaded here gets.
-    settings: Settings,
+    settings: TransferSettings,
 }
 
 impl ConfigDir {
-    pub(super) fn new(dir: PathBuf, settings: Settings) -> ConfigDir {
+    pub(super) fn new(dir: PathBuf, settings: TransferSettings) -> ConfigDir {
         ConfigDir {
             dir,
             cache: Mutex::new(HashMap::new()),
@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn config_dir_caches_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = ConfigDir::new(dir.path().to_path_buf(), Settings::default());
+        let reg = ConfigDir::new(dir.path().to_path_buf(), TransferSettings::default());
         assert!(reg.load("t1").is_none());
         std::fs::write(dir.path().join("t1"), r#"{"socket":"/a.sock"}"#).unwrap();
         let a = reg.load("t1").unwrap();
@@ -213,7 +213,7 @@ mod tests {
         std::fs::write(dir.path().join("t"), r#"{"socket":"/a.sock"}"#).unwrap();
         const THREADS: usize = 8;
         for round in 0..50 {
-            let cfgs = ConfigDir::new(dir.path().to_path_buf(), Settings::default());
+            let cfgs = ConfigDir::new(dir.path().to_path_buf(), TransferSettings::default());
             let start = std::sync::Barrier::new(THREADS);
             let loaded: Vec<Arc<Transfer>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..THREADS)

@@ -16,7 +16,7 @@
 //! unregisters and reports; the server's idle sweeper and shutdown go
 //! through [`Transfers::expire_idle`] and [`Transfers::all`].
 //!
-//! Every transfer gets the same [`Settings`] (the server's command-line
+//! Every transfer gets the same [`TransferSettings`] (the server's command-line
 //! settings for transfers, such as `--nbd-timeout`).
 
 mod config_dir;
@@ -31,7 +31,7 @@ use crate::config::{valid_transfer_id, Source, TransferConfig};
 use config_dir::ConfigDir;
 use registry::Registry;
 
-pub use transfer::Settings;
+pub use transfer::TransferSettings;
 pub(crate) use transfer::{Lease, Transfer};
 
 /// Every transfer of the server: the registered ones and the config dir's.
@@ -43,7 +43,7 @@ pub(crate) struct Transfers {
 
 impl Transfers {
     /// No transfer registered yet; config files are read from `config_dir`.
-    pub(crate) fn new(config_dir: PathBuf, settings: Settings) -> Transfers {
+    pub(crate) fn new(config_dir: PathBuf, settings: TransferSettings) -> Transfers {
         Transfers {
             registry: Registry::new(settings),
             config_dir: Arc::new(ConfigDir::new(config_dir, settings)),
@@ -197,7 +197,7 @@ mod tests {
     fn a_registered_id_wins_even_while_unregistering_else_the_config_dir() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("t"), r#"{"socket":"/from-dir.sock"}"#).unwrap();
-        let transfers = Transfers::new(dir.path().to_path_buf(), Settings::default());
+        let transfers = Transfers::new(dir.path().to_path_buf(), TransferSettings::default());
         let registered =
             TransferConfig::from_value(&json!({"socket": "/registered.sock"}), Source::Registered)
                 .unwrap();
@@ -234,7 +234,7 @@ mod tests {
     fn only_the_config_dir_fallback_uses_the_blocking_pool() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("file"), r#"{"socket":"/d.sock"}"#).unwrap();
-        let transfers = Transfers::new(dir.path().to_path_buf(), Settings::default());
+        let transfers = Transfers::new(dir.path().to_path_buf(), TransferSettings::default());
         let cfg =
             TransferConfig::from_value(&json!({"socket": "/r.sock"}), Source::Registered).unwrap();
         transfers.register("reg", cfg).unwrap();

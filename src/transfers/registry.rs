@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{Settings, Transfer};
+use super::{Transfer, TransferSettings};
 use crate::config::{valid_transfer_id, TransferConfig};
 
 /// Most transfers registered at once; more are refused.
@@ -17,11 +17,11 @@ pub(crate) const MAX_REGISTERED: usize = 4096;
 pub(super) struct Registry {
     map: Mutex<HashMap<String, Arc<Transfer>>>,
     /// What every transfer registered here gets.
-    settings: Settings,
+    settings: TransferSettings,
 }
 
 impl Registry {
-    pub(super) fn new(settings: Settings) -> Registry {
+    pub(super) fn new(settings: TransferSettings) -> Registry {
         Registry {
             map: Mutex::new(HashMap::new()),
             settings,
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn register_replace_and_unregister() {
-        let r = Registry::new(Settings::default());
+        let r = Registry::new(TransferSettings::default());
         assert!(r.register("a/b", cfg("/s", 10)).is_err());
         assert!(r.register("", cfg("/s", 10)).is_err());
         assert!(r.register("t", cfg("/s", 10)).unwrap().is_none());
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn idle_expiry_spares_busy_transfers() {
-        let r = Registry::new(Settings::default());
+        let r = Registry::new(TransferSettings::default());
         r.register("busy", cfg("/s", 1)).unwrap();
         r.register("idle", cfg("/s", 1)).unwrap();
         r.register("long", cfg("/s", 1000)).unwrap();
@@ -184,7 +184,7 @@ mod tests {
         let t = Arc::new(Transfer::new(
             "x".into(),
             cfg("/s", 10),
-            &Settings::default(),
+            &TransferSettings::default(),
         ));
         let a = t.lease().unwrap();
         let b = t.lease().unwrap();

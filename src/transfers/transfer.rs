@@ -17,15 +17,15 @@ use crate::stats::TransferStats;
 /// What every transfer of the server gets, whatever its config says: the
 /// server's command-line settings for transfers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
+pub struct TransferSettings {
     /// Longest wait for a reply to an NBD command before its request fails
     /// and the connection is discarded (`--nbd-timeout`; `None`: no limit).
     pub nbd_timeout: Option<Duration>,
 }
 
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
+impl Default for TransferSettings {
+    fn default() -> TransferSettings {
+        TransferSettings {
             nbd_timeout: Some(Duration::from_secs(
                 nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS,
             )),
@@ -61,7 +61,7 @@ struct Activity {
 }
 
 impl Transfer {
-    pub(crate) fn new(id: String, config: TransferConfig, settings: &Settings) -> Transfer {
+    pub(crate) fn new(id: String, config: TransferConfig, settings: &TransferSettings) -> Transfer {
         let pool = nbd_export::Pool::new(settings.nbd_timeout);
         let stats = Arc::new(TransferStats::new());
         Transfer {
