@@ -170,6 +170,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
             }
             let n = match this.tls.write(&b[..b.len().min(room)]) {
                 Ok(n) => n,
+                // What was taken goes out; the error comes with the next
+                // write (the session keeps failing alike).
+                Err(_) if total > 0 => break,
                 Err(e) => return Poll::Ready(Err(this.failed(cx, e))),
             };
             total += n;
