@@ -186,7 +186,7 @@ fn accept(stream: TcpStream, tls: Option<Arc<ServerConfig>>, socket: &Path) -> i
 /// A TLS connection through the server's own session on rustls'
 /// unbuffered API (`tls::Session`: ciphertext received up to 256 KiB at a
 /// time and decrypted in place, up to 256 KiB of plaintext encrypted per
-/// write straight into one send buffer), driven here with blocking calls
+/// write into one send buffer), driven here with blocking calls
 /// instead of the server's async stream.
 struct Tls {
     session: Session,

@@ -11,8 +11,9 @@
 //! at a time into one buffer that rustls decrypts in place, and a read
 //! takes every record received. (rustls 0.23 still moves each decrypted
 //! record into a `Vec` of its own before handing it out; the record is
-//! copied from there into the reader's buffer.) Writes are encrypted
-//! straight into one send buffer.
+//! copied from there into the reader's buffer.) Writes are encrypted into
+//! one send buffer, [`WRITE_PIECE`] bytes at a time (rustls 0.23 seals
+//! each record in a `Vec` of its own and copies it there).
 //!
 //! Memory per connection: the receive buffer (none while idle, 32 KiB for
 //! small requests, [`READ_AHEAD`] while receives of 16 KiB or more come),
