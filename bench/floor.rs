@@ -16,8 +16,7 @@
 //! `bench-floor NBD_SOCKET --tls CERT KEY` serves HTTPS behind the server's
 //! own rustls configuration (`tls::server_config`: the same provider,
 //! versions and cipher suites) and prints `listening on https://ADDR`;
-//! it speaks TLS through the server's own session on rustls' unbuffered
-//! API (see [`Tls`]).
+//! it speaks TLS through rustls' unbuffered API (see [`Tls`]).
 //! `bench-floor --cipher-cost` prints what the crypto provider's AEADs cost
 //! per GiB on this machine (see [`cipher_cost`]).
 
@@ -32,9 +31,9 @@ use cloudstack_image_server::backend::nbd_export::{
     PIPELINE_REQUEST as READ_REQUEST, WRITE_REQUEST,
 };
 use cloudstack_image_server::nbd::{self, ConnectOptions, Connection, Pipeline, Retired};
-use cloudstack_image_server::tls::{Session, SessionRead};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::ServerConfig;
-use tokio::io::ReadBuf;
 
 /// Bytes moved per step: read from one side, then written to the other.
 /// The NBD request sizes are the server's own (`backend::nbd_export`), imported.
@@ -187,81 +186,143 @@ fn accept(stream: TcpStream, tls: Option<Arc<ServerConfig>>, socket: &Path) -> i
     s.close()
 }
 
-/// A TLS connection through the server's own session on rustls'
-/// unbuffered API (`tls::Session`: ciphertext received up to 256 KiB at a
-/// time and decrypted in place, up to 256 KiB of plaintext encrypted per
-/// write into one send buffer), driven here with blocking calls
-/// instead of the server's async stream.
+/// Bytes asked of the socket per receive under TLS, and the most
+/// plaintext encrypted per send.
+const TLS_PIECE: usize = 256 * 1024;
+/// Room for a partial record beside a full receive.
+const RECORD_ROOM: usize = 18 * 1024;
+
+/// A TLS connection on rustls' unbuffered API: the least work rustls can
+/// do per byte. Ciphertext is received up to [`TLS_PIECE`] at a time and
+/// decrypted in place; each record's plaintext is copied once, into the
+/// reader's buffer. Writes are encrypted straight into one send buffer.
+/// (The buffered API, which the server uses through tokio-rustls, also
+/// copies every received record into a fresh `Vec` and out again.)
 struct Tls {
-    session: Session,
+    conn: UnbufferedServerConnection,
     sock: TcpStream,
+    incoming: Vec<u8>,
+    used: usize,
+    outgoing: Vec<u8>,
+    /// Plaintext of a record the reader had no room for.
+    pending: Vec<u8>,
+    peer_closed: bool,
 }
 
 impl Tls {
     fn new(config: Arc<ServerConfig>, sock: TcpStream) -> io::Result<Self> {
-        let mut tls = Tls {
-            session: Session::new(config).map_err(other)?,
+        Ok(Tls {
+            conn: UnbufferedServerConnection::new(config).map_err(other)?,
             sock,
-        };
-        while !tls.session.handshake()? {
-            tls.send()?;
-            tls.receive()?;
-        }
-        tls.send()?;
-        Ok(tls)
+            incoming: vec![0; TLS_PIECE + RECORD_ROOM],
+            used: 0,
+            outgoing: vec![0; TLS_PIECE + RECORD_ROOM],
+            pending: Vec::new(),
+            peer_closed: false,
+        })
     }
 
-    /// Sends what the session has queued.
-    fn send(&mut self) -> io::Result<()> {
-        while !self.session.to_send().is_empty() {
-            let n = self.sock.write(self.session.to_send())?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+    /// Receives more ciphertext; false at the end of the stream.
+    fn receive(&mut self) -> io::Result<bool> {
+        if self.used == self.incoming.len() {
+            return Err(other("TLS record larger than the receive buffer"));
+        }
+        let n = self.sock.read(&mut self.incoming[self.used..])?;
+        self.used += n;
+        Ok(n > 0)
+    }
+
+    /// Drives the connection until it can send application data or has
+    /// plaintext for `out` (then returns how much it copied there); 0 at
+    /// the end of the stream. With `want_read` false it stops as soon as it
+    /// can send.
+    fn drive(&mut self, out: &mut [u8], want_read: bool) -> io::Result<usize> {
+        // Bounded: each round consumes input, produces output, or receives.
+        loop {
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process_tls_records(&mut self.incoming[..self.used]);
+            let mut copied = 0;
+            let mut need_input = false;
+            let mut can_send = false;
+            match state.map_err(other)? {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(other)?;
+                        discard += record.discard;
+                        let n = record.payload.len().min(out.len() - copied);
+                        out[copied..copied + n].copy_from_slice(&record.payload[..n]);
+                        self.pending.extend_from_slice(&record.payload[n..]);
+                        copied += n;
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let n = data.encode(&mut self.outgoing).map_err(other)?;
+                    self.sock.write_all(&self.outgoing[..n])?;
+                }
+                ConnectionState::TransmitTlsData(data) => data.done(),
+                ConnectionState::BlockedHandshake => need_input = true,
+                ConnectionState::WriteTraffic(_) if !want_read => can_send = true,
+                ConnectionState::WriteTraffic(_) => need_input = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => self.peer_closed = true,
+                _ => return Err(other("unexpected TLS state")),
             }
-            self.session.sent(n);
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+            if copied > 0 || can_send || self.peer_closed {
+                return Ok(copied);
+            }
+            if need_input && discard == 0 && !self.receive()? {
+                return Ok(0);
+            }
         }
-        Ok(())
-    }
-
-    /// Receives more ciphertext.
-    fn receive(&mut self) -> io::Result<()> {
-        let n = self.sock.read(self.session.receive_room()?)?;
-        self.session.received(n);
-        Ok(())
     }
 
     fn close(mut self) -> io::Result<()> {
-        self.session.close()?;
-        self.send()
+        self.drive(&mut [], false)?;
+        let UnbufferedStatus { state, .. } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
+            let n = w.queue_close_notify(&mut self.outgoing).map_err(other)?;
+            self.sock.write_all(&self.outgoing[..n])?;
+        }
+        Ok(())
     }
 }
 
 impl Read for Tls {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let mut buf = ReadBuf::new(out);
-        // Bounded: every round returns or receives (the end of the stream
-        // is an error or `Eof`).
-        loop {
-            let got = self.session.read(&mut buf)?;
-            self.send()?;
-            match got {
-                SessionRead::Data(n) => return Ok(n),
-                SessionRead::Eof => return Ok(0),
-                SessionRead::NeedInput => self.receive()?,
-            }
+        if !self.pending.is_empty() {
+            let n = out.len().min(self.pending.len());
+            out[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return Ok(n);
         }
+        if self.peer_closed || out.is_empty() {
+            return Ok(0);
+        }
+        self.drive(out, true)
     }
 }
 
 impl Write for Tls {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.session.write(data)?;
-        self.send()?;
-        Ok(n)
+        self.drive(&mut [], false)?;
+        let data = &data[..data.len().min(TLS_PIECE)];
+        let UnbufferedStatus { state, .. } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        let Ok(ConnectionState::WriteTraffic(mut w)) = state else {
+            return Err(other("TLS connection cannot send"));
+        };
+        let n = w.encrypt(data, &mut self.outgoing).map_err(other)?;
+        self.sock.write_all(&self.outgoing[..n])?;
+        Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.send()
+        Ok(())
     }
 }
 

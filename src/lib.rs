@@ -8,8 +8,7 @@
 //! `backend::nbd_export::DEFAULT_COMMAND_TIMEOUT_SECS`), by the integration tests
 //! and fuzz targets (`nbd`, `config`, `extents::merge_dirty`,
 //! `http::patch_op`, `http::range`) and by `bench/floor.rs` (`nbd`,
-//! `backend::nbd_export`'s request sizes, `tls::server_config` and
-//! `tls::Session`, the TLS session the server speaks). Everything else is
+//! `backend::nbd_export`'s request sizes, `tls::server_config`). Everything else is
 //! `pub(crate)`, so that the compiler reports dead code; `unreachable_pub`
 //! refuses a `pub` item that the crate does not export. Add to the surface
 //! only for such a user.

@@ -17,6 +17,8 @@ use actix_server::{GracefulShutdownSignal, ServerBuilder};
 use actix_service::{
     fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
 };
+use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
+use actix_tls::accept::TlsError;
 use actix_web::dev::AppConfig;
 use actix_web::rt::net::{TcpStream, UnixStream};
 use actix_web::{web, App};
@@ -29,7 +31,7 @@ use crate::head_timeout::{track_heads, HeadDeadline};
 use crate::http::limits::ConnLimit;
 use crate::http::{self, AppState};
 use crate::request_gate::RequestGate;
-use crate::tls::TlsStream;
+use crate::tls::{Fill, ReadAhead};
 use crate::transfers::{self, Transfers};
 use crate::unix_socket;
 
@@ -47,9 +49,6 @@ pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
 /// Pending connections the kernel queues for `accept` (actix-web's default).
 const LISTEN_BACKLOG: i32 = 1024;
-
-/// Longest a TLS handshake may take (what actix-tls' acceptor allowed).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How often transfers are checked against their idle timeout.
 pub(crate) const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -295,32 +294,19 @@ fn http_server(
                 let mut config = config.clone();
                 // What actix-web's rustls listener offers (no HTTP/2 here).
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let config = Arc::new(config);
                 builder.listen(format!("https-{addr}"), lst, move || {
                     let http = conn.http_service(Some(addr));
                     let conn = conn.clone();
-                    let config = config.clone();
-                    fn_service(move |io: TcpStream| {
-                        let conn = conn.clone();
-                        let config = config.clone();
-                        async move {
-                            set_nodelay(&io);
-                            let peer = io.peer_addr().ok();
-                            let io: TlsStream<TcpStream> = tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                crate::tls::accept(io, config),
-                            )
-                            .await
-                            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))
-                            .flatten()
-                            .map_err(|e| {
-                                log::debug!("TLS handshake with {peer:?}: {e}");
-                                DispatchError::Io(e)
-                            })?;
-                            conn.wrap(io, peer)
-                        }
+                    fn_service(|io: TcpStream| {
+                        set_nodelay(&io);
+                        ready(Ok(ReadAhead::new(io)))
                     })
-                    .and_then(http)
+                    .and_then(Acceptor::new(config.clone()).map_err(TlsError::into_service_error))
+                    .and_then(fn_service(move |io: TlsStream<ReadAhead<TcpStream>>| {
+                        let peer = io.get_ref().0.get_ref().peer_addr().ok();
+                        ready(conn.wrap(Fill::new(io), peer).map_err(TlsError::Service))
+                    }))
+                    .and_then(http.map_err(TlsError::Service))
                 })?
             }
         };

@@ -1,9 +1,6 @@
 //! HTTPS: the server's rustls configuration from PEM files (like the
 //! CloudStack agent's certificate): a certificate chain, and a private key
-//! in PKCS#8, PKCS#1 (RSA) or SEC1 (EC) form. TLS 1.2 and 1.3 only. And
-//! the TLS session the server speaks them with, on rustls' unbuffered API
-//! ([`Session`], apart from I/O; `bench/floor.rs` drives it too), as the
-//! async stream actix reads and writes (`TlsStream`, [`accept`]).
+//! in PKCS#8, PKCS#1 (RSA) or SEC1 (EC) form. TLS 1.2 and 1.3 only.
 
 use std::io::Read;
 use std::path::Path;
@@ -13,10 +10,8 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
-mod session;
 mod stream;
-pub use session::{Read as SessionRead, Session, READ_AHEAD, WRITE_PIECE};
-pub(crate) use stream::{accept, TlsStream};
+pub(crate) use stream::{Fill, ReadAhead};
 
 /// A PEM file larger than this is refused.
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
