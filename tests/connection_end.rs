@@ -18,7 +18,7 @@ const CLIENTS: usize = 128;
 /// ~400 MiB between them.
 const RSS_SLACK_KIB: u64 = 16 * 1024;
 
-/// Idle NBD connections a transfer may keep pooled (`backend/nbd.rs`).
+/// Idle NBD connections a transfer may keep pooled (`backend/nbd_export.rs`).
 const NBD_POOL: usize = 4;
 
 /// The server's fds once it holds no client connection (waits for that at
@@ -288,6 +288,51 @@ fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
     cut_mid_upload(&server, nbd, &image, false, tls, |tls| {
         let _ = tls.sock.shutdown(std::net::Shutdown::Both);
     });
+}
+
+/// A ranged PUT over HTTPS whose client ends TLS cleanly (close_notify)
+/// mid-body: everything before the close_notify is read and lands, and
+/// the request ends as a body cut short (the end of the stream, not an
+/// error), counting it; `unregister` finds nothing left in flight.
+#[test]
+fn an_upload_cut_by_a_tls_close_notify_lands_what_was_sent_and_ends() {
+    let dir = TempDir::new("cut-tls-close");
+    let (cert, key) = common::tls::make_cert(&dir, "srv", &["rsa:2048"]);
+    let cfg = dir.join("cfg");
+    std::fs::create_dir(&cfg).unwrap();
+    let server = Server::start(&cfg, &common::tls::tls_args(&cert, &key));
+    let (mut nbd, image) = throttled_export(&dir, &server);
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    let mut tls = common::tls::tls_connect(&cert, tcp);
+    let body = pattern_bytes(UPLOAD, 10);
+    let sent = 3 * MIB as usize;
+    let head = format!(
+        "PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n\
+         Content-Range: bytes 0-{}/*\r\n\r\n",
+        UPLOAD - 1
+    );
+    std::io::Write::write_all(&mut tls, head.as_bytes()).unwrap();
+    std::io::Write::write_all(&mut tls, &body[..sent]).unwrap();
+    tls.conn.send_close_notify();
+    std::io::Write::flush(&mut tls).unwrap();
+    server.logged("PUT end image_id=a ", 1);
+    let log = server.log();
+    assert!(
+        log.contains(&format!(
+            "request body error after {sent} bytes: payload reached EOF before completing"
+        )),
+        "{log}"
+    );
+    assert_eq!(put_end_bytes(&log), sent as u64, "{log}");
+    let r = server.control(&serde_json::json!({"action": "unregister", "transfer_id": "a"}));
+    assert_eq!(r["status"], "ok", "{r}");
+    server.logged(
+        "control: unregistering transfer_id=a requests_in_flight=0",
+        1,
+    );
+    nbd.stop();
+    assert_eq!(landed(&image, &body), sent as u64);
+    drop(tls);
 }
 
 /// A client that pipelines many small requests and never reads a response:

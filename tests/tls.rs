@@ -369,3 +369,151 @@ fn cert_and_key_without_tls_enabled_mean_plain_http_with_a_warning() {
         server.logged(&warning, 1);
     }
 }
+
+/// 64 MiB up and down through the direct paths (a PUT's body read straight
+/// into the chunk, a GET's written from it), with curl held to TLS 1.2 and
+/// to TLS 1.3: every byte arrives, both versions are served.
+#[test]
+fn large_transfers_over_tls_1_2_and_1_3() {
+    let dir = TempDir::new("tls-large");
+    let cfg = TempDir::new("tls-large-cfg");
+    let (cert, key) = make_cert(&dir, "ec", &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let img = dir.join("img.raw");
+    let size = 64 * MIB as usize;
+    std::fs::write(&img, vec![0u8; size]).unwrap();
+    let nbd = QemuNbd::start(&img, &dir.join("a.sock"), NbdOpts::raw());
+    let server = Server::start(cfg.path(), &tls_args(&cert, &key));
+    server.add_nbd("t", &nbd);
+    let up = dir.join("up.bin");
+    let down = dir.join("down.bin");
+    for (seed, version, flags) in [
+        (21, "TLSv1.2", &["--tlsv1.2", "--tls-max", "1.2"][..]),
+        (22, "TLSv1.3", &["--tlsv1.3"][..]),
+    ] {
+        let data = pattern_bytes(size, seed);
+        std::fs::write(&up, &data).unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "120", "--cacert"])
+            .arg(&cert)
+            .args(flags)
+            .arg("-T")
+            .arg(&up)
+            .arg(server.url("t"))
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(
+            log.contains(&format!("SSL connection using {version}")),
+            "{log}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(r#"{{"ok":true,"bytes_written":{size},"flushed":false}}"#)
+        );
+        let _ = std::fs::remove_file(&down);
+        let (ok, _) = curl(
+            &cert,
+            &[flags, &["-o", down.to_str().unwrap(), &server.url("t")]].concat(),
+        );
+        assert!(ok);
+        assert!(
+            std::fs::read(&down).unwrap() == data,
+            "{version}: GET returns the PUT's bytes"
+        );
+    }
+}
+
+/// A client that connects and sends nothing, or half a ClientHello, is
+/// disconnected by the handshake timeout (3 s); the server serves on.
+#[test]
+fn a_handshake_that_does_not_finish_is_cut_off() {
+    let dir = TempDir::new("tls-stall");
+    let cfg = TempDir::new("tls-stall-cfg");
+    let (cert, key) = make_cert(&dir, "ec", &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let server = Server::start(cfg.path(), &tls_args(&cert, &key));
+    // The first bytes of a TLS record holding a ClientHello, and no more.
+    for sent in [&b""[..], &[22, 3, 1, 0x02, 0x00, 1, 0, 1][..]] {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(sent).unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
+            "closed after {took:?}"
+        );
+        assert!(got.is_empty(), "{got:?}");
+    }
+    let (ok, body) = curl(&cert, &[&format!("https://{}/info/", server.addr)]);
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!(r#"{{"version":"{}"}}"#, env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A transport that sends one byte per write (TCP_NODELAY: one segment
+/// each), so that the server receives records, even the handshake's, in
+/// pieces.
+struct Trickle(TcpStream);
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Trickle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(&buf[..buf.len().min(1)])
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn records_arriving_a_byte_at_a_time_are_served() {
+    let dir = TempDir::new("tls-trickle");
+    let cfg = TempDir::new("tls-trickle-cfg");
+    let (cert, key) = make_cert(&dir, "ec", &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let img = dir.join("img.raw");
+    std::fs::write(&img, vec![0u8; MIB as usize]).unwrap();
+    let nbd = QemuNbd::start(&img, &dir.join("a.sock"), NbdOpts::raw());
+    let server = Server::start(cfg.path(), &tls_args(&cert, &key));
+    server.add_nbd("t", &nbd);
+    let tcp = TcpStream::connect(server.addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut tls = common::tls::tls_connect(&cert, Trickle(tcp));
+    let body = pattern_bytes(40_000, 23);
+    let head = format!(
+        "PUT /images/t HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\
+         Content-Range: bytes 4096-{}/*\r\n\r\n",
+        body.len(),
+        4096 + body.len() - 1
+    );
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.write_all(&body).unwrap();
+    tls.flush().unwrap();
+    let want = r#"{"ok":true,"bytes_written":40000,"flushed":false}"#;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(want.as_bytes()) {
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let written = std::fs::read(&img).unwrap();
+    assert!(written[4096..4096 + body.len()] == body[..]);
+    assert!(written[..4096].iter().all(|&b| b == 0));
+}

@@ -1,7 +1,7 @@
 //! HTTPS fixtures: a self-signed certificate made by openssl, the server
 //! flags that turn HTTPS on with it, and a rustls client that trusts it.
 
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -103,10 +103,10 @@ impl ServerCertVerifier for Pinned {
 }
 
 /// A TLS connection over `tcp` that trusts only `cert` (a PEM file).
-pub fn tls_connect(
+pub fn tls_connect<S: Read + Write>(
     cert: &Path,
-    tcp: TcpStream,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    tcp: S,
+) -> rustls::StreamOwned<rustls::ClientConnection, S> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let pinned = Pinned {
         cert: CertificateDer::from_pem_file(cert).expect("read certificate"),
