@@ -192,16 +192,21 @@ const TLS_PIECE: usize = 256 * 1024;
 /// Room for a partial record beside a full receive.
 const RECORD_ROOM: usize = 18 * 1024;
 
-/// A TLS connection on rustls' unbuffered API: the least work rustls can
-/// do per byte. Ciphertext is received up to [`TLS_PIECE`] at a time and
-/// decrypted in place; each record's plaintext is copied once, into the
-/// reader's buffer. Writes are encrypted straight into one send buffer.
-/// (The buffered API, which the server uses through tokio-rustls, also
-/// copies every received record into a fresh `Vec` and out again.)
+/// A TLS connection on rustls' unbuffered API. Ciphertext is received up
+/// to [`TLS_PIECE`] at a time into one buffer (moved to the front only
+/// when full) and decrypted there; rustls 0.23 then moves each record's
+/// plaintext into a `Vec` of its own, copied from there into the reader's
+/// buffer: two copies per received byte, one fewer than the server's
+/// buffered path (`ReadAhead` into rustls' own buffer). Writes: rustls
+/// seals each record in a `Vec` of its own and copies it into the send
+/// buffer, one copy more than the buffered API, which writes those `Vec`s
+/// as they are (bench/RESULTS.md, "Same-run A/B on a quiet machine").
 struct Tls {
     conn: UnbufferedServerConnection,
     sock: TcpStream,
     incoming: Vec<u8>,
+    /// Ciphertext not yet processed: `incoming[start..used]`.
+    start: usize,
     used: usize,
     outgoing: Vec<u8>,
     /// Plaintext of a record the reader had no room for.
@@ -215,6 +220,7 @@ impl Tls {
             conn: UnbufferedServerConnection::new(config).map_err(other)?,
             sock,
             incoming: vec![0; TLS_PIECE + RECORD_ROOM],
+            start: 0,
             used: 0,
             outgoing: vec![0; TLS_PIECE + RECORD_ROOM],
             pending: Vec::new(),
@@ -224,6 +230,13 @@ impl Tls {
 
     /// Receives more ciphertext; false at the end of the stream.
     fn receive(&mut self) -> io::Result<bool> {
+        if self.used == self.incoming.len() {
+            // Move the unprocessed rest to the front only when the buffer
+            // is full, not after every record: at most one partial record.
+            self.incoming.copy_within(self.start..self.used, 0);
+            self.used -= self.start;
+            self.start = 0;
+        }
         if self.used == self.incoming.len() {
             return Err(other("TLS record larger than the receive buffer"));
         }
@@ -241,7 +254,7 @@ impl Tls {
         loop {
             let UnbufferedStatus { mut discard, state } = self
                 .conn
-                .process_tls_records(&mut self.incoming[..self.used]);
+                .process_tls_records(&mut self.incoming[self.start..self.used]);
             let mut copied = 0;
             let mut need_input = false;
             let mut can_send = false;
@@ -267,8 +280,10 @@ impl Tls {
                 ConnectionState::PeerClosed | ConnectionState::Closed => self.peer_closed = true,
                 _ => return Err(other("unexpected TLS state")),
             }
-            self.incoming.copy_within(discard..self.used, 0);
-            self.used -= discard;
+            self.start += discard;
+            if self.start == self.used {
+                (self.start, self.used) = (0, 0);
+            }
             if copied > 0 || can_send || self.peer_closed {
                 return Ok(copied);
             }
@@ -282,7 +297,7 @@ impl Tls {
         self.drive(&mut [], false)?;
         let UnbufferedStatus { state, .. } = self
             .conn
-            .process_tls_records(&mut self.incoming[..self.used]);
+            .process_tls_records(&mut self.incoming[self.start..self.used]);
         if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
             let n = w.queue_close_notify(&mut self.outgoing).map_err(other)?;
             self.sock.write_all(&self.outgoing[..n])?;
@@ -312,7 +327,7 @@ impl Write for Tls {
         let data = &data[..data.len().min(TLS_PIECE)];
         let UnbufferedStatus { state, .. } = self
             .conn
-            .process_tls_records(&mut self.incoming[..self.used]);
+            .process_tls_records(&mut self.incoming[self.start..self.used]);
         let Ok(ConnectionState::WriteTraffic(mut w)) = state else {
             return Err(other("TLS connection cannot send"));
         };
