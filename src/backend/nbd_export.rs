@@ -489,23 +489,17 @@ impl ExportConn {
     /// died or timed out) ends the wait: nothing more can retire then. A
     /// request that stops early calls it before it gives back what it
     /// holds, so that nothing it started outlives it.
-    pub(crate) async fn settle(&mut self, mut retired: impl FnMut(nbd::Retired)) -> Result<()> {
+    pub(crate) async fn settle(&mut self, retired: impl FnMut(nbd::Retired)) -> Result<()> {
         let mut first = Ok(());
-        while self.queued() > 0 {
-            let before = self.queued();
-            match poll_fn(|cx| self.poll_oldest(cx)).await {
-                Ok(done) => retired(done),
-                Err(e) => {
-                    let stuck = self.queued() >= before;
-                    if first.is_ok() {
-                        first = Err(e);
-                    }
-                    if stuck {
-                        break;
-                    }
+        let loan = &mut self.loan;
+        self.pipe
+            .settle(retired, |e| {
+                let e = loan.error(e);
+                if first.is_ok() {
+                    first = Err(e);
                 }
-            }
-        }
+            })
+            .await;
         first
     }
 

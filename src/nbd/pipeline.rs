@@ -411,6 +411,29 @@ impl Pipeline {
         Ok(query.finish())
     }
 
+    /// Waits until no command is queued, handing each that retires to
+    /// `retired` and each error to `failed`. Stops early only when an error
+    /// leaves the queue as it was (the connection died or timed out):
+    /// nothing more can retire then.
+    pub async fn settle(
+        &mut self,
+        mut retired: impl FnMut(Retired),
+        mut failed: impl FnMut(Error),
+    ) {
+        while self.queued() > 0 {
+            let before = self.queued();
+            match poll_fn(|cx| self.poll_oldest(cx)).await {
+                Ok(done) => retired(done),
+                Err(e) => {
+                    failed(e);
+                    if self.queued() >= before {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Retires the oldest queued command once it has completed, driving
     /// libnbd's non-blocking state machine whenever its socket is ready;
     /// never blocks. The last command of a read gives back the filled

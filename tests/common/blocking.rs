@@ -6,7 +6,6 @@
 //! connection back. Errors are the library's: a dead connection fails with
 //! `Connection::check_alive`'s, a request with the pipeline's.
 
-use std::future::poll_fn;
 use std::ops::Deref;
 
 use bytes::Bytes;
@@ -102,23 +101,11 @@ impl Blocking {
     ) -> Result<()> {
         let mut pipe = self.pipeline()?;
         let mut first = start(&mut pipe);
-        self.rt.block_on(async {
-            while pipe.queued() > 0 {
-                let before = pipe.queued();
-                match poll_fn(|cx| pipe.poll_oldest(cx)).await {
-                    Ok(done) => retired(done),
-                    Err(e) => {
-                        let stuck = pipe.queued() >= before;
-                        if first.is_ok() {
-                            first = Err(e);
-                        }
-                        if stuck {
-                            break;
-                        }
-                    }
-                }
+        self.rt.block_on(pipe.settle(&mut retired, |e| {
+            if first.is_ok() {
+                first = Err(e);
             }
-        });
+        }));
         self.keep(pipe);
         first
     }
