@@ -5,17 +5,28 @@
 //! 1 byte, the kernel's default.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// The most a direct read waits for (`SO_RCVLOWAT`): the worker wakes once
 /// per this many body bytes instead of once per segment or two.
 pub(super) const LOW_WATER: usize = 256 * 1024;
+
+/// How long a read waits for its mark: then the mark falls to 1 (which
+/// signals what is queued below it) until the read gets bytes. A client
+/// that stops mid-body with less than the mark still to come would
+/// otherwise have those bytes unread until the body timeout, which would
+/// then count fewer bytes than arrived. A client sending faster than
+/// `LOW_WATER` per `LOW_WATER_WAIT` (2.6 MB/s) never meets it.
+const LOW_WATER_WAIT: Duration = Duration::from_millis(100);
 
 /// The receive low-water mark a connection's direct reads want while they
 /// wait (`SO_RCVLOWAT`): shared by its [`DirectIo`](super::DirectIo), which says what it
@@ -43,14 +54,23 @@ impl LowWater {
 /// [`LowWater`]. The mark matters only while a reader waits (a
 /// non-blocking receive returns what is queued whatever the mark), so it is
 /// set when a read would block, and only when it changes: a direct read
-/// that waits then wakes once per up to [`LOW_WATER`] bytes; actix's reads
-/// want 1 again. A socket that refuses the mark keeps the kernel's default.
+/// that waits then wakes once per up to [`LOW_WATER`] bytes, or after
+/// [`LOW_WATER_WAIT`] with what came; actix's reads want 1 again. A socket
+/// that refuses the mark keeps the kernel's default.
 pub(crate) struct LowWaterStream<T> {
     io: T,
     mark: LowWater,
     /// The mark the socket has.
     set: usize,
     refused: bool,
+    /// How long a read waits for a mark above 1.
+    wait: Duration,
+    /// Ends the current wait for a mark above 1 (made on the first).
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether `deadline` runs for the current wait.
+    waiting: bool,
+    /// The current wait outlasted `wait`: the mark is 1 until bytes come.
+    waited_out: bool,
 }
 
 impl<T> LowWaterStream<T> {
@@ -60,7 +80,39 @@ impl<T> LowWaterStream<T> {
             mark,
             set: 1,
             refused: false,
+            wait: LOW_WATER_WAIT,
+            deadline: None,
+            waiting: false,
+            waited_out: false,
         }
+    }
+
+    /// The mark for a read that waits: the one wanted, unless the wait
+    /// for a mark above 1 has lasted `wait` (then 1). Registers `cx` with
+    /// the wait's deadline.
+    fn mark_for_wait(&mut self, cx: &mut Context<'_>) -> usize {
+        let want = self.mark.0.get();
+        if want <= 1 {
+            self.waiting = false;
+            return 1;
+        }
+        if self.waited_out {
+            return 1;
+        }
+        let wait = self.wait;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+        if !self.waiting {
+            deadline.as_mut().reset(Instant::now() + wait);
+            self.waiting = true;
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            self.waiting = false;
+            self.waited_out = true;
+            return 1;
+        }
+        want
     }
 }
 
@@ -72,8 +124,13 @@ impl<T: AsyncRead + AsFd + Unpin> AsyncRead for LowWaterStream<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        let want = this.mark.0.get();
-        if r.is_pending() && want != this.set && !this.refused {
+        if r.is_ready() {
+            this.waiting = false;
+            this.waited_out = false;
+            return r;
+        }
+        let want = this.mark_for_wait(cx);
+        if want != this.set && !this.refused {
             // Lowering it signals the bytes already queued (tcp(7)); raising
             // it after data arrived below it was signalled already: either
             // way the waker registered above is woken when it should be.
@@ -95,7 +152,6 @@ write_through!(LowWaterStream, io);
 mod tests {
     use super::*;
     use std::future::poll_fn;
-    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     /// would block, and only then; the reader is woken once it is reached.
@@ -108,6 +164,8 @@ mod tests {
         let (sock, _) = l.accept().await.unwrap();
         let mark = LowWater::default();
         let mut s = LowWaterStream::new(sock, mark.clone());
+        // Not waited out in this test (see the next).
+        s.wait = Duration::from_secs(3600);
         let kernel = |s: &LowWaterStream<tokio::net::TcpStream>| {
             crate::sys::recv_lowat(s.io.as_fd()).unwrap()
         };
@@ -148,5 +206,67 @@ mod tests {
         mark.want(1);
         assert_eq!(poll_once(&mut s), (true, 0));
         assert_eq!(kernel(&s), 1);
+    }
+
+    /// A read that waits for its mark longer than `wait` lowers it to 1,
+    /// which has the bytes queued below it read: a client that stops
+    /// mid-body has everything it sent read. The next wait wants the mark
+    /// again.
+    #[tokio::test]
+    async fn a_mark_not_reached_in_time_falls_to_one() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (sock, _) = l.accept().await.unwrap();
+        let mark = LowWater::default();
+        let mut s = LowWaterStream::new(sock, mark.clone());
+        s.wait = Duration::from_millis(200);
+        mark.want(8192);
+        let mut buf = [0u8; 64];
+        let started = std::time::Instant::now();
+        let read = poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut s).poll_read(cx, &mut rb) {
+                Poll::Ready(r) => Poll::Ready(r.map(|()| rb.filled().len())),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        let writer = async {
+            client.write_all(&[7u8; 100]).await.unwrap();
+            client
+        };
+        let (got, mut client) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(read, writer)
+        })
+        .await
+        .expect("the bytes below the mark are read once the wait is out");
+        assert_eq!(got.unwrap(), 64);
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "read before the wait was out: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(crate::sys::recv_lowat(s.io.as_fd()).unwrap(), 1);
+        // The rest is queued: read at once, whatever the mark.
+        let mut rest = [0u8; 64];
+        let n = poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut rest);
+            Pin::new(&mut s)
+                .poll_read(cx, &mut rb)
+                .map(|r| r.map(|()| rb.filled().len()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, 36);
+        // The next wait wants the mark again.
+        let waits = futures_util::FutureExt::now_or_never(poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut rest);
+            Poll::Ready(Pin::new(&mut s).poll_read(cx, &mut rb).is_pending())
+        }))
+        .unwrap();
+        assert!(waits);
+        assert_eq!(crate::sys::recv_lowat(s.io.as_fd()).unwrap(), 8192);
+        client.shutdown().await.unwrap();
     }
 }
