@@ -281,10 +281,9 @@ fn http_server(
                         set_nodelay(&io);
                         let mark = LowWater::default();
                         let io = LowWaterStream::new(io, mark.clone());
-                        ready(
-                            conn.wrap(io, peer)
-                                .map(|(io, proto, peer)| (io.with_low_water(mark), proto, peer)),
-                        )
+                        ready(conn.wrap(io, peer).map(|(io, proto, peer)| {
+                            (io.with_low_water(mark).reading_a_socket(), proto, peer)
+                        }))
                     })
                     .and_then(http)
                 })?
@@ -316,7 +315,13 @@ fn http_server(
         builder = builder.listen_uds("http-unix", lst, move || {
             let http = conn.http_service(None);
             let conn = conn.clone();
-            fn_service(move |io: UnixStream| ready(conn.wrap(io, None))).and_then(http)
+            fn_service(move |io: UnixStream| {
+                ready(
+                    conn.wrap(io, None)
+                        .map(|(io, proto, peer)| (io.reading_a_socket(), proto, peer)),
+                )
+            })
+            .and_then(http)
         })?;
     }
     Ok((builder, addrs))

@@ -183,7 +183,8 @@ fn put_end_bytes(log: &str) -> u64 {
 }
 
 /// Sends a PUT of `UPLOAD` bytes on `stream` (a full PUT, or ranged), then
-/// 3 MiB of its body, and waits until the first write has landed (so the
+/// 5 MiB of its body (more than one of the server's 4 MiB chunks of a body
+/// read straight from a plain socket), and waits until the first write has landed (so the
 /// server has read the rest it was sent, and has writes in flight): then
 /// `cut` ends the connection. A second full PUT then waits for the first's
 /// writes (they hold the image's full-PUT lock), and `unregister` for every
@@ -207,7 +208,7 @@ fn cut_mid_upload<S: std::io::Write>(
     let head =
         format!("PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n{range}\r\n");
     stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body[..3 * MIB as usize]).unwrap();
+    stream.write_all(&body[..5 * MIB as usize]).unwrap();
     stream.flush().unwrap();
     poll_until(Duration::from_secs(30), "a first write to land", || {
         (server.counter("a", "bytes_written") > 0).then_some(())

@@ -31,6 +31,17 @@ const SMALL: usize = 64 * 1024;
 /// The server's NBD write chunk.
 const WRITE_CHUNK: usize = 512 * 1024;
 
+/// The chunk a long body over plain TCP is received and written in: 4 MiB
+/// when it is read straight from the socket (`direct_body::SOCKET_CHUNK`),
+/// else `WRITE_CHUNK`.
+fn tcp_body_chunk() -> usize {
+    if direct_io() {
+        4 * MIB as usize
+    } else {
+        WRITE_CHUNK
+    }
+}
+
 /// What [`Up::assert_direct`] wants of each PUT: `want` against a server
 /// that reads bodies directly, nothing read directly against one started
 /// with `--direct-io off` (`CSIS_TEST_DIRECT_IO=off`, `make
@@ -262,12 +273,13 @@ fn assert_range(r: &Response, want: &[u8]) {
     assert_same(&r.body, want, "ranged GET body");
 }
 
-/// The image after a full PUT of `new` that failed after the server had
-/// received `received` bytes of it (as its error said): exactly the whole
-/// 512 KiB write chunks of what was received are written, nothing else.
+/// The image after a full PUT of `new` over plain TCP that failed after
+/// the server had received `received` bytes of it (as its error said):
+/// exactly the whole chunks ([`tcp_body_chunk`]) of what was received are
+/// written, nothing else.
 #[track_caller]
 fn assert_written_prefix(up: &mut Up, new: &[u8], received: usize) {
-    up.wrote(0, &new[..received - received % WRITE_CHUNK]);
+    up.wrote(0, &new[..received - received % tcp_body_chunk()]);
     let got = read_file_at(&up.path, 0, up.want.len());
     assert_same(
         &got,
@@ -661,7 +673,7 @@ fn put_partly(up: &Up, data: &[u8], sent: usize) -> Client {
 fn stalled_body_times_out_and_leaks_nothing() {
     let mut up = Up::tcp("ub-stall", &["--body-timeout", "2"], LARGE);
     let data = pattern_bytes(LARGE, 30);
-    for (i, sent) in [0, 3 * MIB as usize + 12345].into_iter().enumerate() {
+    for (i, sent) in [0, 5 * MIB as usize + 12345].into_iter().enumerate() {
         let mut c = put_partly(&up, &data, sent);
         assert_err(
             &c.read_response(false),
@@ -676,7 +688,7 @@ fn stalled_body_times_out_and_leaks_nothing() {
     }
 }
 
-/// The client closes the connection 3 MiB into an 8 MiB body: the server
+/// The client closes the connection 5 MiB into an 8 MiB body: the server
 /// writes what whole chunks it got, stays up, and holds no more fds than
 /// before once a later PUT and GET are done.
 #[test]
@@ -689,7 +701,7 @@ fn client_gone_mid_body_leaks_no_fd() {
     up.assert_direct("img", &[Direct::Large(LARGE)]);
 
     let data = pattern_bytes(LARGE, 41);
-    let sent = 3 * MIB as usize;
+    let sent = 5 * MIB as usize;
     drop(put_partly(&up, &data, sent));
     up.assert_direct("img", &[Direct::Any]);
     assert_written_prefix(&mut up, &data, sent);

@@ -161,6 +161,14 @@ impl<T> DirectIo<T> {
         }
     }
 
+    /// Marks direct reads as receives from the socket itself, not from a
+    /// TLS session: long bodies are then read in larger chunks
+    /// ([`SOCKET_CHUNK`](inbox::SOCKET_CHUNK)).
+    pub(crate) fn reading_a_socket(self) -> Self {
+        self.inbox.set_from_socket();
+        self
+    }
+
     /// Direct reads that wait wait for up to [`LOW_WATER`](low_water::LOW_WATER) bytes, through
     /// `mark`, the handle of the [`LowWaterStream`] at the bottom of `io`.
     pub(crate) fn with_low_water(mut self, mark: LowWater) -> Self {
