@@ -183,8 +183,9 @@ fn put_end_bytes(log: &str) -> u64 {
 }
 
 /// Sends a PUT of `UPLOAD` bytes on `stream` (a full PUT, or ranged), then
-/// 5 MiB of its body (more than one of the server's 4 MiB chunks of a body
-/// read straight from a plain socket), and waits until the first write has landed (so the
+/// `sent` bytes of its body (more than one of the chunks the server
+/// receives it in, less than its window of writes: see [`sent_before_cut`]),
+/// and waits until the first write has landed (so the
 /// server has read the rest it was sent, and has writes in flight): then
 /// `cut` ends the connection. A second full PUT then waits for the first's
 /// writes (they hold the image's full-PUT lock), and `unregister` for every
@@ -196,6 +197,7 @@ fn cut_mid_upload<S: std::io::Write>(
     mut nbd: QemuNbd,
     image: &std::path::Path,
     full: bool,
+    sent: usize,
     mut stream: S,
     cut: impl FnOnce(S),
 ) {
@@ -208,7 +210,7 @@ fn cut_mid_upload<S: std::io::Write>(
     let head =
         format!("PUT /images/a HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n{range}\r\n");
     stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body[..5 * MIB as usize]).unwrap();
+    stream.write_all(&body[..sent]).unwrap();
     stream.flush().unwrap();
     poll_until(Duration::from_secs(30), "a first write to land", || {
         (server.counter("a", "bytes_written") > 0).then_some(())
@@ -254,6 +256,18 @@ fn cut_mid_upload<S: std::io::Write>(
     }
 }
 
+/// Body bytes a cut-off test sends: a 4 MiB chunk and more when the body
+/// is read straight from a plain socket (one chunk's writes in flight, the
+/// next chunk arriving), else 3 MiB: six 512 KiB chunks, fewer than the 8
+/// writes after which the server waits for the window to drain.
+fn sent_before_cut(plain_socket: bool) -> usize {
+    if plain_socket && direct_io() {
+        5 * MIB as usize
+    } else {
+        3 * MIB as usize
+    }
+}
+
 /// A full PUT whose client resets the TCP connection mid-body: its request
 /// ends only once the writes it had sent to the export landed, and counts
 /// exactly those (not 0, not 512 KiB while more keeps landing).
@@ -265,13 +279,21 @@ fn an_upload_cut_by_a_reset_ends_after_its_writes_and_counts_them() {
     let server = Server::start(&cfg, &[]);
     let (nbd, image) = throttled_export(&dir, &server);
     let tcp = std::net::TcpStream::connect(server.addr).unwrap();
-    cut_mid_upload(&server, nbd, &image, true, tcp, |tcp| {
-        // SO_LINGER 0: close sends RST.
-        socket2::SockRef::from(&tcp)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(tcp);
-    });
+    cut_mid_upload(
+        &server,
+        nbd,
+        &image,
+        true,
+        sent_before_cut(true),
+        tcp,
+        |tcp| {
+            // SO_LINGER 0: close sends RST.
+            socket2::SockRef::from(&tcp)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(tcp);
+        },
+    );
 }
 
 /// The same with a ranged PUT over HTTPS, the client closing the TCP
@@ -286,9 +308,17 @@ fn an_upload_cut_by_a_tls_abort_ends_after_its_writes_and_counts_them() {
     let (nbd, image) = throttled_export(&dir, &server);
     let tcp = std::net::TcpStream::connect(server.addr).unwrap();
     let tls = common::tls::tls_connect(&cert, tcp);
-    cut_mid_upload(&server, nbd, &image, false, tls, |tls| {
-        let _ = tls.sock.shutdown(std::net::Shutdown::Both);
-    });
+    cut_mid_upload(
+        &server,
+        nbd,
+        &image,
+        false,
+        sent_before_cut(false),
+        tls,
+        |tls| {
+            let _ = tls.sock.shutdown(std::net::Shutdown::Both);
+        },
+    );
 }
 
 /// A ranged PUT over HTTPS whose client ends TLS cleanly (close_notify)
