@@ -704,7 +704,17 @@ fn client_gone_mid_body_leaks_no_fd() {
     let sent = 5 * MIB as usize;
     drop(put_partly(&up, &data, sent));
     up.assert_direct("img", &[Direct::Any]);
-    assert_written_prefix(&mut up, &data, sent);
+    // What arrived, as the server logged it: actix may drop the last bytes
+    // it buffered when the stream ends (through actix, `--direct-io off`).
+    let log = up.server().log();
+    let received = log
+        .lines()
+        .filter_map(|l| l.split("request body error after ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<usize>().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no body error in the log:\n{log}"));
+    assert!(received <= sent, "{received} bytes received of {sent} sent");
+    assert_written_prefix(&mut up, &data, received);
 
     up.assert_usable(42);
     poll_until(
