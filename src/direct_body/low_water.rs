@@ -17,15 +17,19 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// The most a direct read waits for (`SO_RCVLOWAT`): the worker wakes once
-/// per this many body bytes instead of once per segment or two.
-pub(super) const LOW_WATER: usize = 256 * 1024;
+/// per this many body bytes instead of once per segment or two. 1 MiB
+/// against 256 KiB: one `curl -T` 0.26-0.27 -> 0.24-0.25 s/GiB of server
+/// CPU (1.29-1.32 -> 1.15-1.20x the floor), four ranged PUTs 0.48-0.49 ->
+/// 0.44-0.46; 2 MiB no better (A/B, 5 rounds, bench/RESULTS.md, issue 24).
+pub(super) const LOW_WATER: usize = 1024 * 1024;
 
 /// How long a read waits for its mark: then the mark falls to 1 (which
 /// signals what is queued below it) until the read gets bytes. A client
 /// that stops mid-body with less than the mark still to come would
 /// otherwise have those bytes unread until the body timeout, which would
 /// then count fewer bytes than arrived. A client sending faster than
-/// `LOW_WATER` per `LOW_WATER_WAIT` (2.6 MB/s) never meets it.
+/// `LOW_WATER` per `LOW_WATER_WAIT` (10 MB/s) never meets it; a slower one
+/// is read at least every `LOW_WATER_WAIT`.
 const LOW_WATER_WAIT: Duration = Duration::from_millis(100);
 
 /// The receive low-water mark a connection's direct reads want while they

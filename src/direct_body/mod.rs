@@ -13,8 +13,8 @@
 //!   proves that it holds every body byte actix read, has [`DirectIo`] read
 //!   the rest straight into its chunks (its [`Inbox`]), giving actix zero
 //!   placeholders so that its framing stays in step.
-//! - [`low_water`]: a direct read that would block waits for up to 256 KiB
-//!   on plain TCP (`SO_RCVLOWAT`).
+//! - [`low_water`]: a direct read that would block waits for up to 1 MiB
+//!   on plain TCP (`SO_RCVLOWAT`), or 100 ms.
 //! - Here too: [`Abort`] (a GET's reader that gave up on its client ends
 //!   the connection) and the deadline on actix's own writes to a client
 //!   that takes nothing ([`DirectIo::with_write_timeout`]).
