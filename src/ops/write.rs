@@ -82,6 +82,17 @@ impl<G> WriteRequest<G> {
             .as_mut()
             .expect("the log line ends with WriteRequest")
     }
+
+    /// Logs that the request ended with NBD writes in flight, once they
+    /// all retired: how many bytes landed.
+    fn log_drained(&mut self) {
+        let op = self.log().op;
+        log::info!(
+            "{op} image_id={} ended with NBD writes in flight: {} bytes landed",
+            self.lease.id(),
+            self.written.bytes
+        );
+    }
 }
 
 impl<G> Drop for WriteRequest<G> {
@@ -134,12 +145,7 @@ impl<G: Send + 'static> Drop for Inflight<G> {
         queue.discard();
         let drain = async move {
             retire_all(&mut queue, |r| request.written.retired(r)).await;
-            let op = request.log().op;
-            log::info!(
-                "{op} image_id={} ended with NBD writes in flight: {} bytes landed",
-                request.lease.id(),
-                request.written.bytes
-            );
+            request.log_drained();
             drop(queue);
             drop(request);
         };
@@ -296,8 +302,17 @@ async fn write_nbd<G: Send + 'static>(
     let (queue, written) = inflight.parts();
     let r = pump_nbd(body, queue, offset, caps.can_zero, flush, written).await;
     if r.is_err() {
+        // The same wait, and the same log line, as when the handler is
+        // dropped instead (see `Inflight`): which of the two a client that
+        // goes away mid-body causes depends on who sees it first.
+        let in_flight = queue.queued() > 0;
         queue.discard();
         retire_all(queue, |r| written.retired(r)).await;
+        if in_flight {
+            if let Some(request) = inflight.request.as_mut() {
+                request.log_drained();
+            }
+        }
     }
     (r, inflight.finish())
 }
