@@ -281,9 +281,10 @@ fn http_server(
                         set_nodelay(&io);
                         let mark = LowWater::default();
                         let io = LowWaterStream::new(io, mark.clone());
-                        ready(conn.wrap(io, peer).map(|(io, proto, peer)| {
-                            (io.with_low_water(mark).reading_a_socket(), proto, peer)
-                        }))
+                        ready(
+                            conn.wrap(io, peer, true)
+                                .map(|(io, proto, peer)| (io.with_low_water(mark), proto, peer)),
+                        )
                     })
                     .and_then(http)
                 })?
@@ -303,7 +304,10 @@ fn http_server(
                     .and_then(Acceptor::new(config.clone()).map_err(TlsError::into_service_error))
                     .and_then(fn_service(move |io: TlsStream<ReadAhead<TcpStream>>| {
                         let peer = io.get_ref().0.get_ref().peer_addr().ok();
-                        ready(conn.wrap(Fill::new(io), peer).map_err(TlsError::Service))
+                        ready(
+                            conn.wrap(Fill::new(io), peer, false)
+                                .map_err(TlsError::Service),
+                        )
                     }))
                     .and_then(http.map_err(TlsError::Service))
                 })?
@@ -315,13 +319,7 @@ fn http_server(
         builder = builder.listen_uds("http-unix", lst, move || {
             let http = conn.http_service(None);
             let conn = conn.clone();
-            fn_service(move |io: UnixStream| {
-                ready(
-                    conn.wrap(io, None)
-                        .map(|(io, proto, peer)| (io.reading_a_socket(), proto, peer)),
-                )
-            })
-            .and_then(http)
+            fn_service(move |io: UnixStream| ready(conn.wrap(io, None, true))).and_then(http)
         })?;
     }
     Ok((builder, addrs))
@@ -388,17 +386,21 @@ impl ConnSettings {
     /// An accepted stream, its request heads bounded (see `head_timeout`),
     /// handed to actix one request at a time (see `request_gate`), as
     /// actix-http takes it, able to move bodies uncopied (see
-    /// `direct_body`).
-    fn wrap<T>(&self, io: T, peer: Option<SocketAddr>) -> Result<Accepted<T>, DispatchError> {
+    /// `direct_body`). `socket`: the stream is the socket itself (plain
+    /// TCP or Unix), not a TLS session over it.
+    fn wrap<T>(
+        &self,
+        io: T,
+        peer: Option<SocketAddr>,
+        socket: bool,
+    ) -> Result<Accepted<T>, DispatchError> {
         let idle = KEEP_ALIVE + self.header_timeout;
         let io = HeadDeadline::new(io, self.header_timeout, idle);
         let clock = io.clock();
-        Ok((
-            DirectIo::new(RequestGate::new(io, clock))
-                .with_write_timeout(self.state.settings.body_timeout),
-            Protocol::Http1,
-            peer,
-        ))
+        let io = DirectIo::new(RequestGate::new(io, clock))
+            .with_write_timeout(self.state.settings.body_timeout);
+        let io = if socket { io.reading_a_socket() } else { io };
+        Ok((io, Protocol::Http1, peer))
     }
 
     /// actix-http's HTTP/1 service for streams of type `T`, serving the

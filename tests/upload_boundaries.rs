@@ -384,7 +384,14 @@ impl Up {
 /// Scenario 1: head and whole body in one write (head and first body
 /// bytes share a read), then a GET on the same connection.
 fn one_write_full_put(up: &mut Up) {
-    let data = pattern_bytes(LARGE, 2);
+    full_put_then_get(up, 2);
+    up.assert_direct("img", &[Direct::Large(LARGE)]);
+}
+
+/// A full PUT of `LARGE` bytes of pattern `seed` in one write, then a GET
+/// of the image on the same connection: both exact.
+fn full_put_then_get(up: &mut Up, seed: u64) {
+    let data = pattern_bytes(LARGE, seed);
     let mut c = up.connect();
     send(&mut c, &put("img", None, &data));
     assert_put_ok(&c.read_response(false), LARGE);
@@ -392,7 +399,6 @@ fn one_write_full_put(up: &mut Up) {
     up.verify();
     send(&mut c, &get("img", None));
     assert_get(&c.read_response(false), &up.want);
-    up.assert_direct("img", &[Direct::Large(LARGE)]);
 }
 
 /// Scenario 4: in one write, PUT 8 MiB at an odd offset, GET across its
@@ -436,14 +442,7 @@ fn direct_io_off_moves_every_body_through_actix() {
         "--direct-io off: request and response bodies go through actix-http's buffers",
         1,
     );
-    let data = pattern_bytes(LARGE, 9);
-    let mut c = up.connect();
-    send(&mut c, &put("img", None, &data));
-    assert_put_ok(&c.read_response(false), LARGE);
-    up.wrote(0, &data);
-    up.verify();
-    send(&mut c, &get("img", None));
-    assert_get(&c.read_response(false), &up.want);
+    full_put_then_get(&mut up, 9);
     let needle = "PUT end image_id=img ";
     up.server().logged(needle, 1);
     let log = up.server().log();

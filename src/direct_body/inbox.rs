@@ -316,23 +316,23 @@ pub(crate) enum BodyError {
     Ended { received: u64 },
 }
 
+/// Bytes per chunk of a body of two such chunks or more read straight
+/// from a socket (plain TCP or the Unix socket). Each direct read is one
+/// receive as large as the chunk's room, and fewer, larger receives cost
+/// less: each can send a window update that has the client's pending data
+/// sent in the server's time (four ranged PUTs 0.62 -> 0.45 s of server
+/// CPU per GiB against 512 KiB chunks, 1.40 -> 1.02x the floor; 2 MiB
+/// half-way, 8 MiB dearer again). Under TLS the plaintext comes out of
+/// rustls a record at a time whatever the room, and a larger chunk only
+/// costs cache (four ranged PUTs 0.72 -> 0.79): such bodies keep the
+/// caller's size. bench/RESULTS.md, issue 24.
+pub(crate) const SOCKET_CHUNK: usize = 4 * 1024 * 1024;
+
 /// The buffers a body is read into: empty, with room for [`size`] bytes
 /// each (the writer's pool, whose buffers come back once written). The
 /// same for every chunk of a body.
 ///
 /// [`size`]: ChunkBuffers::size
-/// Bytes per chunk of a body of two such chunks or more read straight
-/// from a socket (plain TCP or the Unix socket). Each direct read is one receive as large as the
-/// chunk's room, and fewer, larger receives cost less: each can send a
-/// window update that has the client's pending data sent in the server's
-/// time (four ranged PUTs 0.62 -> 0.45 s of server CPU per GiB against
-/// 512 KiB chunks, 1.40 -> 1.02x the floor; 2 MiB half-way, 8 MiB dearer
-/// again). Under TLS the plaintext comes out of rustls a record at a time
-/// whatever the room, and a larger chunk only costs cache (four ranged
-/// PUTs 0.72 -> 0.79): such bodies keep the caller's size.
-/// bench/RESULTS.md, issue 24.
-pub(crate) const SOCKET_CHUNK: usize = 4 * 1024 * 1024;
-
 pub(crate) trait ChunkBuffers {
     /// Bytes per chunk (the last chunk of a body is shorter).
     fn size(&self) -> usize;
@@ -687,6 +687,14 @@ mod tests {
         next: Vec<u8>,
     }
 
+    /// What actix should see: a body of `body` bytes, then `next`.
+    fn actix_saw(body: usize, next: &[u8]) -> Seen {
+        Seen {
+            body: body as u64,
+            next: next.to_vec(),
+        }
+    }
+
     enum Read {
         Some,
         Eof,
@@ -945,13 +953,7 @@ mod tests {
             "{} bytes read directly",
             got.direct
         );
-        assert_eq!(
-            seen,
-            Seen {
-                body: len as u64,
-                next: Vec::new()
-            }
-        );
+        assert_eq!(seen, actix_saw(len, &[]));
     }
 
     /// The next request right behind the body, in the same read or not:
@@ -968,14 +970,7 @@ mod tests {
             assert!(got.body == want, "steps of {step}: the body's bytes");
             assert_eq!(got.chunks, chunk_sizes(len), "steps of {step}");
             assert!(got.direct > 0, "steps of {step}: nothing read directly");
-            assert_eq!(
-                seen,
-                Seen {
-                    body: len as u64,
-                    next: NEXT.to_vec()
-                },
-                "steps of {step}"
-            );
+            assert_eq!(seen, actix_saw(len, NEXT), "steps of {step}");
         }
     }
 
@@ -997,13 +992,7 @@ mod tests {
         assert!(got.body == want, "the body's bytes");
         assert_eq!(got.chunks, chunk_sizes(len));
         assert_eq!(got.direct, 0);
-        assert_eq!(
-            seen,
-            Seen {
-                body: len as u64,
-                next: NEXT.to_vec()
-            }
-        );
+        assert_eq!(seen, actix_saw(len, NEXT));
     }
 
     /// A request dropped mid-body (its handler ended, e.g. on a backend
@@ -1023,14 +1012,7 @@ mod tests {
                 got.direct > 0,
                 "steps of {step}: dropped before reading directly"
             );
-            assert_eq!(
-                seen,
-                Seen {
-                    body: len as u64,
-                    next: NEXT.to_vec()
-                },
-                "steps of {step}"
-            );
+            assert_eq!(seen, actix_saw(len, NEXT), "steps of {step}");
         }
     }
 
@@ -1059,14 +1041,7 @@ mod tests {
             );
             assert!(got.body == want[..2 * CHUNK], "{what}: the whole chunks");
             assert!(got.direct > 0, "{what}: nothing read directly");
-            assert_eq!(
-                seen,
-                Seen {
-                    body: sent as u64,
-                    next: Vec::new()
-                },
-                "{what}"
-            );
+            assert_eq!(seen, actix_saw(sent, &[]), "{what}");
         }
     }
 }

@@ -69,12 +69,20 @@ pub(crate) struct LowWaterStream<T> {
     refused: bool,
     /// How long a read waits for a mark above 1.
     wait: Duration,
-    /// Ends the current wait for a mark above 1 (made on the first).
+    /// Ends a wait for a mark above 1 (made on the first, then reset).
     deadline: Option<Pin<Box<Sleep>>>,
-    /// Whether `deadline` runs for the current wait.
-    waiting: bool,
-    /// The current wait outlasted `wait`: the mark is 1 until bytes come.
-    waited_out: bool,
+    wait_state: Wait,
+}
+
+/// Where a read's wait for a mark above 1 is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// No such wait: the last read got bytes, or wanted 1.
+    None,
+    /// `deadline` runs for it.
+    Running,
+    /// It outlasted `wait`: the mark is 1 until bytes come.
+    Out,
 }
 
 impl<T> LowWaterStream<T> {
@@ -86,8 +94,7 @@ impl<T> LowWaterStream<T> {
             refused: false,
             wait: LOW_WATER_WAIT,
             deadline: None,
-            waiting: false,
-            waited_out: false,
+            wait_state: Wait::None,
         }
     }
 
@@ -97,23 +104,22 @@ impl<T> LowWaterStream<T> {
     fn mark_for_wait(&mut self, cx: &mut Context<'_>) -> usize {
         let want = self.mark.0.get();
         if want <= 1 {
-            self.waiting = false;
+            self.wait_state = Wait::None;
             return 1;
         }
-        if self.waited_out {
+        if self.wait_state == Wait::Out {
             return 1;
         }
         let wait = self.wait;
         let deadline = self
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
-        if !self.waiting {
+        if self.wait_state == Wait::None {
             deadline.as_mut().reset(Instant::now() + wait);
-            self.waiting = true;
+            self.wait_state = Wait::Running;
         }
         if deadline.as_mut().poll(cx).is_ready() {
-            self.waiting = false;
-            self.waited_out = true;
+            self.wait_state = Wait::Out;
             return 1;
         }
         want
@@ -129,8 +135,7 @@ impl<T: AsyncRead + AsFd + Unpin> AsyncRead for LowWaterStream<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if r.is_ready() {
-            this.waiting = false;
-            this.waited_out = false;
+            this.wait_state = Wait::None;
             return r;
         }
         let want = this.mark_for_wait(cx);
@@ -157,24 +162,40 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
 
-    /// would block, and only then; the reader is woken once it is reached.
-    #[tokio::test]
-    async fn low_water_is_set_on_the_socket_when_a_read_waits() {
+    /// A connected client, and the server's end as a [`LowWaterStream`]
+    /// whose reads wait for a mark at most `wait`, with its mark.
+    async fn connected(wait: Duration) -> (TcpStream, LowWaterStream<TcpStream>, LowWater) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (sock, _) = l.accept().await.unwrap();
         let mark = LowWater::default();
         let mut s = LowWaterStream::new(sock, mark.clone());
+        s.wait = wait;
+        (client, s, mark)
+    }
+
+    /// One read into `buf`: how many bytes came.
+    async fn read_once(s: &mut LowWaterStream<TcpStream>, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut *buf);
+            Pin::new(&mut *s)
+                .poll_read(cx, &mut rb)
+                .map(|r| r.map(|()| rb.filled().len()))
+        })
+        .await
+    }
+
+    /// The mark is set on the socket when a read that wants one above 1
+    /// would block, and only then; the reader is woken once it is reached.
+    #[tokio::test]
+    async fn low_water_is_set_on_the_socket_when_a_read_waits() {
         // Not waited out in this test (see the next).
-        s.wait = Duration::from_secs(3600);
-        let kernel = |s: &LowWaterStream<tokio::net::TcpStream>| {
-            crate::sys::recv_lowat(s.io.as_fd()).unwrap()
-        };
+        let (mut client, mut s, mark) = connected(Duration::from_secs(3600)).await;
+        let kernel = |s: &LowWaterStream<TcpStream>| crate::sys::recv_lowat(s.io.as_fd()).unwrap();
         let mut buf = [0u8; 64];
-        let mut poll_once = |s: &mut LowWaterStream<tokio::net::TcpStream>| {
+        let mut poll_once = |s: &mut LowWaterStream<TcpStream>| {
             let mut rb = ReadBuf::new(&mut buf);
             let r = futures_util::FutureExt::now_or_never(poll_fn(|cx| {
                 Poll::Ready(Pin::new(&mut *s).poll_read(cx, &mut rb))
@@ -218,24 +239,11 @@ mod tests {
     /// again.
     #[tokio::test]
     async fn a_mark_not_reached_in_time_falls_to_one() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (sock, _) = l.accept().await.unwrap();
-        let mark = LowWater::default();
-        let mut s = LowWaterStream::new(sock, mark.clone());
-        s.wait = Duration::from_millis(200);
+        let (mut client, mut s, mark) = connected(Duration::from_millis(200)).await;
         mark.want(8192);
         let mut buf = [0u8; 64];
         let started = std::time::Instant::now();
-        let read = poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf);
-            match Pin::new(&mut s).poll_read(cx, &mut rb) {
-                Poll::Ready(r) => Poll::Ready(r.map(|()| rb.filled().len())),
-                Poll::Pending => Poll::Pending,
-            }
-        });
+        let read = read_once(&mut s, &mut buf);
         let writer = async {
             client.write_all(&[7u8; 100]).await.unwrap();
             client
@@ -254,14 +262,7 @@ mod tests {
         assert_eq!(crate::sys::recv_lowat(s.io.as_fd()).unwrap(), 1);
         // The rest is queued: read at once, whatever the mark.
         let mut rest = [0u8; 64];
-        let n = poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut rest);
-            Pin::new(&mut s)
-                .poll_read(cx, &mut rb)
-                .map(|r| r.map(|()| rb.filled().len()))
-        })
-        .await
-        .unwrap();
+        let n = read_once(&mut s, &mut rest).await.unwrap();
         assert_eq!(n, 36);
         // The next wait wants the mark again.
         let waits = futures_util::FutureExt::now_or_never(poll_fn(|cx| {
